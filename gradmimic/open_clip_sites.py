@@ -1,0 +1,85 @@
+"""Run an open_clip CLIP so that its two projections are applied here, in view.
+
+open_clip applies ``visual.proj`` and ``text_projection`` inline (``pooled @ proj``), where no hook can see the
+pooled features.  :class:`ClipSites` runs each tower with its projection switched off (open_clip skips a
+projection that is ``None``), then applies the projection itself, so the pooled features (the sites' inputs) and
+the embeddings (their outputs) are both at hand and gradients flow exactly as in the model's own forward.
+
+Wrap the CLIP in ``ClipSites`` before DDP so the projections run inside the DDP forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip_loss import clip_per_sample_loss, projection_sqnorms
+from .linear_site import LinearSite, bypass
+
+IMAGE_PROJ = "visual.proj"
+TEXT_PROJ = "text_projection"
+
+
+@dataclass
+class ClipBatch:
+    """The forward of one batch: per-sample loss, projection sites, and the exact norms of their gradients."""
+
+    image_site: LinearSite
+    text_site: LinearSite
+    logit_scale: torch.Tensor
+
+    @property
+    def sites(self) -> Dict[str, LinearSite]:
+        return {self.image_site.name: self.image_site, self.text_site.name: self.text_site}
+
+    def loss(self) -> torch.Tensor:
+        return clip_per_sample_loss(self.image_site.outputs, self.text_site.outputs, self.logit_scale)
+
+    def sqnorms_fn(self, names: Sequence[str]):
+        """``|grad l_i|^2`` summed over the named projections (a callable for ``GradMimic.step``)."""
+        img, txt = self.image_site, self.text_site
+
+        def sqnorms() -> torch.Tensor:
+            total = 0
+            if img.name in names:
+                total = total + projection_sqnorms(img.inputs, img.outputs.detach(), txt.outputs.detach(), self.logit_scale)
+            if txt.name in names:
+                total = total + projection_sqnorms(txt.inputs, txt.outputs.detach(), img.outputs.detach(), self.logit_scale)
+            return total
+
+        return sqnorms
+
+
+def _project(name: str, proj, x: torch.Tensor) -> LinearSite:
+    if isinstance(proj, nn.Linear):
+        return LinearSite(f"{name}.weight", x, F.linear(x, proj.weight, proj.bias), "linear")
+    return LinearSite(name, x, x @ proj, "matmul")
+
+
+class ClipSites(nn.Module):
+    """``forward(images, texts) -> ClipBatch`` for an open_clip ``CLIP`` whose towers end in a projection."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        for name in (IMAGE_PROJ, TEXT_PROJ):
+            owner, attr = (model.visual, "proj") if name == IMAGE_PROJ else (model, "text_projection")
+            if getattr(owner, attr, None) is None:
+                raise ValueError(f"model has no {name!r} projection (towers without one are not supported)")
+
+    @property
+    def param_names(self) -> Dict[str, str]:
+        """Parameter names of the image / text projection weights, as ``GradMimic`` wants them."""
+        t = self.model.text_projection
+        return {"image": IMAGE_PROJ, "text": f"{TEXT_PROJ}.weight" if isinstance(t, nn.Linear) else TEXT_PROJ}
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> ClipBatch:
+        with bypass(self.model, IMAGE_PROJ) as proj:
+            image = _project(IMAGE_PROJ, proj, self.model.encode_image(images))
+        with bypass(self.model, TEXT_PROJ) as proj:
+            text = _project(TEXT_PROJ, proj, self.model.encode_text(texts))
+        return ClipBatch(image, text, self.model.logit_scale.exp())

@@ -1,0 +1,89 @@
+"""Reference weights and the task vector ``T = W_ref - W_t`` (arXiv 2501.06708, Eq. 1).
+
+The task vector points from the current weights to the reference's; a sample whose negative gradient aligns with
+it moves the model towards the reference.  That only means something when both live in the same parameter space
+(same architecture and, in practice, a shared initialisation or pretraining): we check names, shapes and dtypes
+here, and report ``alignment`` each step (cosine of ``T`` with the mean negative gradient) so users can see it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+Reference = Union[str, os.PathLike, nn.Module, Mapping[str, torch.Tensor]]
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a torch checkpoint, without unpickling code.
+
+    Accepts a bare state dict or one nested under ``state_dict`` / ``model``; strips DDP / compile prefixes.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"reference weights not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise ValueError(f"{path}: not a weights-only torch checkpoint ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a mapping of tensors, found {type(state).__name__}")
+    out = {}
+    for k, v in state.items():
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+        if isinstance(v, torch.Tensor):
+            out[k] = v
+    return out
+
+
+def reference_tensors(
+    reference: Reference, params: Mapping[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """The reference's copy of each mimic parameter, validated and detached, on the parameter's device."""
+    if isinstance(reference, (str, os.PathLike)):
+        state = load_state_dict(reference)
+    elif isinstance(reference, nn.Module):
+        state = dict(reference.state_dict())
+    elif isinstance(reference, Mapping):
+        state = dict(reference)
+    else:
+        raise TypeError(f"reference must be a path, an nn.Module or a state dict, not {type(reference).__name__}")
+    out = {}
+    for name, p in params.items():
+        if name not in state:
+            raise KeyError(f"reference has no parameter {name!r} (it has {len(state)} tensors)")
+        ref = state[name]
+        if tuple(ref.shape) != tuple(p.shape):
+            raise ValueError(
+                f"reference parameter {name!r} has shape {tuple(ref.shape)} but the model's has {tuple(p.shape)}"
+            )
+        if ref.dtype != p.dtype:
+            raise ValueError(f"reference parameter {name!r} has dtype {ref.dtype} but the model's has {p.dtype}")
+        out[name] = ref.detach().to(p.device).clone()
+    return out
+
+
+def task_vectors(
+    reference: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """``T = W_ref - W_t`` per parameter (detached)."""
+    return {name: reference[name] - params[name].detach() for name in params}
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum(t.double().pow(2).sum() for t in tensors))

@@ -1,0 +1,1 @@
+"""gradmimic pipelines: everything that runs on Ray (stages, spec, runner, CLI) and the benchmarks."""

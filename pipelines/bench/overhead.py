@@ -1,0 +1,209 @@
+"""``gradmimic bench overhead``: what an exact Grad-Mimic step costs next to a plain CLIP step.
+
+Three steps on the same tiny open_clip CLIP and batch, timed interleaved (round-robin, median of ``--repeats``):
+
+- ``plain``: open_clip forward, symmetric InfoNCE, backward, SGD step;
+- ``mimic``: the same with Grad-Mimic scores and reweighting on ``visual.proj`` (:class:`gradmimic.GradMimic`);
+- ``vmap``:  the reference code's way: materialise every per-sample gradient of ``visual.proj`` with
+  ``torch.func.vmap(grad(l_i))``, score them against the task vector, set the weighted gradient.
+
+It also checks the fast scores and weights against a float64 ``jacrev`` oracle, and measures each step's peak
+resident memory in a fresh process.  Machines are shared and noisy: read the ratios, not the milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+from torch.func import grad, vmap
+
+from gradmimic import ClipSites, GradMimic, Weighting, clip_per_sample_loss
+from gradmimic.oracle import per_sample_grads, scores_from_grads
+
+from ..models import tiny_clip
+
+PARAM = "visual.proj"
+VARIANTS = ("plain", "mimic", "vmap")
+
+
+def make_batch(model, batch_size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    size = model.visual.image_size
+    images = torch.randn(batch_size, 3, *size, generator=g)
+    ctx, vocab = model.context_length, model.vocab_size
+    texts = torch.randint(1, vocab - 2, (batch_size, ctx), generator=g)
+    ends = torch.randint(2, ctx, (batch_size,), generator=g)
+    texts[torch.arange(batch_size), ends] = vocab - 1  # end-of-text: the pooled (argmax) token
+    return images, texts
+
+
+class Bench:
+    def __init__(self, batch_size: int, method: str, temperature: float, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = tiny_clip(seed)
+        self.sites = ClipSites(self.model)
+        proj = self.model.visual.proj.detach()
+        self.ref = {PARAM: proj + 0.05 * proj.std() * torch.randn_like(proj)}
+        self.weighting = Weighting("mimic", method, temperature)
+        self.mimic = GradMimic(self.model, [PARAM], reference=self.ref, weighting=self.weighting)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4)
+        self.images, self.texts = make_batch(self.model, batch_size, seed)
+
+    def plain(self) -> None:
+        m = self.model
+        self.opt.zero_grad(set_to_none=True)
+        loss = clip_per_sample_loss(m.encode_image(self.images), m.encode_text(self.texts), m.logit_scale.exp())
+        loss.mean().backward()
+        self.opt.step()
+
+    def mimic_step(self, backward: bool = True):
+        self.opt.zero_grad(set_to_none=True)
+        batch = self.sites(self.images, self.texts)
+        out = self.mimic.step(batch.loss(), batch.sites, coupled=True, sqnorms_fn=batch.sqnorms_fn([PARAM]),
+                              backward=backward)
+        if backward:
+            self.opt.step()
+        return out
+
+    def vmap_step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        batch = self.sites(self.images, self.texts)
+        loss_B = batch.loss()
+        x = batch.image_site.inputs
+        txt = batch.text_site.outputs.detach()
+        scale = batch.logit_scale.detach()
+        p = self.model.visual.proj
+
+        def loss_i(param, i):
+            return clip_per_sample_loss(x @ param, txt, scale)[i]
+
+        grads_B = vmap(grad(loss_i), in_dims=(None, 0))(p.detach(), torch.arange(x.shape[0]))
+        t = self.ref[PARAM] - p.detach()
+        dots, norms = scores_from_grads({PARAM: grads_B}, {PARAM: t})
+        scores = -dots / t.norm()
+        if self.weighting.method.endswith("cos"):
+            scores = scores / norms.clamp_min(1e-12)
+        w = torch.softmax(scores / self.weighting.temperature, 0)
+        loss_B.mean().backward()
+        p.grad = torch.einsum("b,bij->ij", w, grads_B)
+        self.opt.step()
+
+    def run(self, variant: str) -> None:
+        {"plain": self.plain, "mimic": self.mimic_step, "vmap": self.vmap_step}[variant]()
+
+    def oracle_error(self) -> float:
+        """Max abs difference of fast scores and weights from a float64 jacrev oracle, every method."""
+        batch = self.sites(self.images, self.texts)
+        x = batch.image_site.inputs.double()
+        txt = batch.text_site.outputs.detach().double()
+        scale = batch.logit_scale.detach().double()
+        p = self.model.visual.proj.detach().double()
+        grads_B = per_sample_grads(lambda q: clip_per_sample_loss(x @ q[PARAM], txt, scale), {PARAM: p})
+        t = self.ref[PARAM].double() - p
+        dots, norms = scores_from_grads(grads_B, {PARAM: t})
+        err = 0.0
+        for method in ("proj", "cos", "normed_proj", "normed_cos"):
+            w = Weighting("mimic", method, self.weighting.temperature)
+            mimic = GradMimic(self.model, [PARAM], reference=self.ref, weighting=w)
+            batch = self.sites(self.images, self.texts)
+            out = mimic.step(batch.loss(), batch.sites, coupled=True, sqnorms_fn=batch.sqnorms_fn([PARAM]),
+                             backward=False)
+            scores = -dots / t.norm() / (norms if method.endswith("cos") else 1)
+            weights = torch.softmax(scores / w.temperature, 0) if method.startswith("normed") else None
+            err = max(err, (out.scores.double() - scores).abs().max().item())
+            if weights is not None:
+                err = max(err, (out.weights.double() - weights).abs().max().item())
+        return err
+
+
+def time_variants(bench: Bench, repeats: int, warmup: int) -> Dict[str, float]:
+    for _ in range(warmup):
+        for v in VARIANTS:
+            bench.run(v)
+    times: Dict[str, list] = {v: [] for v in VARIANTS}
+    for _ in range(repeats):
+        for v in VARIANTS:  # interleaved, so a noisy neighbour hits every variant alike
+            t0 = time.perf_counter()
+            bench.run(v)
+            times[v].append((time.perf_counter() - t0) * 1e3)
+    return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def variant_rss(args, variant: str) -> float:
+    """Peak RSS of a fresh process that builds the bench and runs two steps of one variant."""
+    cmd = [sys.executable, "-m", "pipelines.bench.overhead", "--only", variant, "--batch-size", str(args.batch_size),
+           "--method", args.method, "--temperature", str(args.temperature), "--seed", str(args.seed)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--method", default="normed_proj", choices=["proj", "cos", "normed_proj", "normed_cos"])
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> Dict[str, float]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench = Bench(args.batch_size, args.method, args.temperature, args.seed)
+    if args.only:
+        for _ in range(2):
+            bench.run(args.only)
+        result = {"variant": args.only, "peak_rss_mb": round(peak_rss_mb(), 1)}
+        print(json.dumps(result))
+        return result
+    err = bench.oracle_error()
+    ms = time_variants(bench, args.repeats, args.warmup)
+    result = {
+        "batch_size": args.batch_size,
+        "method": args.method,
+        "threads": torch.get_num_threads(),
+        "plain_ms": round(ms["plain"], 2),
+        "mimic_ms": round(ms["mimic"], 2),
+        "vmap_ms": round(ms["vmap"], 2),
+        "mimic_over_plain": round(ms["mimic"] / ms["plain"], 3),
+        "vmap_over_plain": round(ms["vmap"] / ms["plain"], 3),
+        "max_abs_err_vs_oracle": float(f"{err:.3g}"),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    if not args.no_memory:
+        for v in VARIANTS:
+            result[f"{v}_peak_rss_mb"] = variant_rss(args, v)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for k, v in result.items():
+            print(f"{k:<{width}}  {v}")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gradmimic bench overhead", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
