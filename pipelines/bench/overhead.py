@@ -7,8 +7,8 @@ Three steps on the same tiny open_clip CLIP and batch, timed interleaved (round-
 - ``vmap``:  the reference code's way: materialise every per-sample gradient of ``visual.proj`` with
   ``torch.func.vmap(grad(l_i))``, score them against the task vector, set the weighted gradient.
 
-It also checks the fast scores and weights against a float64 ``jacrev`` oracle, and measures each step's peak
-resident memory in a fresh process.  Machines are shared and noisy: read the ratios, not the milliseconds.
+It also checks the fast scores and weights against a float64 ``jacrev`` oracle, and measures how much resident
+memory each step adds, in a fresh process per variant.  Machines are shared and noisy: read the ratios, not the milliseconds.
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ class Bench:
         scale = batch.logit_scale.detach()
         p = self.model.visual.proj
 
-        def loss_i(param, i):
-            return clip_per_sample_loss(x @ param, txt, scale)[i]
+        def loss_i(param, onehot):  # l_i of the whole coupled batch, picked by a one-hot row
+            return clip_per_sample_loss(x @ param, txt, scale) @ onehot
 
-        grads_B = vmap(grad(loss_i), in_dims=(None, 0))(p.detach(), torch.arange(x.shape[0]))
+        grads_B = vmap(grad(loss_i), in_dims=(None, 0))(p.detach(), torch.eye(x.shape[0]))
         t = self.ref[PARAM] - p.detach()
         dots, norms = scores_from_grads({PARAM: grads_B}, {PARAM: t})
         scores = -dots / t.norm()
@@ -141,12 +141,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def variant_rss(args, variant: str) -> float:
-    """Peak RSS of a fresh process that builds the bench and runs two steps of one variant."""
+def step_memory_mb(fn: Callable[[], None], steps: int = 2) -> float:
+    """Growth of resident memory while ``fn`` runs, above the level before it: sampled every millisecond.
+
+    (Torch's CPU allocator keeps no peak statistics; the process-wide peak is dominated by loading torch.)
+    """
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        for _ in range(steps):
+            fn()
+    finally:
+        done.set()
+        thread.join(timeout=5)
+    return (peak[0] - base) / 2**20
+
+
+def variant_memory(args, variant: str) -> float:
+    """Step memory of one variant, in a fresh process so no variant inherits another's freed pages."""
     cmd = [sys.executable, "-m", "pipelines.bench.overhead", "--only", variant, "--batch-size", str(args.batch_size),
            "--method", args.method, "--temperature", str(args.temperature), "--seed", str(args.seed)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return json.loads(out.stdout.strip().splitlines()[-1])["step_mb"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,7 +187,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant step-memory processes")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--only", choices=VARIANTS, help=argparse.SUPPRESS)
 
@@ -167,9 +197,7 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
         torch.set_num_threads(args.threads)
     bench = Bench(args.batch_size, args.method, args.temperature, args.seed)
     if args.only:
-        for _ in range(2):
-            bench.run(args.only)
-        result = {"variant": args.only, "peak_rss_mb": round(peak_rss_mb(), 1)}
+        result = {"variant": args.only, "step_mb": round(step_memory_mb(lambda: bench.run(args.only)), 1)}
         print(json.dumps(result))
         return result
     err = bench.oracle_error()
@@ -188,7 +216,7 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
     }
     if not args.no_memory:
         for v in VARIANTS:
-            result[f"{v}_peak_rss_mb"] = variant_rss(args, v)
+            result[f"{v}_step_mb"] = variant_memory(args, v)
     if args.json:
         print(json.dumps(result))
     else:

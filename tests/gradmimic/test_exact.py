@@ -12,8 +12,15 @@ from gradmimic import GradMimic, LinearSite, Weighting, capture_linear_sites, cl
 from gradmimic.mimic import jacobian_sqnorms
 from gradmimic.oracle import per_sample_grads, scores_from_grads
 
-torch.set_default_dtype(torch.float64)
 RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def close(a, b, rtol=RTOL):

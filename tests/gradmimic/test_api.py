@@ -1,0 +1,142 @@
+"""The user-facing API: references, parameters, sites, open_clip, and the import boundary."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from gradmimic import ClipSites, GradMimic, Weighting, capture_linear_sites, clip_per_sample_loss, load_state_dict
+from gradmimic.oracle import per_sample_grads, scores_from_grads
+
+PKG = pathlib.Path(__file__).resolve().parents[2] / "gradmimic"
+
+
+def head_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
+def test_import_does_not_pull_ray_or_torch_distributed():
+    code = (
+        "import sys, torch; before = set(sys.modules); import gradmimic; "
+        "new = [m for m in set(sys.modules) - before if m.split('.')[0] == 'ray' or m.startswith('torch.distributed')]; "
+        "print(new); sys.exit(1 if new or 'ray' in sys.modules else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_sources_never_import_ray_or_torch_distributed():
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                assert not (n == "ray" or n.startswith("ray.") or n.startswith("torch.distributed")), f"{path}: {n}"
+
+
+def test_reference_shape_mismatch_names_parameter_and_shapes():
+    model = head_model()
+    ref = {"2.weight": torch.zeros(5, 3)}
+    with pytest.raises(ValueError, match=r"'2.weight' has shape \(5, 3\) but the model's has \(2, 3\)"):
+        GradMimic(model, ["2.weight"], reference=ref)
+
+
+def test_reference_dtype_and_missing_parameter():
+    model = head_model()
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        GradMimic(model, ["2.weight"], reference={"2.weight": torch.zeros(2, 3, dtype=torch.float64)})
+    with pytest.raises(KeyError, match="reference has no parameter '2.weight'"):
+        GradMimic(model, ["2.weight"], reference={"0.weight": torch.zeros(3, 4)})
+
+
+def test_unknown_and_non_matrix_parameters():
+    model = head_model()
+    with pytest.raises(KeyError, match="model has no parameter 'head.weight'; similar names: 0.weight, 2.weight"):
+        GradMimic(model, ["head.weight"], reference=model)
+    with pytest.raises(ValueError, match="must be a 2-D weight"):
+        GradMimic(model, ["2.bias"], reference=model)
+    with pytest.raises(ValueError, match="needs reference weights"):
+        GradMimic(model, ["2.weight"])
+    with pytest.raises(TypeError, match="not the weight of an nn.Linear"):
+        with capture_linear_sites(model, ["2.bias"]):
+            pass
+
+
+def test_missing_site_and_wrong_loss_shape():
+    model = head_model()
+    mimic = GradMimic(model, ["2.weight"], reference=model)
+    x = torch.randn(5, 4)
+    with pytest.raises(KeyError, match=r"no site recorded for mimic parameter\(s\) \['2.weight'\]"):
+        mimic.step(model(x).sum(1), {})
+    with capture_linear_sites(model, ["2.weight"]) as sites:
+        out = model(x)
+    with pytest.raises(ValueError, match="per-sample loss vector"):
+        mimic.step(out.sum(), sites)
+
+
+def test_reference_files_load_without_unpickling(tmp_path):
+    from safetensors.torch import save_file
+
+    model = head_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "ref.safetensors"))
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "ref.pt")
+    for name in ("ref.safetensors", "ref.pt"):
+        loaded = load_state_dict(tmp_path / name)
+        assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.save({"w": nn.Linear(2, 2)}, tmp_path / "code.pt")  # a pickled module, not just tensors
+    with pytest.raises(ValueError, match="code.pt: not a weights-only torch checkpoint"):
+        load_state_dict(tmp_path / "code.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_state_dict(tmp_path / "missing.pt")
+
+
+def test_open_clip_sites_match_the_model_and_the_full_model_oracle():
+    pytest.importorskip("open_clip")
+    from pipelines.bench.overhead import make_batch
+    from pipelines.models import tiny_clip
+
+    model = tiny_clip(seed=1).double()
+    images, texts = make_batch(model, 5, seed=2)
+    images = images.double()
+    wrapper = ClipSites(model)
+    batch = wrapper(images, texts)
+    assert torch.allclose(batch.image_site.outputs, model.encode_image(images))
+    assert torch.allclose(batch.text_site.outputs, model.encode_text(texts))
+    assert isinstance(model.visual.proj, nn.Parameter)  # restored after the bypass
+
+    names = ["visual.proj", "text_projection"]
+    ref = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+    base = dict(model.named_parameters())
+
+    towers = _Loss(model)
+
+    def loss_of(p):  # the whole open_clip forward, functionally: the oracle shares no code with ClipSites
+        return functional_call(towers, {f"m.{k}": v for k, v in {**base, **p}.items()}, (images, texts))
+
+    grads = per_sample_grads(loss_of, {n: base[n] for n in names})
+    direction = {n: ref[n] - base[n].detach() for n in names}
+    dots, norms = scores_from_grads(grads, direction)
+    mimic = GradMimic(model, names, reference=ref, weighting=Weighting("mimic", "normed_cos", 0.5))
+    batch = wrapper(images, texts)
+    out = mimic.step(batch.loss(), batch.sites, coupled=True, sqnorms_fn=batch.sqnorms_fn(names))
+    tn = torch.sqrt(sum(d.pow(2).sum() for d in direction.values()))
+    assert torch.allclose(out.scores, -dots / tn / norms, rtol=1e-6)
+    assert torch.allclose(out.grad_norms, norms, rtol=1e-6)
+    assert torch.allclose(model.visual.proj.grad, torch.einsum("b,bij->ij", out.weights, grads["visual.proj"]))
+
+
+class _Loss(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, images, texts):
+        return clip_per_sample_loss(self.m.encode_image(images), self.m.encode_text(texts), self.m.logit_scale.exp())
