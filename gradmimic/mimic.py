@@ -49,17 +49,24 @@ def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).reshape(a.shape[0], -1).sum(1)
 
 
-def jvp_dots(loss_B: torch.Tensor, sites: Sequence[LinearSite], tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+def jvp_dots(
+    loss_B: torch.Tensor,
+    sites: Sequence[LinearSite],
+    tangents: Sequence[torch.Tensor],
+    base: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``<grad_Z l_i, dZ>`` for every ``i``: the forward-mode product of the loss vector along ``dZ``.
 
-    Computed as ``d/dv <grad_Z <v, l>, dZ>`` on the loss part of the graph (two loss-sized passes, exact).
+    Computed as ``d/dv <grad_Z <base + v, l>, dZ>`` at ``v = 0`` on the loss part of the graph (two loss-sized
+    passes, exact).  The first pass also yields ``grad_Z <base, l>``, returned for free (zeros without ``base``).
     """
     v = torch.zeros_like(loss_B, requires_grad=True)
+    weights = v if base is None else base.detach() + v
     outs = [s.outputs for s in sites]
-    grads = torch.autograd.grad(loss_B, outs, grad_outputs=v, create_graph=True)
+    grads = torch.autograd.grad(loss_B, outs, grad_outputs=weights, create_graph=True)
     total = sum((g * dz).sum() for g, dz in zip(grads, tangents))
     (dots,) = torch.autograd.grad(total, v, retain_graph=True)
-    return dots
+    return dots, [g.detach() for g in grads]
 
 
 def jacobian_sqnorms(loss_B: torch.Tensor, sites: Sequence[LinearSite]) -> torch.Tensor:
@@ -165,8 +172,9 @@ class GradMimic:
         rule = self.weighting
         direction = self.direction()
         tangents = [s.tangent(direction[s.name]) for s in site_list] if direction is not None else None
+        uniform = torch.full_like(loss_B.detach(), 1.0 / global_count(loss_B, gather))
         dots = sq = None
-        grads_B = None
+        grads_B = grads_u = None
         if not coupled:
             grads_B = torch.autograd.grad(loss_B.sum(), outs, retain_graph=True)
             if tangents is not None:
@@ -175,7 +183,7 @@ class GradMimic:
                 sq = sum(s.ghost_sqnorms(g) for s, g in zip(site_list, grads_B))
         else:
             if tangents is not None:
-                dots = jvp_dots(loss_B, site_list, tangents)
+                dots, grads_u = jvp_dots(loss_B, site_list, tangents, base=uniform)
             if rule.needs_grad_norms:
                 sq = sqnorms_fn() if sqnorms_fn is not None else jacobian_sqnorms(loss_B, site_list)
         gnorms = sq.clamp_min(0).sqrt() if sq is not None else None
@@ -183,7 +191,6 @@ class GradMimic:
         scores, weights = rule.weigh(loss_B.detach(), dots=dots, dnorm=dnorm, gnorms=gnorms,
                                      ref_loss_B=ref_loss_B, gather=gather, rank=rank)
         weights = weights.to(loss_B.dtype)
-        uniform = torch.full_like(weights, 1.0 / global_count(loss_B, gather))
 
         def out_grads(w: torch.Tensor) -> Sequence[torch.Tensor]:
             # dL/dZ for L = sum_i w_i l_i; free for decoupled losses, one loss-sized pass otherwise
@@ -193,7 +200,7 @@ class GradMimic:
 
         alignment = None
         if direction is not None:
-            mean_g = [s.param_grad(g) for s, g in zip(site_list, out_grads(uniform))]
+            mean_g = [s.param_grad(g) for s, g in zip(site_list, grads_u or out_grads(uniform))]
             if gather is not None:
                 mean_g = [_all_sum(m, gather) for m in mean_g]
             num = -sum((m * direction[s.name]).sum() for s, m in zip(site_list, mean_g))

@@ -1,0 +1,212 @@
+"""The YAML spec: a named run, where it stores its outputs, where Ray runs, and an ordered list of stages.
+
+```yaml
+name: example
+storage: ./runs            # or s3://bucket/prefix
+ray: {address: local}      # local | auto | ray://host:10001
+stages:
+  - {stage: ingest, name: pool, source: {kind: embedded}}
+```
+
+Strict: an unknown stage, key or reference, a wrong type, a missing field, is a :class:`SpecError` naming the
+file, the stage and the field.  ``key=value`` overrides (``stages.pool.shard_size=64``, ``storage=s3://b/p``)
+apply to the YAML before it is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from .config import SpecError, build, build_dataclass, to_plain
+from .registry import STAGES
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Secrets come from the environment / credential files, never from a spec that gets saved to the run directory.
+_SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token", "session_token", "access_key", "secret_key"}
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = field(default="local", metadata={"doc": "local (start Ray here) | auto | ray://host:10001"})
+    num_cpus: Optional[int] = field(default=None, metadata={"doc": "CPUs for a local Ray (default: all)"})
+
+    def validate(self) -> None:
+        if not (self.address in ("local", "auto") or self.address.startswith("ray://")):
+            raise SpecError(f"address: expected local, auto or ray://host:port, got {self.address!r}")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: str
+    name: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    storage: str
+    stages: Tuple[StageSpec, ...]
+    ray: RayConfig = RayConfig()
+    storage_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: str = "<spec>"
+
+    def stage(self, name: str) -> StageSpec:
+        for st in self.stages:
+            if st.name == name:
+                return st
+        raise KeyError(name)
+
+    def to_plain(self) -> Dict[str, Any]:
+        """The resolved spec as YAML data: every default filled in."""
+        return {
+            "name": self.name,
+            "storage": self.storage,
+            "storage_options": dict(self.storage_options),
+            "ray": to_plain(self.ray),
+            "stages": [{"stage": s.stage, "name": s.name, **to_plain(s.config)} for s in self.stages],
+        }
+
+
+TOP_KEYS = ("name", "storage", "storage_options", "ray", "stages")
+
+
+def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Spec:
+    """Read, override and check a spec file."""
+    path = os.fspath(path)
+    label = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{label}: malformed YAML{at}: {problem}") from None
+    return parse_spec(data, overrides, label)
+
+
+def parse_spec(data: Any, overrides: Sequence[str] = (), label: str = "<spec>") -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{label}: expected a mapping with keys {', '.join(TOP_KEYS)}")
+    data = apply_overrides(data, overrides, label)
+    for key in data:
+        if key not in TOP_KEYS:
+            raise SpecError(f"{label}: {key}: unknown key (expected one of {', '.join(TOP_KEYS)})")
+    for key in ("name", "storage", "stages"):
+        if key not in data:
+            raise SpecError(f"{label}: {key}: missing required field")
+    try:
+        name = build(str, data["name"], "name")
+        storage = build(str, data["storage"], "storage")
+        ray_cfg = build_dataclass(RayConfig, data.get("ray") or {}, "ray")
+        options = build(Dict[str, Any], data.get("storage_options") or {}, "storage_options")
+    except SpecError as exc:
+        raise SpecError(f"{label}: {exc}") from None
+    if not _NAME.match(name):
+        raise SpecError(f"{label}: name: {name!r} must be letters, digits, '.', '_' or '-'")
+    secret = sorted(k for k in options if k.lower() in _SECRET_OPTIONS)
+    if secret:
+        raise SpecError(f"{label}: storage_options.{secret[0]}: credentials belong in the environment, not the spec")
+    raw_stages = data["stages"]
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise SpecError(f"{label}: stages: expected a non-empty list of stages")
+    stages: List[StageSpec] = []
+    produced: Dict[str, str] = {}
+    for i, entry in enumerate(raw_stages):
+        stages.append(_parse_stage(entry, i, produced, label))
+        produced[stages[-1].name] = STAGES[stages[-1].stage].produces
+    return Spec(name, storage, tuple(stages), ray_cfg, options, label)
+
+
+def _parse_stage(entry: Any, index: int, produced: Dict[str, str], label: str) -> StageSpec:
+    where = f"{label}: stages[{index}]"
+    if not isinstance(entry, dict):
+        raise SpecError(f"{where}: expected a mapping with 'stage' and 'name'")
+    kind, name = entry.get("stage"), entry.get("name")
+    if kind is None:
+        raise SpecError(f"{where}: stage: missing required field (one of {', '.join(STAGES)})")
+    if kind not in STAGES:
+        raise SpecError(f"{where}: stage: unknown stage {kind!r} (known: {', '.join(STAGES)})")
+    if name is None:
+        raise SpecError(f"{where} ({kind}): name: missing required field")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SpecError(f"{where} ({kind}): name: {name!r} must be letters, digits, '.', '_' or '-'")
+    if name in produced:
+        raise SpecError(f"{label}: stage {name!r}: name: another stage is already named {name!r}")
+    where = f"{label}: stage {name!r} ({kind})"
+    definition = STAGES[kind]
+    try:
+        config = build_dataclass(definition.config, entry, "", skip=("stage", "name"))
+    except SpecError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    for f in dataclasses.fields(config):
+        wants = f.metadata.get("ref")
+        ref = getattr(config, f.name)
+        if not wants or ref is None:
+            continue
+        if ref not in produced:
+            raise SpecError(f"{where}: {f.name}: no earlier stage is named {ref!r}")
+        if produced[ref] != wants:
+            raise SpecError(f"{where}: {f.name}: stage {ref!r} produces a {produced[ref]}, not a {wants}")
+    return StageSpec(kind, name, config)
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: YAML scalars and flow collections, plus numbers YAML 1.1 reads as strings (1e-4)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], label: str) -> Dict[str, Any]:
+    """``a.b=c`` edits of the raw YAML data; ``stages.<name>.<field>`` addresses a stage by its name."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"override {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise SpecError(f"override {item!r}: empty key segment")
+        node: Any = data
+        if parts[0] == "stages":
+            if len(parts) < 3:
+                raise SpecError(f"override {item!r}: expected stages.<stage name>.<field>=value")
+            stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+            match = [s for s in stages if isinstance(s, dict) and s.get("name") == parts[1]]
+            if not match:
+                names = ", ".join(str(s.get("name")) for s in stages if isinstance(s, dict))
+                raise SpecError(f"{label}: override {key}: no stage named {parts[1]!r} (stages: {names})")
+            node, parts = match[0], parts[2:]
+        for part in parts[:-1]:
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"{label}: override {key}: {part!r} is not a mapping")
+            node = child
+        node[parts[-1]] = parse_value(text)
+    return data
+
+
+def dump_spec(spec: Spec) -> str:
+    return yaml.safe_dump(spec.to_plain(), sort_keys=False)
