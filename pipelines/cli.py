@@ -1,16 +1,89 @@
-"""The ``gradmimic`` command: one CLI, subcommands that grow as stages land."""
+"""The ``gradmimic`` command: one CLI, subcommands that grow as stages land.
+
+Errors in what the user gave (a spec, a flag, a file) print one line and exit 2; ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from typing import Optional, Sequence
+
+from .config import SpecError, type_name
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .runner import run_spec
+    from .spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    run_spec(spec, force=args.force)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from .spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    print(f"{args.spec}: ok ({len(spec.stages)} stages: {', '.join(s.name for s in spec.stages)})")
+
+
+def _list_stages(args: argparse.Namespace) -> None:
+    from .registry import STAGES
+
+    for name, definition in STAGES.items():
+        print(f"{name}: {definition.description} (produces a {definition.produces})")
+        _print_fields(definition.config, "  ")
+
+
+def _print_fields(cls: type, indent: str, tagged: bool = False) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if tagged and f.name == "kind":
+            continue
+        if dataclasses.is_dataclass(f.default):
+            default = f"default kind {f.default.kind}" if hasattr(f.default, "kind") else "default {}"
+        elif f.default is not dataclasses.MISSING:
+            default = "default " + repr(_plain(f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            default = "default " + repr(_plain(f.default_factory()))
+        else:
+            default = "required"
+        doc = f.metadata.get("doc", "")
+        print(f"{indent}{f.name}: {type_name(hints[f.name])}, {default}" + (f"  # {doc}" if doc else ""))
+        options = [a for a in typing.get_args(hints[f.name]) or [hints[f.name]] if dataclasses.is_dataclass(a)]
+        if len(options) == 1:
+            _print_fields(options[0], indent + "  ")
+        for sub in options if len(options) > 1 else []:
+            print(f"{indent}  kind: {typing.get_args(typing.get_type_hints(sub)['kind'])[0]}")
+            _print_fields(sub, indent + "    ", tagged=True)
+
+
+def _plain(value):
+    from .config import to_plain
+
+    return to_plain(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradmimic", description="Grad-Mimic data selection on Ray.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a YAML spec's stages in order")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. stages.pool.shard_size=64 storage=s3://b/p")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage even if committed")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("validate", help="check a spec without running it")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("list-stages", help="every stage with its description and config fields")
+    p.set_defaults(func=_list_stages)
 
     bench = sub.add_parser("bench", help="benchmarks that print the numbers issues ask for")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -27,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as exc:
+    except (SpecError, ValueError, KeyError, FileNotFoundError, TypeError) as exc:
         if args.debug:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

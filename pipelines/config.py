@@ -22,7 +22,7 @@ def type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin is Union:
         args = [a for a in get_args(tp) if a is not type(None)]
-        if all(dataclasses.is_dataclass(a) for a in args):
+        if len(args) > 1 and all(dataclasses.is_dataclass(a) for a in args):
             return "a mapping with kind: " + " | ".join(_kind_of(a) for a in args)
         return " or ".join(type_name(a) for a in args)
     if origin in (list, tuple):
