@@ -90,7 +90,7 @@ def init_ray(spec: Spec) -> None:
     if ray.is_initialized():
         return
     if spec.ray.address == "local":
-        ray.init(num_cpus=spec.ray.num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+        ray.init(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=spec.ray.address, log_to_driver=False)

@@ -1,0 +1,109 @@
+"""Run directories: commit by manifest, skip what is committed, rerun on change or --force, same on S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.runner import committed_stage, run_spec
+from pipelines.spec import parse_spec
+from pipelines.storage import MANIFEST, open_storage
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def make_spec(storage, overrides=(), folder=None):
+    stages = [{"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 24}, "shard_size": 10}]
+    if folder:
+        stages.append({"stage": "ingest", "name": "extra", "source": {"kind": "caption_folder", "path": folder}})
+    return parse_spec({"name": "r", "storage": storage, "stages": stages}, overrides)
+
+
+def run(spec, force=()):
+    log = io.StringIO()
+    manifests = run_spec(spec, force=force, stream=log)
+    return manifests, log.getvalue()
+
+
+def exercise_commit_protocol(storage: str):
+    spec = make_spec(storage)
+    first, log = run(spec)
+    assert "[1/1] ingest pool: 24 rows out, 0 rejected" in log
+    m = first["pool"]
+    assert m["rows_in"] == 24 and m["config_hash"] and m["files"]
+
+    again, log = run(spec)
+    assert "committed, skipped" in log and again["pool"]["timings"] == m["timings"]
+
+    changed, log = run(make_spec(storage, ["stages.pool.shard_size=5"]))
+    assert "committed, skipped" not in log and changed["pool"]["config_hash"] != m["config_hash"]
+    assert changed["pool"]["shards"] == 5
+
+    forced, log = run(make_spec(storage, ["stages.pool.shard_size=5"]), force=["pool"])
+    assert "committed, skipped" not in log and forced["pool"]["timings"] != changed["pool"]["timings"]
+
+    # a stage that died halfway: no manifest, stray files; readers ignore it, a rerun clears and redoes it
+    fs, root = open_storage(storage)
+    stage_dir = f"{root}/r/pool"
+    fs.rm(f"{stage_dir}/{MANIFEST}")
+    with fs.open(f"{stage_dir}/half-written.tmp", "wb") as f:
+        f.write(b"x")
+    assert committed_stage(spec, "pool") is None
+    redone, log = run(make_spec(storage, ["stages.pool.shard_size=5"]))
+    assert "committed, skipped" not in log and not fs.exists(f"{stage_dir}/half-written.tmp")
+    assert committed_stage(spec, "pool") is not None
+    listed = {p.rsplit("/pool/", 1)[1] for p in fs.find(stage_dir)}
+    assert listed == set(redone["pool"]["files"]) | {MANIFEST}
+
+    resolved = fs.cat_file(f"{root}/r/spec.resolved.yaml").decode()
+    assert "shard_size: 5" in resolved and "templates:" in resolved  # overrides and defaults, resolved
+    return fs, root
+
+
+def test_commit_skip_force_local(tmp_path, ray_local):
+    exercise_commit_protocol(str(tmp_path / "runs"))
+
+
+def test_same_run_on_s3(s3_endpoint, ray_local):
+    fs, _ = open_storage("s3://gm-bucket")
+    fs.mkdir("gm-bucket")
+    fs, root = exercise_commit_protocol("s3://gm-bucket/team/runs")
+    manifest = json.loads(fs.cat_file("gm-bucket/team/runs/r/pool/_MANIFEST.json"))
+    assert manifest["rows_out"] == 24
+    shard = manifest["files"][0]
+    assert fs.exists(f"gm-bucket/team/runs/r/pool/{shard}")
+    everything = b"".join(fs.cat_file(p) for p in fs.find("gm-bucket/team/runs/r") if p.endswith((".yaml", ".json")))
+    assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in everything  # credentials never land in the run
+
+
+def test_failed_stage_commits_nothing_and_keeps_earlier_stages(tmp_path, ray_local):
+    storage = str(tmp_path / "runs")
+    run(make_spec(storage))
+    with pytest.raises(FileNotFoundError, match="source folder not found: .*nowhere"):
+        run(make_spec(storage, folder=str(tmp_path / "nowhere")))
+    assert committed_stage(make_spec(storage), "pool") is not None
+    assert not (tmp_path / "runs/r/extra" / MANIFEST).exists()
+    with pytest.raises(ValueError, match="--force nope: no stage of that name"):
+        run(make_spec(storage), force=["nope"])
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+
+
+def test_cli_run_debug_spec(tmp_path):
+    res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "stages.pool.source.limit=60")
+    assert res.returncode == 0, res.stderr
+    assert "ingest pool: 60 rows out, 0 rejected" in res.stderr and "done: 1 stages" in res.stderr
+    assert (tmp_path / "debug/pool" / MANIFEST).exists()
+    res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "--force", "nope")
+    assert res.returncode == 2 and res.stderr.strip().endswith("--force nope: no stage of that name in debug.yaml")
+    res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "stages.pool.source.path=x")
+    assert res.returncode == 2 and "source.path: unknown key" in res.stderr
