@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Mapping
 
 import torch
-from torch.func import grad, jacrev, vmap
+from torch.func import jacrev
 
 
 
@@ -22,16 +22,6 @@ def per_sample_grads(
     """
     detached = {k: v.detach() for k, v in params.items()}
     return jacrev(loss_fn)(detached)
-
-
-def vmap_per_sample_grads(
-    sample_loss: Callable[[Dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
-    params: Mapping[str, torch.Tensor],
-    batch: torch.Tensor,
-) -> Dict[str, torch.Tensor]:
-    """Reference-code style for decoupled losses: ``vmap(grad(loss of one sample))`` over the batch."""
-    detached = {k: v.detach() for k, v in params.items()}
-    return vmap(grad(sample_loss), in_dims=(None, 0))(detached, batch)
 
 
 def scores_from_grads(
