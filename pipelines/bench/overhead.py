@@ -1,6 +1,6 @@
 """``gradmimic bench overhead``: what an exact Grad-Mimic step costs next to a plain CLIP step.
 
-Three steps on the same tiny open_clip CLIP and batch, timed interleaved (round-robin, median of ``--repeats``):
+Three steps on the same tiny open_clip CLIP and batch, timed interleaved (round-robin; medians of ``--repeats`` rounds, ratios as the median of per-round ratios):
 
 - ``plain``: open_clip forward, symmetric InfoNCE, backward, SGD step;
 - ``mimic``: the same with Grad-Mimic scores and reweighting on ``visual.proj`` (:class:`gradmimic.GradMimic`);
@@ -124,7 +124,7 @@ class Bench:
         return err
 
 
-def time_variants(bench: Bench, repeats: int, warmup: int) -> Dict[str, float]:
+def time_variants(bench: Bench, repeats: int, warmup: int) -> Dict[str, list]:
     for _ in range(warmup):
         for v in VARIANTS:
             bench.run(v)
@@ -134,7 +134,12 @@ def time_variants(bench: Bench, repeats: int, warmup: int) -> Dict[str, float]:
             t0 = time.perf_counter()
             bench.run(v)
             times[v].append((time.perf_counter() - t0) * 1e3)
-    return {v: statistics.median(ts) for v, ts in times.items()}
+    return times
+
+
+def median_ratio(num: list, den: list) -> float:
+    """Median over rounds of the per-round ratio: robust to the machine speeding up or slowing down mid-run."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def peak_rss_mb() -> float:
@@ -181,7 +186,7 @@ def variant_memory(args, variant: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--method", default="normed_proj", choices=["proj", "cos", "normed_proj", "normed_cos"])
     p.add_argument("--temperature", type=float, default=1.0)
@@ -201,7 +206,8 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
         print(json.dumps(result))
         return result
     err = bench.oracle_error()
-    ms = time_variants(bench, args.repeats, args.warmup)
+    times = time_variants(bench, args.repeats, args.warmup)
+    ms = {v: statistics.median(ts) for v, ts in times.items()}
     result = {
         "batch_size": args.batch_size,
         "method": args.method,
@@ -209,8 +215,8 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
         "plain_ms": round(ms["plain"], 2),
         "mimic_ms": round(ms["mimic"], 2),
         "vmap_ms": round(ms["vmap"], 2),
-        "mimic_over_plain": round(ms["mimic"] / ms["plain"], 3),
-        "vmap_over_plain": round(ms["vmap"] / ms["plain"], 3),
+        "mimic_over_plain": round(median_ratio(times["mimic"], times["plain"]), 3),
+        "vmap_over_plain": round(median_ratio(times["vmap"], times["plain"]), 3),
         "max_abs_err_vs_oracle": float(f"{err:.3g}"),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
