@@ -140,3 +140,35 @@ class _Loss(nn.Module):
 
     def forward(self, images, texts):
         return clip_per_sample_loss(self.m.encode_image(images), self.m.encode_text(texts), self.m.logit_scale.exp())
+
+
+def test_alignment_tells_a_reference_from_another_initialisation():
+    """A reference trained from the model's own init lies along its descent path; one from another init does not."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = (x @ torch.randn(10, 4)).argmax(1)
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4))
+
+    def trained(seed):
+        m = net(seed)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        for _ in range(300):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        return m.state_dict()
+
+    alignment = {}
+    for name, ref in (("same", trained(1)), ("other", trained(2))):
+        model = net(1)
+        mimic = GradMimic(model, ["2.weight"], reference=ref)
+        with capture_linear_sites(model, ["2.weight"]) as sites:
+            loss = F.cross_entropy(model(x), y, reduction="none")
+        alignment[name] = mimic.step(loss, sites, backward=False).alignment
+        assert model[2].weight.grad is None  # backward=False scores without touching gradients
+    assert alignment["same"] > 0.6 and abs(alignment["other"]) < 0.3, alignment
