@@ -19,6 +19,7 @@ runs as one Ray task per output shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -162,7 +163,7 @@ def _template(templates: Tuple[str, ...], uid: str, name: str) -> str:
     return templates[int(uid[:8], 16) % len(templates)].format(name)
 
 
-def list_embedded(src: EmbeddedSource) -> Listing:
+def list_embedded(src: EmbeddedSource, ctx=None) -> Listing:
     from ..embedded import CLASS_NAMES, load_digits_arrays
 
     _, labels = load_digits_arrays()
@@ -175,33 +176,36 @@ def list_embedded(src: EmbeddedSource) -> Listing:
     return out
 
 
-def _find_images(url: str) -> Tuple[Any, str, List[str]]:
+def _find_files(url: str) -> Tuple[Any, str, List[str]]:
+    """Every file under a folder, in one recursive listing (one request per page on object stores)."""
     fs, root = open_storage(url)
     if not fs.isdir(root):
         raise FileNotFoundError(f"source folder not found: {url}")
-    files = sorted(p for p in fs.find(root) if posixpath.splitext(p)[1].lower() in IMAGE_EXTS)
-    return fs, root, files
+    return fs, root, sorted(fs.find(root))
 
 
-def list_caption_folder(src: CaptionFolderSource) -> Listing:
-    fs, root, files = _find_images(src.path)
+def _images(files: List[str]) -> List[str]:
+    return [p for p in files if posixpath.splitext(p)[1].lower() in IMAGE_EXTS]
+
+
+def list_caption_folder(src: CaptionFolderSource, ctx=None) -> Listing:
+    fs, root, files = _find_files(src.path)
+    present = set(files)
+    captions = [posixpath.splitext(p)[0] + ".txt" for p in _images(files)]
+    wanted = [c for c in captions if c in present]
+    texts = fs.cat(wanted) if wanted else {}  # concurrent on object stores
     out = Listing()
-    for path in files:
+    for path, txt in zip(_images(files), captions):
         rel = posixpath.relpath(path, root)
-        uid = uid_of(f"caption_folder:{rel}")
-        txt = posixpath.splitext(path)[0] + ".txt"
-        text, reason = None, None
-        if not fs.exists(txt):
-            reason = "missing caption"
-        else:
-            text = fs.cat_file(txt).decode("utf-8", errors="replace").strip()
-            reason = None if text else "empty caption"
-        out.add(f"file:{fs.unstrip_protocol(path)}", text, uid, rel, reason)
+        text = texts[txt].decode("utf-8", errors="replace").strip() if txt in present else None
+        reason = "missing caption" if text is None else (None if text else "empty caption")
+        out.add(f"file:{fs.unstrip_protocol(path)}", text, uid_of(f"caption_folder:{rel}"), rel, reason)
     return out
 
 
-def list_labelled(src: LabelledSource) -> Listing:
-    fs, root, files = _find_images(src.path)
+def list_labelled(src: LabelledSource, ctx=None) -> Listing:
+    fs, root, files = _find_files(src.path)
+    files = _images(files)
     dirs = sorted({posixpath.relpath(p, root).split("/")[0] for p in files if "/" in posixpath.relpath(p, root)})
     if not dirs:
         raise FileNotFoundError(f"labelled source {src.path}: expected one sub-folder of images per class")
@@ -218,7 +222,26 @@ def list_labelled(src: LabelledSource) -> Listing:
     return out
 
 
-def list_datacomp(src: DataCompSource) -> Listing:
+def scan_tar(fs, tar_path: str) -> Dict[str, Dict[str, Any]]:
+    """``{key: {"image": member, "uid": ...}}`` of one webdataset tar, reading only headers and ``.json`` members."""
+    members: Dict[str, Dict[str, Any]] = {}
+    with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, ext = posixpath.splitext(m.name)
+            entry = members.setdefault(key, {})
+            if ext.lower() in IMAGE_EXTS:
+                entry["image"] = m.name
+            elif ext == ".json":
+                try:
+                    entry["uid"] = json.loads(tf.extractfile(m).read()).get("uid")
+                except (ValueError, AttributeError):
+                    entry["uid"] = None
+    return members
+
+
+def list_datacomp(src: DataCompSource, ctx) -> Listing:
     import pyarrow.parquet as pq
 
     fs, root = open_storage(src.path)
@@ -241,21 +264,9 @@ def list_datacomp(src: DataCompSource) -> Listing:
     extra_data = {c: meta.column(c).to_pylist() for c in extra_cols}
     texts = meta.column("text").to_pylist()
     out = Listing()
-    for tar_path in tars:
-        members: Dict[str, Dict[str, Any]] = {}
-        with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, ext = posixpath.splitext(m.name)
-                entry = members.setdefault(key, {})
-                if ext.lower() in IMAGE_EXTS:
-                    entry["image"] = m.name
-                elif ext == ".json":
-                    try:
-                        entry["uid"] = json.loads(tf.extractfile(m).read()).get("uid")
-                    except (ValueError, AttributeError):
-                        entry["uid"] = None
+    seen = set()
+    scans = ctx.map(scan_tar, [(fs, t) for t in tars], unit="tars scanned")
+    for tar_path, members in zip(tars, scans):
         tar_url = fs.unstrip_protocol(tar_path)
         for key in sorted(members):
             entry = members[key]
@@ -269,6 +280,9 @@ def list_datacomp(src: DataCompSource) -> Listing:
                 reason = "no image in tar"
             elif row is None:
                 reason = "uid not in metadata"
+            elif uid in seen:
+                reason = "duplicate uid"
+            seen.add(uid)
             text = texts[row] if row is not None else None
             if reason is None and not (text or "").strip():
                 reason = "empty caption"
@@ -323,21 +337,35 @@ def inject_noise(listing: Listing, eligible: np.ndarray, noise: NoiseConfig, tem
 # ------------------------------------------------------------------------------------------------ shard writing
 
 
-def read_image(ref: str) -> bytes:
-    kind, _, where = ref.partition(":")
-    if kind == "digits":
-        from ..embedded import digit_png
+class ImageReader:
+    """Fetches image bytes by reference, keeping each source tar open (and indexed once) while a shard is written."""
 
-        return digit_png(_digits()[int(where)])
-    if kind == "file":
-        fs, path = open_storage(where)
-        return fs.cat_file(path)
-    if kind == "tar":
-        url, _, member = where.rpartition("::")
-        fs, path = open_storage(url)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            return tf.extractfile(member).read()
-    raise ValueError(f"unknown image reference {ref!r}")
+    def __init__(self) -> None:
+        self._tars: Dict[str, Tuple[Any, tarfile.TarFile]] = {}
+
+    def read(self, ref: str) -> bytes:
+        kind, _, where = ref.partition(":")
+        if kind == "digits":
+            from ..embedded import digit_png
+
+            return digit_png(_digits()[int(where)])
+        if kind == "file":
+            fs, path = open_storage(where)
+            return fs.cat_file(path)
+        if kind == "tar":
+            url, _, member = where.rpartition("::")
+            if url not in self._tars:
+                fs, path = open_storage(url)
+                handle = fs.open(path, "rb")
+                self._tars[url] = (handle, tarfile.open(fileobj=handle, mode="r:"))
+            return self._tars[url][1].extractfile(member).read()
+        raise ValueError(f"unknown image reference {ref!r}")
+
+    def close(self) -> None:
+        for handle, tf in self._tars.values():
+            tf.close()
+            handle.close()
+        self._tars.clear()
 
 
 _DIGITS: Optional[np.ndarray] = None
@@ -370,10 +398,11 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]) -> List
     """Write one webdataset tar of ``(key, ref, text, uid)`` records; returns ``(key, reason)`` of the rejects."""
     rejects = []
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
+    reader = ImageReader()
+    with tarfile.open(fileobj=buf, mode="w") as tf, contextlib.closing(reader):
         for key, ref, text, uid in records:
             try:
-                image, ext = checked_image(read_image(ref))
+                image, ext = checked_image(reader.read(ref))
             except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject with its reason
                 rejects.append((key, f"unreadable image: {type(exc).__name__}: {str(exc)[:200]}"))
                 continue
@@ -392,7 +421,7 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]) -> List
 
 
 def run_ingest(cfg: IngestConfig, ctx) -> Dict[str, Any]:
-    listing = LISTERS[cfg.source.kind](cfg.source)
+    listing = LISTERS[cfg.source.kind](cfg.source, ctx)
     n = len(listing)
     split = assign_split(n, cfg.split)
     corrupted = np.zeros(n, dtype=bool)

@@ -126,7 +126,8 @@ def test_datacomp_pool(tmp_path, ray_local):
                ("000000002", uids[2], image_bytes("JPEG")),  # empty text in metadata
                ("000000003", uids[3], b"garbage"),  # unreadable
                ("000000004", uids[5], image_bytes("JPEG")),  # uid not in metadata
-               ("000000005", None, image_bytes("JPEG"))]  # no json
+               ("000000005", None, image_bytes("JPEG")),  # no json
+               ("000000006", uids[0], image_bytes("JPEG"))]  # the same uid again
     with tarfile.open(root / "shards" / "00000000.tar", "w") as tf:
         for key, uid, img in samples:
             entries = [(f"{key}.jpg", img), (f"{key}.txt", b"ignored: metadata wins")]
@@ -139,11 +140,11 @@ def test_datacomp_pool(tmp_path, ray_local):
     manifest, out = run_ingest(tmp_path, {"source": {"kind": "datacomp", "path": str(root)}})
     rows, members, rejects = read_output(out, manifest)
     check_contract(manifest, rows, members, rejects)
-    assert manifest["rows_in"] == 6 and manifest["rows_out"] == 2
+    assert manifest["rows_in"] == 7 and manifest["rows_out"] == 2
     assert [(r["uid"], r["text"], r["clip_b32_similarity_score"]) for r in rows] == \
         [(uids[0], "a red square", 0.31), (uids[1], "a dog", 0.25)]
     reasons = sorted(r["reason"].split(":")[0] for r in rejects)
-    assert reasons == ["empty caption", "no uid in json", "uid not in metadata", "unreadable image"]
+    assert reasons == ["duplicate uid", "empty caption", "no uid in json", "uid not in metadata", "unreadable image"]
 
 
 def test_embedded_default_is_real_and_offline(tmp_path, ray_local):
