@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .linear_site import LinearSite, find_parameters
-from .scores import Gather, global_count
+from .scores import Gather, rank_sizes
 from .task_vector import Reference, global_norm, reference_tensors, task_vectors
 from .weighting import Weighting
 
@@ -129,11 +129,14 @@ class GradMimic:
         self._direction = {n: direction[n].detach() for n in self.params}
 
     def direction(self) -> Optional[Dict[str, torch.Tensor]]:
+        """This step's direction, on the parameters' current device (the model may have moved since)."""
         if self.weighting.rule == "mimic":
+            self.reference = _follow(self.reference, self.params)
             return task_vectors(self.reference, self.params)
         if self.weighting.needs_direction:
             if self._direction is None:
                 raise ValueError(f"rule {self.weighting.rule!r} needs set_direction(...) before step()")
+            self._direction = _follow(self._direction, self.params)
             return self._direction
         return None
 
@@ -153,14 +156,13 @@ class GradMimic:
         ref_loss_B: Optional[torch.Tensor] = None,
         gather: Optional[Gather] = None,
         rank: int = 0,
-        world_size: int = 1,
         backward: bool = True,
     ) -> StepResult:
         """Score this batch, weight it and (unless ``backward=False``) run the one backward.
 
-        ``gather`` concatenates a 1-D tensor over ranks in rank order; with it, weights are normalised over the
-        global batch and, for DDP (which averages gradients), the loss is scaled by ``world_size`` so the update
-        equals the single-process update on the global batch.
+        ``gather`` concatenates a 1-D tensor over ranks in rank order and ``rank`` is this process's place in
+        it; with them, weights are normalised over the global batch and, for DDP (which averages gradients), the
+        loss is scaled by the number of ranks so the update equals the single-process update on the global batch.
         """
         if loss_B.dim() != 1:
             raise ValueError(f"loss_B must be the per-sample loss vector (B,), got shape {tuple(loss_B.shape)}")
@@ -172,7 +174,12 @@ class GradMimic:
         rule = self.weighting
         direction = self.direction()
         tangents = [s.tangent(direction[s.name]) for s in site_list] if direction is not None else None
-        uniform = torch.full_like(loss_B.detach(), 1.0 / global_count(loss_B, gather))
+        sizes = rank_sizes(loss_B, gather)
+        world_size = len(sizes)
+        uniform = torch.full_like(loss_B.detach(), 1.0 / sum(sizes))
+        if backward and self.reweight == "param" and not any(p.requires_grad for p in self.params.values()):
+            raise ValueError("the mimic parameters do not require grad, so reweight='param' would change nothing; "
+                             "use reweight='all' or backward=False")
         dots = sq = None
         grads_B = grads_u = None
         if not coupled:
@@ -186,11 +193,12 @@ class GradMimic:
                 dots, grads_u = jvp_dots(loss_B, site_list, tangents, base=uniform)
             if rule.needs_grad_norms:
                 sq = sqnorms_fn() if sqnorms_fn is not None else jacobian_sqnorms(loss_B, site_list)
-        gnorms = sq.clamp_min(0).sqrt() if sq is not None else None
-        dnorm = global_norm(list(direction.values())).to(loss_B.dtype) if direction is not None else None
-        scores, weights = rule.weigh(loss_B.detach(), dots=dots, dnorm=dnorm, gnorms=gnorms,
+        acc = torch.promote_types(loss_B.dtype, torch.float32)  # scores in at least float32, also under fp16
+        gnorms = sq.to(acc).clamp_min(0).sqrt() if sq is not None else None
+        dots = dots.to(acc) if dots is not None else None
+        dnorm = global_norm(list(direction.values())).to(acc) if direction is not None else None
+        scores, weights = rule.weigh(loss_B.detach().to(acc), dots=dots, dnorm=dnorm, gnorms=gnorms,
                                      ref_loss_B=ref_loss_B, gather=gather, rank=rank)
-        weights = weights.to(loss_B.dtype)
 
         def out_grads(w: torch.Tensor) -> Sequence[torch.Tensor]:
             # dL/dZ for L = sum_i w_i l_i; free for decoupled losses, one loss-sized pass otherwise
@@ -221,6 +229,11 @@ class GradMimic:
             dots=None if dots is None else dots.detach(), grad_norms=None if gnorms is None else gnorms.detach(),
             direction_norm=None if dnorm is None else float(dnorm), alignment=alignment,
         )
+
+
+def _follow(tensors: Dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``tensors`` on each parameter's device and dtype (a no-op once they are there)."""
+    return {n: t.to(device=params[n].device, dtype=params[n].dtype) for n, t in tensors.items()}
 
 
 def _all_sum(t: torch.Tensor, gather: Gather) -> torch.Tensor:

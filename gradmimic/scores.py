@@ -49,8 +49,10 @@ def mimic_scores(
     """Raw score of each sample: ``proj`` or ``cos`` of ``-g_i`` against ``T`` (``normed_*`` use the same raw score).
 
     A zero task vector (the model sits on the reference) or a zero gradient gives a score of 0, not NaN.
+    Scores are computed in at least float32, whatever the training precision.
     """
     check_method(method)
+    dots_B = dots_B.to(torch.promote_types(dots_B.dtype, torch.float32))
     tnorm = torch.as_tensor(tnorm, dtype=dots_B.dtype, device=dots_B.device)
     proj_B = -dots_B / tnorm.clamp_min(_EPS)
     if not needs_grad_norms(method):
@@ -59,7 +61,7 @@ def mimic_scores(
         raise ValueError(f"method {method!r} needs per-sample gradient norms (gnorms_B)")
     if gnorms_B.shape != dots_B.shape:
         raise ValueError(f"gnorms_B has shape {tuple(gnorms_B.shape)} but dots_B has {tuple(dots_B.shape)}")
-    return proj_B / gnorms_B.clamp_min(_EPS)
+    return proj_B / gnorms_B.to(dots_B.dtype).clamp_min(_EPS)
 
 
 def global_softmax(
@@ -80,11 +82,13 @@ def global_softmax(
     local = scores_B.detach()
     if gather is None:
         return torch.softmax(local / temperature, dim=0)
-    sizes = gather(torch.tensor([float(local.numel())], device=local.device, dtype=torch.float64)).long().tolist()
+    sizes = rank_sizes(local, gather)
     full = gather(local)
-    if full.numel() != sum(sizes) or rank >= len(sizes):
-        raise ValueError(f"gather returned {full.numel()} scores for sizes {sizes} (rank {rank})")
+    if full.numel() != sum(sizes) or not 0 <= rank < len(sizes):
+        raise ValueError(f"gather returned {full.numel()} scores for per-rank sizes {sizes} (rank {rank})")
     start = sum(sizes[:rank])
+    if not torch.equal(full[start : start + local.numel()], local):
+        raise ValueError(f"rank={rank} does not match this process's place in the gather order")
     return torch.softmax(full / temperature, dim=0)[start : start + local.numel()]
 
 
@@ -105,9 +109,14 @@ def batch_weights(
     return torch.full_like(scores_B.detach(), 1.0 / global_count(scores_B, gather))
 
 
-def global_count(local_B: torch.Tensor, gather: Optional[Gather] = None) -> int:
-    """Number of samples in the global batch (this rank's ``B`` without a gather)."""
+def rank_sizes(local_B: torch.Tensor, gather: Optional[Gather] = None) -> list[int]:
+    """Every rank's batch size, in rank order (``[B]`` without a gather); its length is the world size."""
     n = local_B.shape[0]
     if gather is None:
-        return n
-    return int(gather(torch.tensor([float(n)], dtype=torch.float64, device=local_B.device)).sum().item())
+        return [n]
+    return gather(torch.tensor([float(n)], dtype=torch.float64, device=local_B.device)).long().tolist()
+
+
+def global_count(local_B: torch.Tensor, gather: Optional[Gather] = None) -> int:
+    """Number of samples in the global batch (this rank's ``B`` without a gather)."""
+    return sum(rank_sizes(local_B, gather))

@@ -71,7 +71,7 @@ class Weighting:
                 raise ValueError("the rho rule needs ref_loss_B: the reference model's per-sample losses")
             if ref_loss_B.shape != loss_B.shape:
                 raise ValueError(f"ref_loss_B has shape {tuple(ref_loss_B.shape)}, loss_B {tuple(loss_B.shape)}")
-            scores = loss_B - ref_loss_B.detach().to(loss_B.dtype)
+            scores = loss_B - ref_loss_B.detach().to(device=loss_B.device, dtype=loss_B.dtype)
             return scores, global_softmax(scores, t, gather, rank)
         # agra
         scores = mimic_scores(dots, dnorm, "proj")

@@ -8,8 +8,12 @@ Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Optional[...]``,
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, Dict, Literal, Union, get_args, get_origin
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class SpecError(ValueError):
@@ -93,6 +97,8 @@ def build(tp: Any, value: Any, where: str) -> Any:
             raise SpecError(f"{where}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{where}: expected a number, got {_show(value)}")
         return float(value)

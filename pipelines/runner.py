@@ -1,8 +1,8 @@
 """Run a spec: stages in order, each into ``<storage>/<run>/<stage>/``, skipping what is already committed.
 
 A stage's config hash covers its resolved config, the hashes of the stages it reads, and the package version;
-a rerun skips a committed stage whose hash matches and reruns the rest (``force`` reruns named stages, and so
-everything downstream of them, whose input hashes change).
+a rerun skips a committed stage whose hash matches and reruns the rest, and every stage that reads a stage rerun
+in the same invocation (``force`` reruns named stages, so their readers too).
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
     hashes: Dict[str, str] = {}
     manifests: Dict[str, Dict[str, Any]] = {}
     ray_ready = False
+    ran: set = set()  # stages (re)run by this invocation: whatever reads them must rerun too
     total_start = time.perf_counter()
     for n, stage in enumerate(spec.stages, 1):
         inputs = stage_inputs(stage)
@@ -118,7 +119,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         out = StageDir(fs, posixpath.join(run_root, stage.name))
         label = f"[{n}/{len(spec.stages)}] {stage.stage} {stage.name}"
         committed = out.manifest()
-        if committed and committed.get("config_hash") == h and stage.name not in force:
+        if committed and committed.get("config_hash") == h and stage.name not in force and not ran & set(inputs):
             manifests[stage.name] = committed
             stream.write(f"{label}: committed, skipped (config {h})\n")
             continue
@@ -139,6 +140,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         }
         out.commit(manifest)
         manifests[stage.name] = manifest
+        ran.add(stage.name)
         rate = result["rows_in"] / max(seconds, 1e-9)
         stream.write(f"{label}: {result['rows_out']} rows out, {result.get('rejected', 0)} rejected, "
                      f"{seconds:.1f}s ({rate:,.0f} rows/s) -> {out.url}\n")

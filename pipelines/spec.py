@@ -26,7 +26,7 @@ import yaml
 from .config import SpecError, build, build_dataclass, to_plain
 from .registry import STAGES
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names are segments of dotted overrides
 # Secrets come from the environment / credential files, never from a spec that gets saved to the run directory.
 _SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
                    "aws_session_token", "session_token", "access_key", "secret_key"}
@@ -108,15 +108,15 @@ def parse_spec(data: Any, overrides: Sequence[str] = (), label: str = "<spec>") 
     try:
         name = build(str, data["name"], "name")
         storage = build(str, data["storage"], "storage")
-        ray_cfg = build_dataclass(RayConfig, data.get("ray") or {}, "ray")
-        options = build(Dict[str, Any], data.get("storage_options") or {}, "storage_options")
+        ray_cfg = build_dataclass(RayConfig, _or_empty(data, "ray"), "ray")
+        options = build(Dict[str, Any], _or_empty(data, "storage_options"), "storage_options")
     except SpecError as exc:
         raise SpecError(f"{label}: {exc}") from None
     if not _NAME.match(name):
-        raise SpecError(f"{label}: name: {name!r} must be letters, digits, '.', '_' or '-'")
-    secret = sorted(k for k in options if k.lower() in _SECRET_OPTIONS)
+        raise SpecError(f"{label}: name: {name!r} must be letters, digits, '_' or '-'")
+    secret = _find_secret(options, "storage_options")
     if secret:
-        raise SpecError(f"{label}: storage_options.{secret[0]}: credentials belong in the environment, not the spec")
+        raise SpecError(f"{label}: {secret}: credentials belong in the environment, not the spec")
     raw_stages = data["stages"]
     if not isinstance(raw_stages, list) or not raw_stages:
         raise SpecError(f"{label}: stages: expected a non-empty list of stages")
@@ -126,6 +126,23 @@ def parse_spec(data: Any, overrides: Sequence[str] = (), label: str = "<spec>") 
         stages.append(_parse_stage(entry, i, produced, label))
         produced[stages[-1].name] = STAGES[stages[-1].stage].produces
     return Spec(name, storage, tuple(stages), ray_cfg, options, label)
+
+
+def _or_empty(data: Dict[str, Any], key: str) -> Any:
+    """An absent or null section means its defaults; anything else must be a mapping (checked by the caller)."""
+    value = data.get(key)
+    return {} if value is None else value
+
+
+def _find_secret(options: Any, where: str) -> Optional[str]:
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if str(k).lower() in _SECRET_OPTIONS:
+                return f"{where}.{k}"
+            found = _find_secret(v, f"{where}.{k}")
+            if found:
+                return found
+    return None
 
 
 def _parse_stage(entry: Any, index: int, produced: Dict[str, str], label: str) -> StageSpec:
@@ -140,7 +157,7 @@ def _parse_stage(entry: Any, index: int, produced: Dict[str, str], label: str) -
     if name is None:
         raise SpecError(f"{where} ({kind}): name: missing required field")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise SpecError(f"{where} ({kind}): name: {name!r} must be letters, digits, '.', '_' or '-'")
+        raise SpecError(f"{where} ({kind}): name: {name!r} must be letters, digits, '_' or '-'")
     if name in produced:
         raise SpecError(f"{label}: stage {name!r}: name: another stage is already named {name!r}")
     where = f"{label}: stage {name!r} ({kind})"

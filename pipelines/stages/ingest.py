@@ -34,6 +34,8 @@ import pyarrow as pa
 from ..config import SpecError
 from ..storage import open_storage
 
+RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "label",
+            "true_label", "class_name")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
 DIGIT_TEMPLATES = ("a handwritten digit {}.", "a scan of the number {}, written by hand.", "the digit {}.")
@@ -193,7 +195,8 @@ def list_caption_folder(src: CaptionFolderSource, ctx=None) -> Listing:
     present = set(files)
     captions = [posixpath.splitext(p)[0] + ".txt" for p in _images(files)]
     wanted = [c for c in captions if c in present]
-    texts = fs.cat(wanted) if wanted else {}  # concurrent on object stores
+    # cat_ranges: concurrent on object stores, and no glob expansion of names such as "a[1].txt"
+    texts = dict(zip(wanted, fs.cat_ranges(wanted, [None] * len(wanted), [None] * len(wanted)))) if wanted else {}
     out = Listing()
     for path, txt in zip(_images(files), captions):
         rel = posixpath.relpath(path, root)
@@ -261,7 +264,9 @@ def list_datacomp(src: DataCompSource, ctx) -> Listing:
             raise ValueError(f"datacomp metadata {meta_files[0]}: missing column {col!r}")
     rows = {u: i for i, u in enumerate(meta.column("uid").to_pylist())}
     extra_cols = [c for c in meta.column_names if c not in ("uid", "text", "key", "shard")]
-    extra_data = {c: meta.column(c).to_pylist() for c in extra_cols}
+    # metadata columns keep their data but never shadow a column ingest computes
+    extra_data = {(f"metadata_{c}" if c in RESERVED else c): meta.column(c).to_pylist() for c in extra_cols}
+    extra_cols = list(extra_data)
     texts = meta.column("text").to_pylist()
     out = Listing()
     seen = set()
@@ -282,10 +287,11 @@ def list_datacomp(src: DataCompSource, ctx) -> Listing:
                 reason = "uid not in metadata"
             elif uid in seen:
                 reason = "duplicate uid"
-            seen.add(uid)
             text = texts[row] if row is not None else None
             if reason is None and not (text or "").strip():
                 reason = "empty caption"
+            if reason is None:
+                seen.add(uid)  # only a kept copy makes later ones duplicates
             extras = {c: (extra_data[c][row] if row is not None else None) for c in extra_cols}
             out.add(f"tar:{tar_url}::{entry.get('image', '')}", text, uid, source, reason, **extras)
     return out
@@ -309,6 +315,8 @@ def assign_split(n: int, split: Optional[SplitConfig]) -> np.ndarray:
 def inject_noise(listing: Listing, eligible: np.ndarray, noise: NoiseConfig, templates: Tuple[str, ...]) -> np.ndarray:
     """Corrupt ``rate`` of the eligible samples in place; returns the ``corrupted`` flags (the truth)."""
     n = len(listing)
+    if noise.kind == "label" and len(listing.class_names) < 2:
+        raise ValueError(f"label noise needs at least 2 classes, the source has {len(listing.class_names)}")
     corrupted = np.zeros(n, dtype=bool)
     candidates = np.flatnonzero(eligible)
     k = int(round(noise.rate * len(candidates)))
@@ -380,6 +388,10 @@ def _digits() -> np.ndarray:
     return _DIGITS
 
 
+# what a corrupt or truncated file raises while decoding (UnidentifiedImageError is an OSError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
 def checked_image(data: bytes) -> Tuple[bytes, str]:
     """``(bytes, ext)``: JPEG and PNG kept as they are, other formats re-encoded as PNG; raises if unreadable."""
     from PIL import Image
@@ -401,9 +413,10 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]) -> List
     reader = ImageReader()
     with tarfile.open(fileobj=buf, mode="w") as tf, contextlib.closing(reader):
         for key, ref, text, uid in records:
+            data = reader.read(ref)  # I/O errors fail the task (Ray retries it), they are not the sample's fault
             try:
-                image, ext = checked_image(reader.read(ref))
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is a reject with its reason
+                image, ext = checked_image(data)
+            except DECODE_ERRORS as exc:
                 rejects.append((key, f"unreadable image: {type(exc).__name__}: {str(exc)[:200]}"))
                 continue
             for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", text.encode("utf-8")),

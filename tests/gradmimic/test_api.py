@@ -172,3 +172,47 @@ def test_alignment_tells_a_reference_from_another_initialisation():
         alignment[name] = mimic.step(loss, sites, backward=False).alignment
         assert model[2].weight.grad is None  # backward=False scores without touching gradients
     assert alignment["same"] > 0.6 and abs(alignment["other"]) < 0.3, alignment
+
+
+def _ce_step(model, mimic, x, y, **kw):
+    import torch.nn.functional as F
+
+    with capture_linear_sites(model, ["2.weight"]) as sites:
+        loss = F.cross_entropy(model(x).float(), y, reduction="none").to(model[2].weight.dtype)
+    return mimic.step(loss, sites, **kw)
+
+
+def test_half_precision_scores_stay_finite_at_a_zero_task_vector():
+    model = head_model().half()
+    mimic = GradMimic(model, ["2.weight"], reference=model, weighting=Weighting("mimic", "normed_cos", 0.5))
+    out = _ce_step(model, mimic, torch.randn(6, 4).half(), torch.randint(0, 2, (6,)))
+    assert torch.equal(out.scores, torch.zeros(6)) and out.scores.dtype == torch.float32
+    assert torch.allclose(out.weights, torch.full((6,), 1 / 6))
+    assert torch.isfinite(model[2].weight.grad.float()).all()
+
+
+def test_direction_follows_the_parameters_dtype_and_frozen_head_is_an_error():
+    model = head_model()
+    mimic = GradMimic(model, ["2.weight"], weighting=Weighting("influence", "normed_proj", 1.0))
+    mimic.set_direction({"2.weight": torch.ones(2, 3, dtype=torch.float64)})
+    out = _ce_step(model, mimic, torch.randn(5, 4), torch.randint(0, 2, (5,)))
+    assert out.dots.dtype == torch.float32 and mimic.direction()["2.weight"].dtype == torch.float32
+    model[2].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="do not require grad, so reweight='param' would change nothing"):
+        _ce_step(model, mimic, torch.randn(5, 4), torch.randint(0, 2, (5,)))
+    assert _ce_step(model, mimic, torch.randn(5, 4), torch.randint(0, 2, (5,)), backward=False).weights.shape == (5,)
+
+
+def test_a_wrong_rank_is_caught():
+    from gradmimic import global_softmax
+
+    parts = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+
+    def gather(t):
+        if t.dtype == torch.float64 and t.numel() == 1:
+            return torch.tensor([2.0, 1.0], dtype=torch.float64)
+        return torch.cat(parts)
+
+    assert torch.allclose(global_softmax(parts[1], 1.0, gather, rank=1), torch.softmax(torch.cat(parts), 0)[2:])
+    with pytest.raises(ValueError, match="rank=0 does not match this process's place in the gather order"):
+        global_softmax(parts[1], 1.0, gather, rank=0)

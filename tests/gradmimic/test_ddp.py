@@ -58,7 +58,7 @@ def worker(rank, port, reweight, out_path):
         ddp = nn.parallel.DistributedDataParallel(model)
         start = sum(SIZES[:rank])
         sl = slice(start, start + SIZES[rank])
-        out, grads = run_step(ddp, x[sl], y[sl], ref, reweight, gather=gather_1d, rank=rank, world_size=2)
+        out, grads = run_step(ddp, x[sl], y[sl], ref, reweight, gather=gather_1d, rank=rank)
         torch.save({"grads": grads, "weights": out.weights, "alignment": out.alignment}, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()

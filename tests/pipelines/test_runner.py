@@ -93,6 +93,33 @@ def test_failed_stage_commits_nothing_and_keeps_earlier_stages(tmp_path, ray_loc
         run(make_spec(storage), force=["nope"])
 
 
+def test_rerunning_a_stage_reruns_its_readers(tmp_path, ray_local, monkeypatch):
+    from dataclasses import dataclass, field
+
+    from pipelines.registry import STAGES, StageDef
+
+    @dataclass(frozen=True)
+    class CountConfig:
+        data: str = field(metadata={"ref": "dataset"})
+
+    def count(cfg, ctx):
+        rows = ctx.inputs[cfg.data].manifest()["rows_out"]
+        return {"rows_in": rows, "rows_out": rows, "rejected": 0}
+
+    monkeypatch.setitem(STAGES, "count", StageDef(CountConfig, count, "count rows", "report"))
+    spec = parse_spec({"name": "r", "storage": str(tmp_path), "stages": [
+        {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 12}},
+        {"stage": "count", "name": "n", "data": "pool"}]})
+    first, _ = run(spec)
+    assert first["n"]["rows_out"] == 12
+    _, log = run(spec)
+    assert log.count("committed, skipped") == 2
+    _, log = run(spec, force=["pool"])
+    assert "committed, skipped" not in log  # pool forced, so n, which reads it, reruns too
+    _, log = run(spec, force=["n"])
+    assert log.count("committed, skipped") == 1
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)

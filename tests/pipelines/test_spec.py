@@ -71,6 +71,10 @@ def test_defaults_and_types():
         ({"name": "t", "stages": [POOL]}, "s.yaml: storage: missing required field"),
         (spec(POOL, ray={"address": "yarn"}), "s.yaml: ray.address: expected local, auto or ray://host:port, got 'yarn'"),
         (spec(POOL, storage_options={"secret": "x"}), "s.yaml: storage_options.secret: credentials belong in the environment"),
+        (spec(POOL, storage_options={"client_kwargs": {"aws_secret_access_key": "x"}}),
+         "s.yaml: storage_options.client_kwargs.aws_secret_access_key: credentials belong in the environment"),
+        (spec(POOL, ray=[]), "s.yaml: ray: expected a mapping, got []"),
+        (spec({**POOL, "name": "pool.v2"}), "s.yaml: stages[0] (ingest): name: 'pool.v2' must be letters, digits, '_' or '-'"),
         (spec(), "s.yaml: stages: expected a non-empty list of stages"),
         (["not", "a", "mapping"], "s.yaml: expected a mapping"),
     ],
@@ -101,6 +105,12 @@ def test_overrides(with_consumer):
     assert err(data, ["stages.m.lrr=1"]).startswith("s.yaml: stage 'm' (use): lrr: unknown key")
     assert err(data, ["stages.m.lr=fast"]) == "s.yaml: stage 'm' (use): lr: expected a number, got 'fast'"
     assert err(data, ["storage"]) == "override 'storage': expected key=value"
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text("name: t\nstorage: x\nstages:\n  - {stage: ingest, name: p, noise: {kind: caption, rate: 4e-1}}\n")
+    assert load_spec(p).stage("p").config.noise.rate == 0.4
 
 
 def test_malformed_yaml_names_the_line(tmp_path):
