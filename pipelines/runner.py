@@ -126,7 +126,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         if not ray_ready:
             init_ray(spec)
             ray_ready = True
-        out.clear()
+        out.begin()
         started, t0 = time.time(), time.perf_counter()
         ctx = StageContext(out, {name: StageDir(fs, posixpath.join(run_root, name)) for name in inputs}, label, progress)
         result = STAGES[stage.stage].run(stage.config, ctx)
@@ -138,8 +138,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
             "inputs": {name: hashes[name] for name in inputs}, "version": VERSION,
             "timings": {"started": started, "seconds": round(seconds, 3)}, **result,
         }
-        out.commit(manifest)
-        manifests[stage.name] = manifest
+        manifests[stage.name] = manifest = out.commit(manifest)
         ran.add(stage.name)
         rate = result["rows_in"] / max(seconds, 1e-9)
         stream.write(f"{label}: {result['rows_out']} rows out, {result.get('rejected', 0)} rejected, "

@@ -1,12 +1,11 @@
 """Run directories on any fsspec filesystem: ``<storage>/<run>/<stage>/``, committed by ``_MANIFEST.json``.
 
-A stage writes its files into its directory and commits by writing the manifest last (one object PUT on S3, an
-atomic rename locally).  Readers only trust a directory that has a manifest, and only the files it lists; a
-stage that died halfway leaves no manifest and is cleared and rerun.  Object stores have no atomic directory
-rename, which is why the manifest, not a rename, marks the commit.
+A stage writes every file into a fresh temporary directory ``<stage>/_attempt-<id>/`` and commits by writing the
+manifest last (one object PUT on S3, an atomic rename locally); the manifest names the attempt and lists its
+files.  Readers resolve paths through the committed manifest, so they never see a stage half written *or* half
+replaced: a rerun's files sit in a new attempt until its manifest lands, then older attempts are deleted.
+Object stores have no atomic directory rename, which is why the manifest, not a rename, is the commit.
 """
-
-from __future__ import annotations
 
 import io
 import json
@@ -28,34 +27,38 @@ def open_storage(url: str, options: Optional[Dict[str, Any]] = None):
 
 
 class StageDir:
-    """One stage's directory."""
+    """One stage's directory: read through its committed manifest, written through a new attempt."""
 
     def __init__(self, fs, path: str) -> None:
         self.fs = fs
         self.path = path.rstrip("/")
+        self.attempt: Optional[str] = None  # set by begin() for writing, or from the manifest for reading
 
     @property
     def url(self) -> str:
         return self.fs.unstrip_protocol(self.path)
 
-    def join(self, *rel: str) -> str:
-        return posixpath.join(self.path, *rel)
-
     def manifest(self) -> Optional[Dict[str, Any]]:
         """The committed manifest, or ``None`` for a stage that never finished."""
         try:
-            with self.fs.open(self.join(MANIFEST), "rb") as f:
+            with self.fs.open(posixpath.join(self.path, MANIFEST), "rb") as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
 
-    def clear(self) -> None:
-        """Remove the manifest first (so nothing half-replaced ever looks committed), then everything else."""
-        if self.fs.exists(self.join(MANIFEST)):
-            self.fs.rm(self.join(MANIFEST))
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
-        self.fs.makedirs(self.path, exist_ok=True)
+    def join(self, *rel: str) -> str:
+        """Where a stage file lives: in the attempt being written, else in the committed one."""
+        if self.attempt is None:
+            committed = self.manifest()
+            if committed is None:
+                raise FileNotFoundError(f"{self.url}: stage is not committed (no {MANIFEST})")
+            self.attempt = committed["attempt"]
+        return posixpath.join(self.path, self.attempt, *rel)
+
+    def begin(self) -> None:
+        """Start writing a new attempt; the committed one (if any) stays readable until commit()."""
+        self.attempt = f"_attempt-{uuid.uuid4().hex[:12]}"
+        self.fs.makedirs(self.join(), exist_ok=True)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.fs.makedirs(posixpath.dirname(self.join(rel)), exist_ok=True)
@@ -71,14 +74,23 @@ class StageDir:
         with self.fs.open(self.join(rel), "rb") as f:
             return pq.read_table(io.BytesIO(f.read()))
 
-    def commit(self, manifest: Dict[str, Any]) -> None:
+    def commit(self, manifest: Dict[str, Any]) -> Dict[str, Any]:
+        """Write the manifest (naming this attempt) last, then delete everything else in the stage directory."""
+        manifest = {**manifest, "attempt": self.attempt}
         data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        final = posixpath.join(self.path, MANIFEST)
         if _is_local(self.fs):
-            tmp = self.join(f".{MANIFEST}.{uuid.uuid4().hex}")
-            self.write_bytes(tmp.rsplit("/", 1)[-1], data)
-            self.fs.mv(tmp, self.join(MANIFEST))
+            tmp = posixpath.join(self.path, f".{MANIFEST}.{uuid.uuid4().hex}")
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, final)
         else:
-            self.write_bytes(MANIFEST, data)
+            with self.fs.open(final, "wb") as f:
+                f.write(data)
+        for entry in self.fs.ls(self.path, detail=False):
+            if posixpath.basename(entry.rstrip("/")) not in (MANIFEST, self.attempt):
+                self.fs.rm(entry, recursive=True)
+        return manifest
 
 
 def _is_local(fs) -> bool:

@@ -58,8 +58,9 @@ def exercise_commit_protocol(storage: str):
     redone, log = run(make_spec(storage, ["stages.pool.shard_size=5"]))
     assert "committed, skipped" not in log and not fs.exists(f"{stage_dir}/half-written.tmp")
     assert committed_stage(spec, "pool") is not None
+    attempt = redone["pool"]["attempt"]
     listed = {p.rsplit("/pool/", 1)[1] for p in fs.find(stage_dir)}
-    assert listed == set(redone["pool"]["files"]) | {MANIFEST}
+    assert listed == {f"{attempt}/{f}" for f in redone["pool"]["files"]} | {MANIFEST}  # older attempts deleted
 
     resolved = fs.cat_file(f"{root}/r/spec.resolved.yaml").decode()
     assert "shard_size: 5" in resolved and "templates:" in resolved  # overrides and defaults, resolved
@@ -77,7 +78,7 @@ def test_same_run_on_s3(s3_endpoint, ray_local):
     manifest = json.loads(fs.cat_file("gm-bucket/team/runs/r/pool/_MANIFEST.json"))
     assert manifest["rows_out"] == 24
     shard = manifest["files"][0]
-    assert fs.exists(f"gm-bucket/team/runs/r/pool/{shard}")
+    assert fs.exists(f"gm-bucket/team/runs/r/pool/{manifest['attempt']}/{shard}")
     everything = b"".join(fs.cat_file(p) for p in fs.find("gm-bucket/team/runs/r") if p.endswith((".yaml", ".json")))
     assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in everything  # credentials never land in the run
 
