@@ -198,7 +198,7 @@ class GradMimic:
         dots = dots.to(acc) if dots is not None else None
         dnorm = global_norm(list(direction.values())).to(acc) if direction is not None else None
         scores, weights = rule.weigh(loss_B.detach().to(acc), dots=dots, dnorm=dnorm, gnorms=gnorms,
-                                     ref_loss_B=ref_loss_B, gather=gather, rank=rank)
+                                     ref_loss_B=ref_loss_B, gather=gather, rank=rank, sizes=sizes)
 
         def out_grads(w: torch.Tensor) -> Sequence[torch.Tensor]:
             # dL/dZ for L = sum_i w_i l_i; free for decoupled losses, one loss-sized pass otherwise

@@ -69,11 +69,13 @@ def global_softmax(
     temperature: float,
     gather: Optional[Gather] = None,
     rank: int = 0,
+    sizes: Optional[list[int]] = None,
 ) -> torch.Tensor:
     """Softmax of ``scores / temperature`` over the global batch, returned for this rank's samples.
 
     ``gather`` concatenates every rank's scores in rank order (ranks may hold different batch sizes);
-    without it the local batch is the global batch.  The weights of all ranks sum to 1.
+    without it the local batch is the global batch.  The weights of all ranks sum to 1.  ``sizes`` (from
+    :func:`rank_sizes`) saves a collective when the caller already has them.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -82,7 +84,7 @@ def global_softmax(
     local = scores_B.detach()
     if gather is None:
         return torch.softmax(local / temperature, dim=0)
-    sizes = rank_sizes(local, gather)
+    sizes = sizes if sizes is not None else rank_sizes(local, gather)
     full = gather(local)
     if full.numel() != sum(sizes) or not 0 <= rank < len(sizes):
         raise ValueError(f"gather returned {full.numel()} scores for per-rank sizes {sizes} (rank {rank})")
@@ -98,6 +100,7 @@ def batch_weights(
     temperature: float,
     gather: Optional[Gather] = None,
     rank: int = 0,
+    sizes: Optional[list[int]] = None,
 ) -> torch.Tensor:
     """Weights ``w_i`` (summing to 1 over the global batch) that replace the mean ``1/B``.
 
@@ -105,8 +108,9 @@ def batch_weights(
     weights stay uniform and training is unchanged (useful to log scores for offline filtering).
     """
     if is_normed(method):
-        return global_softmax(scores_B, temperature, gather, rank)
-    return torch.full_like(scores_B.detach(), 1.0 / global_count(scores_B, gather))
+        return global_softmax(scores_B, temperature, gather, rank, sizes)
+    total = sum(sizes) if sizes is not None else global_count(scores_B, gather)
+    return torch.full_like(scores_B.detach(), 1.0 / total)
 
 
 def rank_sizes(local_B: torch.Tensor, gather: Optional[Gather] = None) -> list[int]:

@@ -56,27 +56,28 @@ class Weighting:
         ref_loss_B: Optional[torch.Tensor] = None,
         gather: Optional[Gather] = None,
         rank: int = 0,
+        sizes: Optional[list] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         rule, t = self.rule, self.temperature
         if rule == "uniform":
             scores = torch.zeros_like(loss_B)
-            return scores, batch_weights(scores, "proj", t, gather, rank)
+            return scores, batch_weights(scores, "proj", t, gather, rank, sizes)
         if rule in ("mimic", "influence"):
             scores = mimic_scores(dots, dnorm, self.method, gnorms)
-            return scores, batch_weights(scores, self.method, t, gather, rank)
+            return scores, batch_weights(scores, self.method, t, gather, rank, sizes)
         if rule == "grand":
-            return gnorms, global_softmax(gnorms, t, gather, rank)
+            return gnorms, global_softmax(gnorms, t, gather, rank, sizes)
         if rule == "rho":
             if ref_loss_B is None:
                 raise ValueError("the rho rule needs ref_loss_B: the reference model's per-sample losses")
             if ref_loss_B.shape != loss_B.shape:
                 raise ValueError(f"ref_loss_B has shape {tuple(ref_loss_B.shape)}, loss_B {tuple(loss_B.shape)}")
             scores = loss_B - ref_loss_B.detach().to(device=loss_B.device, dtype=loss_B.dtype)
-            return scores, global_softmax(scores, t, gather, rank)
+            return scores, global_softmax(scores, t, gather, rank, sizes)
         # agra
         scores = mimic_scores(dots, dnorm, "proj")
         keep = (scores > 0).to(loss_B.dtype)
         kept = global_count(keep[keep > 0], gather)
         if kept == 0:  # nothing aligns: fall back to the plain step rather than a zero update
-            return scores, batch_weights(scores, "proj", t, gather, rank)
+            return scores, batch_weights(scores, "proj", t, gather, rank, sizes)
         return scores, keep / kept

@@ -11,7 +11,7 @@ import sys
 import typing
 from typing import Optional, Sequence
 
-from .config import SpecError, type_name
+from .config import SpecError, to_plain, type_name
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -45,9 +45,9 @@ def _print_fields(cls: type, indent: str, tagged: bool = False) -> None:
         if dataclasses.is_dataclass(f.default):
             default = f"default kind {f.default.kind}" if hasattr(f.default, "kind") else "default {}"
         elif f.default is not dataclasses.MISSING:
-            default = "default " + repr(_plain(f.default))
+            default = "default " + repr(to_plain(f.default))
         elif f.default_factory is not dataclasses.MISSING:
-            default = "default " + repr(_plain(f.default_factory()))
+            default = "default " + repr(to_plain(f.default_factory()))
         else:
             default = "required"
         doc = f.metadata.get("doc", "")
@@ -58,12 +58,6 @@ def _print_fields(cls: type, indent: str, tagged: bool = False) -> None:
         for sub in options if len(options) > 1 else []:
             print(f"{indent}  kind: {typing.get_args(typing.get_type_hints(sub)['kind'])[0]}")
             _print_fields(sub, indent + "    ", tagged=True)
-
-
-def _plain(value):
-    from .config import to_plain
-
-    return to_plain(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

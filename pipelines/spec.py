@@ -15,6 +15,7 @@ apply to the YAML before it is checked.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -194,8 +195,6 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], label: str) -> Dict[str, Any]:
     """``a.b=c`` edits of the raw YAML data; ``stages.<name>.<field>`` addresses a stage by its name."""
-    import copy
-
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import SpecError
 from ..storage import open_storage
@@ -459,13 +460,12 @@ def run_ingest(cfg: IngestConfig, ctx) -> Dict[str, Any]:
         if keys[i] in late:
             reasons[i] = late[keys[i]]
     kept = [i for i in ok if reasons[i] is None]
-    columns = _columns(listing, kept, keys, shard_of, split, corrupted)
+    table = pa.table(_columns(listing, kept, keys, shard_of, split, corrupted))
     files = []
     for s in range(num_shards):
-        mask = [shard_of[i] == s for i in kept]
-        table = pa.table(columns).filter(pa.array(mask, type=pa.bool_()))
+        shard_rows = table.filter(pc.equal(table["shard"], s))
         rel = f"shards/shard-{s:05d}.parquet"
-        ctx.out.write_table(rel, table)
+        ctx.out.write_table(rel, shard_rows)
         files += [rel, f"shards/shard-{s:05d}.tar"]
     rejected = [i for i in range(n) if reasons[i] is not None]
     ctx.out.write_table("rejects.parquet", pa.table({
