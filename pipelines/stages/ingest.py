@@ -8,7 +8,9 @@ Output, under the stage directory:
 
 - ``shards/shard-NNNNN.tar``: webdataset tars of ``<key>.jpg|png``, ``<key>.txt``, ``<key>.json`` (``{"uid": ...}``);
 - ``shards/shard-NNNNN.parquet``: one row per kept sample: ``uid``, ``uid_hi``, ``uid_lo``, ``text``, ``key``,
-  ``shard``, ``split``, ``corrupted``, ``source`` and the source's extra columns (``label``, ``true_label``,
+  ``shard``, ``split``, ``corrupted``, ``source``, where its image is (``tar``: the tar's path relative to the
+  stage directory, ``image``: the member's name, ``image_offset`` / ``image_size``: the member's bytes in the tar,
+  so readers fetch one image with one ranged read) and the source's extra columns (``label``, ``true_label``,
   ``class_name``, DataComp metadata such as ``clip_b32_similarity_score``);
 - ``rejects.parquet``: ``source``, ``uid``, ``reason`` for every sample left out (unreadable image, empty or
   missing caption, uid not in metadata).  The manifest's counts add up: ``rows_in = rows_out + rejected``.
@@ -35,8 +37,8 @@ import pyarrow.compute as pc
 from ..config import SpecError
 from ..storage import open_storage
 
-RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "label",
-            "true_label", "class_name")
+RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "tar", "image",
+            "image_offset", "image_size", "label", "true_label", "class_name")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
 DIGIT_TEMPLATES = ("a handwritten digit {}.", "a scan of the number {}, written by hand.", "the digit {}.")
@@ -407,9 +409,14 @@ def checked_image(data: bytes) -> Tuple[bytes, str]:
         return buf.getvalue(), "png"
 
 
-def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]) -> List[Tuple[str, str]]:
-    """Write one webdataset tar of ``(key, ref, text, uid)`` records; returns ``(key, reason)`` of the rejects."""
+def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
+    """Write one webdataset tar of ``(key, ref, text, uid)`` records.
+
+    Returns ``(rejects, index)``: ``(key, reason)`` of the samples left out, and ``{key: (member, offset, size)}``
+    locating each written image's bytes in the tar.
+    """
     rejects = []
+    images = {}
     buf = io.BytesIO()
     reader = ImageReader()
     with tarfile.open(fileobj=buf, mode="w") as tf, contextlib.closing(reader):
@@ -420,15 +427,18 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]) -> List
             except DECODE_ERRORS as exc:
                 rejects.append((key, f"unreadable image: {type(exc).__name__}: {str(exc)[:200]}"))
                 continue
+            images[f"{key}.{ext}"] = key
             for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", text.encode("utf-8")),
                                (f"{key}.json", json.dumps({"uid": uid}).encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue()), mode="r:") as tf:  # where each image's bytes landed
+        index = {images[m.name]: (m.name, m.offset_data, m.size) for m in tf if m.name in images}
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(buf.getvalue())
-    return rejects
+    return rejects, index
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -452,21 +462,22 @@ def run_ingest(cfg: IngestConfig, ctx) -> Dict[str, Any]:
     for s in range(num_shards):
         members = ok[s * cfg.shard_size:(s + 1) * cfg.shard_size]
         records = [(keys[i], listing.refs[i], listing.texts[i], listing.uids[i]) for i in members]
-        tasks.append((ctx.out.fs, ctx.out.join("shards", f"shard-{s:05d}.tar"), records))
-    shard_rejects = ctx.map(write_shard, tasks, unit="shards", rows=[len(t[2]) for t in tasks])
-    late = {key: reason for rej in shard_rejects for key, reason in rej}
+        tasks.append((ctx.out.fs, ctx.out.join(shard_tar(s)), records))
+    written = ctx.map(write_shard, tasks, unit="shards", rows=[len(t[2]) for t in tasks])
+    late = {key: reason for rej, _ in written for key, reason in rej}
+    located = {key: where for _, index in written for key, where in index.items()}
     reasons = list(listing.reasons)
     for i in ok:
         if keys[i] in late:
             reasons[i] = late[keys[i]]
     kept = [i for i in ok if reasons[i] is None]
-    table = pa.table(_columns(listing, kept, keys, shard_of, split, corrupted))
+    table = pa.table(_columns(listing, kept, keys, shard_of, split, corrupted, located))
     files = []
     for s in range(num_shards):
         shard_rows = table.filter(pc.equal(table["shard"], s))
         rel = f"shards/shard-{s:05d}.parquet"
         ctx.out.write_table(rel, shard_rows)
-        files += [rel, f"shards/shard-{s:05d}.tar"]
+        files += [rel, shard_tar(s)]
     rejected = [i for i in range(n) if reasons[i] is not None]
     ctx.out.write_table("rejects.parquet", pa.table({
         "source": pa.array([listing.sources[i] for i in rejected], type=pa.string()),
@@ -482,8 +493,13 @@ def run_ingest(cfg: IngestConfig, ctx) -> Dict[str, Any]:
     }
 
 
-def _columns(listing: Listing, kept: List[int], keys, shard_of, split, corrupted) -> Dict[str, pa.Array]:
+def shard_tar(shard: int) -> str:
+    return f"shards/shard-{shard:05d}.tar"
+
+
+def _columns(listing: Listing, kept: List[int], keys, shard_of, split, corrupted, located) -> Dict[str, pa.Array]:
     uids = [listing.uids[i] for i in kept]
+    where = [located[keys[i]] for i in kept]
     hi, lo = uid_halves(uids)
     cols: Dict[str, pa.Array] = {
         "uid": pa.array(uids, type=pa.string()),
@@ -495,6 +511,10 @@ def _columns(listing: Listing, kept: List[int], keys, shard_of, split, corrupted
         "split": pa.array([split[i] for i in kept], type=pa.string()),
         "corrupted": pa.array([bool(corrupted[i]) for i in kept], type=pa.bool_()),
         "source": pa.array([listing.sources[i] for i in kept], type=pa.string()),
+        "tar": pa.array([shard_tar(shard_of[i]) for i in kept], type=pa.string()),
+        "image": pa.array([w[0] for w in where], type=pa.string()),
+        "image_offset": pa.array([w[1] for w in where], type=pa.int64()),
+        "image_size": pa.array([w[2] for w in where], type=pa.int64()),
     }
     for name, values in listing.extras.items():
         cols[name] = pa.array([values[i] for i in kept])

@@ -44,7 +44,7 @@ def read_output(out: StageDir, manifest):
     return rows, members, rejects
 
 
-def check_contract(manifest, rows, members, rejects):
+def check_contract(manifest, rows, members, rejects, out=None):
     assert manifest["rows_in"] == manifest["rows_out"] + manifest["rejected"]
     assert manifest["rows_out"] == len(rows) and manifest["rejected"] == len(rejects)
     assert len({r["uid"] for r in rows}) == len(rows)
@@ -53,6 +53,10 @@ def check_contract(manifest, rows, members, rejects):
         image = [n for n in members if n.startswith(r["key"] + ".") and n.rsplit(".", 1)[1] in ("jpg", "png")]
         assert len(image) == 1, r["key"]
         Image.open(io.BytesIO(members[image[0]])).load()
+        assert r["image"] == image[0] and r["tar"] == f"shards/shard-{r['shard']:05d}.tar"
+        if out is not None:  # the parquet locates the image: one ranged read gives exactly its bytes
+            start = r["image_offset"]
+            assert out.fs.cat_file(out.join(r["tar"]), start, start + r["image_size"]) == members[image[0]]
         assert members[r["key"] + ".txt"].decode() == r["text"]
         assert json.loads(members[r["key"] + ".json"]) == {"uid": r["uid"]}
     assert len(members) == 3 * len(rows)  # nothing in the tars that the table does not list
@@ -70,7 +74,7 @@ def test_caption_folder(tmp_path, ray_local):
             (src / name).with_suffix(".txt").write_text("" if name == "empty.png" else f"caption of {name}\n")
     manifest, out = run_ingest(tmp_path, {"source": {"kind": "caption_folder", "path": str(src)}, "shard_size": 2})
     rows, members, rejects = read_output(out, manifest)
-    check_contract(manifest, rows, members, rejects)
+    check_contract(manifest, rows, members, rejects, out)
     assert manifest["rows_in"] == 9 and manifest["rows_out"] == 6
     reasons = {r["source"]: r["reason"] for r in rejects}
     assert reasons["empty.png"] == "empty caption" and reasons["nocap.png"] == "missing caption"
@@ -100,7 +104,7 @@ def test_labelled_with_label_noise_and_split(tmp_path, ray_local):
              "shard_size": 8}
     manifest, out = run_ingest(tmp_path, stage)
     rows, members, rejects = read_output(out, manifest)
-    check_contract(manifest, rows, members, rejects)
+    check_contract(manifest, rows, members, rejects, out)
     assert manifest["rows_in"] == 30 and not rejects
     test = [r for r in rows if r["split"] == "test"]
     train = [r for r in rows if r["split"] == "train"]
@@ -143,7 +147,7 @@ def test_datacomp_pool(tmp_path, ray_local):
                 tf.addfile(info, io.BytesIO(data))
     manifest, out = run_ingest(tmp_path, {"source": {"kind": "datacomp", "path": str(root)}})
     rows, members, rejects = read_output(out, manifest)
-    check_contract(manifest, rows, members, rejects)
+    check_contract(manifest, rows, members, rejects, out)
     assert manifest["rows_in"] == 8 and manifest["rows_out"] == 2
     assert [(r["uid"], r["text"], r["clip_b32_similarity_score"], r["metadata_source"]) for r in rows] == \
         [(uids[0], "a red square", 0.31, "web"), (uids[1], "a dog", 0.25, "web")]
@@ -157,7 +161,7 @@ def test_embedded_default_is_real_and_offline(tmp_path, ray_local):
     manifest, out = run_ingest(tmp_path, {"source": {"kind": "embedded", "limit": 40},
                                           "noise": {"kind": "caption", "rate": 0.5, "seed": 0}, "shard_size": 16})
     rows, members, rejects = read_output(out, manifest)
-    check_contract(manifest, rows, members, rejects)
+    check_contract(manifest, rows, members, rejects, out)
     assert manifest["rows_out"] == 40 and manifest["shards"] == 3
     from sklearn.datasets import load_digits
 
