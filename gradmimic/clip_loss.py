@@ -9,23 +9,29 @@ samples; :func:`projection_sqnorms` gives ``|grad_P l_i|`` for all ``i`` in ``O(
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 
 def clip_per_sample_loss(
-    image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor | float
+    image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor | float, rows: Optional[slice] = None
 ) -> torch.Tensor:
     """``l_B`` of the symmetric InfoNCE on un-normalised embeddings; ``logit_scale`` is the multiplier (already
-    ``exp``-ed, as open_clip's forward returns it) and stays in the graph: it is a parameter of the loss."""
+    ``exp``-ed, as open_clip's forward returns it) and stays in the graph: it is a parameter of the loss.
+
+    ``rows`` returns only those samples' losses, each still over the whole batch given: under DDP every rank holds
+    the global batch's embeddings and computes the losses of its own samples (``b x B`` logits, not ``B x B``).
+    """
     if image_BE.shape != text_BE.shape or image_BE.dim() != 2:
         raise ValueError(f"image {tuple(image_BE.shape)} and text {tuple(text_BE.shape)} embeddings must both be (B, E)")
     u = F.normalize(image_BE, dim=-1)
     v = F.normalize(text_BE, dim=-1)
-    logits = logit_scale * u @ v.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    row = F.cross_entropy(logits, labels, reduction="none")
-    col = F.cross_entropy(logits.T, labels, reduction="none")
+    rows = slice(None) if rows is None else rows
+    labels = torch.arange(u.shape[0], device=u.device)[rows]
+    row = F.cross_entropy(logit_scale * u[rows] @ v.T, labels, reduction="none")  # image i against every text
+    col = F.cross_entropy(logit_scale * v[rows] @ u.T, labels, reduction="none")  # text i against every image
     return (row + col) / 2
 
 
@@ -40,8 +46,12 @@ def projection_sqnorms(
     h_BE: torch.Tensor,
     other_BE: torch.Tensor,
     logit_scale: torch.Tensor | float,
+    rows: Optional[slice] = None,
 ) -> torch.Tensor:
     """``|grad_P l_i|^2`` for the projection ``P`` with ``h = x P`` (one tower), ``other`` the other tower's embeddings.
+
+    ``rows`` returns only those samples' norms (each still sums over the whole batch, as in
+    :func:`clip_per_sample_loss`).
 
     With ``u_j = h_j/|h_j|``, ``v`` the other side normalised, ``s`` the scale, ``p`` the row softmax and ``q`` the
     column softmax of ``s u v^T``: ``dl_i/du_j = s/2 (delta_ij r_i + c_ji v_i)`` with ``r_i = (p v)_i - v_i`` and
@@ -74,4 +84,5 @@ def projection_sqnorms(
         - 2 * _diag_of_product(beta, k, beta * g * g)
         + _diag_of_product(bg, k * (u @ u.T), bg)
     )
-    return ((s / 2) ** 2 * (term1 + term2 + term3)).clamp_min(0)
+    out = ((s / 2) ** 2 * (term1 + term2 + term3)).clamp_min(0)
+    return out if rows is None else out[rows]

@@ -70,15 +70,19 @@ def jvp_dots(
 
 
 def jacobian_sqnorms(loss_B: torch.Tensor, sites: Sequence[LinearSite]) -> torch.Tensor:
-    """``|grad l_i|^2`` for any coupled loss from the output Jacobian (``B x B x out`` memory: small batches)."""
+    """``|grad l_i|^2`` for any coupled loss from the output Jacobian (``b x B x out`` memory: small batches).
+
+    The sites may hold a larger batch than ``loss_B`` (under DDP: the global batch, ``loss_B`` this rank's rows).
+    """
     n = loss_B.shape[0]
     eye = torch.eye(n, dtype=loss_B.dtype, device=loss_B.device)
     jacs = torch.autograd.grad(loss_B, [s.outputs for s in sites], grad_outputs=eye, is_grads_batched=True,
                                retain_graph=True)
     total = torch.zeros(n, dtype=torch.float64, device=loss_B.device)
     for site, jac in zip(sites, jacs):
-        x = site.inputs.double().reshape(n, -1, site.inputs.shape[-1])  # (B, S, in)
-        j = jac.double().reshape(n, n, x.shape[1], -1)  # (i, B, S, out)
+        m = site.batch_size
+        x = site.inputs.double().reshape(m, -1, site.inputs.shape[-1])  # (B, S, in)
+        j = jac.double().reshape(n, m, x.shape[1], -1)  # (i, B, S, out)
         k = torch.einsum("jsa,kta->jskt", x, x)
         total += torch.einsum("ijse,ikte,jskt->i", j, j, k)
     return total.to(loss_B.dtype)
@@ -168,7 +172,8 @@ class GradMimic:
             raise ValueError(f"loss_B must be the per-sample loss vector (B,), got shape {tuple(loss_B.shape)}")
         site_list = self._sites(sites)
         for s in site_list:
-            if s.batch_size != loss_B.shape[0]:
+            # a coupled loss's sites may hold more samples than it scores (the global batch under DDP)
+            if s.batch_size != loss_B.shape[0] and not (coupled and s.batch_size > loss_B.shape[0]):
                 raise ValueError(f"site {s.name!r} has batch {s.batch_size} but loss_B has {loss_B.shape[0]}")
         outs = [s.outputs for s in site_list]
         rule = self.weighting

@@ -5,13 +5,15 @@ pooled features.  :class:`ClipSites` runs each tower with its projection switche
 projection that is ``None``), then applies the projection itself, so the pooled features (the sites' inputs) and
 the embeddings (their outputs) are both at hand and gradients flow exactly as in the model's own forward.
 
-Wrap the CLIP in ``ClipSites`` before DDP so the projections run inside the DDP forward.
+Wrap the CLIP in ``ClipSites`` before DDP so the projections run inside the DDP forward.  Under DDP the contrastive
+loss couples the **global** batch: :meth:`ClipBatch.gathered` makes each rank's sites hold every rank's pooled
+features and embeddings, and its loss the global-batch losses of this rank's samples.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +33,15 @@ class ClipBatch:
     image_site: LinearSite
     text_site: LinearSite
     logit_scale: torch.Tensor
+    rows: slice = field(default_factory=lambda: slice(None))  # this process's samples within the sites' batch
 
     @property
     def sites(self) -> Dict[str, LinearSite]:
         return {self.image_site.name: self.image_site, self.text_site.name: self.text_site}
 
     def loss(self) -> torch.Tensor:
-        return clip_per_sample_loss(self.image_site.outputs, self.text_site.outputs, self.logit_scale)
+        """``l_i`` of this process's samples, over the whole batch the sites hold."""
+        return clip_per_sample_loss(self.image_site.outputs, self.text_site.outputs, self.logit_scale, self.rows)
 
     def sqnorms_fn(self, names: Sequence[str]):
         """``|grad l_i|^2`` summed over the named projections (a callable for ``GradMimic.step``)."""
@@ -46,12 +50,32 @@ class ClipBatch:
         def sqnorms() -> torch.Tensor:
             total = 0
             if img.name in names:
-                total = total + projection_sqnorms(img.inputs, img.outputs.detach(), txt.outputs.detach(), self.logit_scale)
+                total = total + projection_sqnorms(img.inputs, img.outputs.detach(), txt.outputs.detach(),
+                                                   self.logit_scale, self.rows)
             if txt.name in names:
-                total = total + projection_sqnorms(txt.inputs, txt.outputs.detach(), img.outputs.detach(), self.logit_scale)
+                total = total + projection_sqnorms(txt.inputs, txt.outputs.detach(), img.outputs.detach(),
+                                                   self.logit_scale, self.rows)
             return total
 
         return sqnorms
+
+    def gathered(self, gather: Callable[[torch.Tensor], torch.Tensor], offset: int) -> "ClipBatch":
+        """This rank's batch seen inside the global batch (DDP).
+
+        ``gather`` concatenates a ``(b, ...)`` tensor over ranks along dim 0, in rank order, and passes gradients
+        back to each rank's own rows (open_clip's ``gather_with_grad``); ``offset`` is where this rank's rows start.
+        The result's sites hold every rank's pooled features and embeddings, and its :meth:`loss` is the global
+        batch's ``l_i`` for this rank's samples, so ``GradMimic.step`` scores them exactly as one process holding
+        the global batch would (given the usual score ``gather``).
+        """
+        n = self.image_site.batch_size
+        sites = []
+        for s in (self.image_site, self.text_site):
+            inputs = gather(s.inputs)
+            if inputs.shape[0] < offset + n or not torch.equal(inputs[offset:offset + n], s.inputs):
+                raise ValueError(f"offset {offset} is not this rank's place in the gathered batch of {inputs.shape[0]}")
+            sites.append(LinearSite(s.name, inputs, gather(s.outputs), s.layout))
+        return ClipBatch(sites[0], sites[1], self.logit_scale, slice(offset, offset + n))
 
 
 def _project(name: str, proj, x: torch.Tensor) -> LinearSite:
