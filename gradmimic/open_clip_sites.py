@@ -84,6 +84,12 @@ def _project(name: str, proj, x: torch.Tensor) -> LinearSite:
     return LinearSite(name, x, x @ proj, "matmul")
 
 
+def projection_params(model: nn.Module) -> Dict[str, str]:
+    """``{"image": ..., "text": ...}``: the names of an open_clip CLIP's projection weights."""
+    t = model.text_projection
+    return {"image": IMAGE_PROJ, "text": f"{TEXT_PROJ}.weight" if isinstance(t, nn.Linear) else TEXT_PROJ}
+
+
 class ClipSites(nn.Module):
     """``forward(images, texts) -> ClipBatch`` for an open_clip ``CLIP`` whose towers end in a projection."""
 
@@ -98,8 +104,7 @@ class ClipSites(nn.Module):
     @property
     def param_names(self) -> Dict[str, str]:
         """Parameter names of the image / text projection weights, as ``GradMimic`` wants them."""
-        t = self.model.text_projection
-        return {"image": IMAGE_PROJ, "text": f"{TEXT_PROJ}.weight" if isinstance(t, nn.Linear) else TEXT_PROJ}
+        return projection_params(self.model)
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> ClipBatch:
         with bypass(self.model, IMAGE_PROJ) as proj:

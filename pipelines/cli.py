@@ -23,9 +23,10 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from .spec import load_spec
+    from .spec import check_spec, load_spec
 
     spec = load_spec(args.spec, args.overrides)
+    check_spec(spec)
     print(f"{args.spec}: ok ({len(spec.stages)} stages: {', '.join(s.name for s in spec.stages)})")
 
 

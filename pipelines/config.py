@@ -134,6 +134,26 @@ def build_dataclass(cls: type, value: Any, where: str, skip: tuple = ()) -> Any:
     return obj
 
 
+def ref_name(value: Any) -> Any:
+    """The stage a reference field names: the string itself, or a mapping's ``stage`` (``{stage: ref}``)."""
+    if isinstance(value, str):
+        return value
+    return getattr(value, "stage", None) if dataclasses.is_dataclass(value) else None
+
+
+def config_refs(config: Any, where: str = "") -> list:
+    """``(field path, wanted kind, stage name)`` for every reference to another stage, nested configs included."""
+    out = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        wants = f.metadata.get("ref")
+        if wants and ref_name(value) is not None:
+            out.append((join(where, f.name), wants, ref_name(value)))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.extend(config_refs(value, join(where, f.name)))
+    return out
+
+
 def join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 

@@ -1,14 +1,15 @@
 """The stage registry: ``stage:`` names in a spec -> typed config, implementation, and what the stage produces.
 
-A stage is registered when its implementation exists; later issues add train, aggregate, filter and evaluate.
+A stage is registered when its implementation exists; later issues add aggregate, filter and evaluate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from .stages.ingest import IngestConfig, run_ingest
+from .stages.train import TrainConfig, check_train, run_train
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class StageDef:
     run: Callable[[Any, Any], Dict[str, Any]]
     description: str
     produces: str  # what later stages may reference it as: dataset | model | scores | utility
+    check: Optional[Callable[[Any, Any], None]] = None  # spec-only checks, before any stage runs
+    resumable: bool = False  # a rerun continues an uncommitted attempt with the same config (from its checkpoints)
 
 
 STAGES: Dict[str, StageDef] = {
@@ -24,5 +27,11 @@ STAGES: Dict[str, StageDef] = {
         IngestConfig, run_ingest,
         "turn a source (image folder, DataComp pool, labelled set, embedded digits) into sample shards",
         "dataset",
+    ),
+    "train": StageDef(
+        TrainConfig, run_train,
+        "train CLIP or a classifier on Ray Train (DDP), plain or reweighted by Grad-Mimic / a baseline; "
+        "writes the final weights, metrics and the score log",
+        "model", check=check_train, resumable=True,
     ),
 }

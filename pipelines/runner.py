@@ -12,12 +12,12 @@ import json
 import posixpath
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
-from .config import to_plain
+from .config import SpecError, config_refs, to_plain
 from .registry import STAGES
-from .spec import Spec, StageSpec, dump_spec
+from .spec import Spec, StageSpec, check_spec, dump_spec
 from .storage import StageDir, open_storage
 
 VERSION = "0.1.0"
@@ -29,8 +29,7 @@ def config_hash(stage: StageSpec, input_hashes: Dict[str, str]) -> str:
 
 
 def stage_inputs(stage: StageSpec) -> List[str]:
-    return [getattr(stage.config, f.name) for f in fields(stage.config)
-            if f.metadata.get("ref") and getattr(stage.config, f.name) is not None]
+    return list(dict.fromkeys(name for _, _, name in config_refs(stage.config)))
 
 
 class Progress:
@@ -62,6 +61,7 @@ class StageContext:
     inputs: Dict[str, StageDir]
     label: str
     progress: Progress
+    storage_options: Dict[str, Any] = field(default_factory=dict)
 
     def map(self, fn: Callable, tasks: Sequence[tuple], unit: str = "tasks", rows: Optional[Sequence[int]] = None) -> list:
         """``[fn(*args) for args in tasks]``, as Ray tasks, in order, reporting progress as they finish."""
@@ -101,6 +101,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
     unknown = [f for f in force if f not in {s.name for s in spec.stages}]
     if unknown:
         raise ValueError(f"--force {unknown[0]}: no stage of that name in {spec.source}")
+    check_spec(spec)
     fs, root = open_storage(spec.storage, spec.storage_options)
     run_root = posixpath.join(root, spec.name)
     fs.makedirs(run_root, exist_ok=True)
@@ -126,10 +127,19 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         if not ray_ready:
             init_ray(spec)
             ray_ready = True
-        out.begin()
+        definition = STAGES[stage.stage]
+        reopened = out.begin(h, resume=definition.resumable and stage.name not in force)
+        if reopened:
+            stream.write(f"{label}: continuing the unfinished attempt {out.attempt}\n")
         started, t0 = time.time(), time.perf_counter()
-        ctx = StageContext(out, {name: StageDir(fs, posixpath.join(run_root, name)) for name in inputs}, label, progress)
-        result = STAGES[stage.stage].run(stage.config, ctx)
+        ctx = StageContext(out, {name: StageDir(fs, posixpath.join(run_root, name)) for name in inputs}, label, progress,
+                           dict(spec.storage_options))
+        try:
+            result = definition.run(stage.config, ctx)
+        except SpecError as exc:  # a problem only the inputs reveal: still the user's, still one line
+            if not reopened:
+                out.abandon()  # checks run before anything is written: leave no attempt behind
+            raise SpecError(f"{spec.source}: stage {stage.name!r} ({stage.stage}): {exc}") from None
         seconds = time.perf_counter() - t0
         if result["rows_in"] != result["rows_out"] + result.get("rejected", 0):
             raise RuntimeError(f"{label}: row counts do not add up: {result}")  # a bug, never user error

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import SpecError, build, build_dataclass, to_plain
+from .config import SpecError, build, build_dataclass, config_refs, to_plain
 from .registry import STAGES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names are segments of dotted overrides
@@ -167,15 +167,11 @@ def _parse_stage(entry: Any, index: int, produced: Dict[str, str], label: str) -
         config = build_dataclass(definition.config, entry, "", skip=("stage", "name"))
     except SpecError as exc:
         raise SpecError(f"{where}: {exc}") from None
-    for f in dataclasses.fields(config):
-        wants = f.metadata.get("ref")
-        ref = getattr(config, f.name)
-        if not wants or ref is None:
-            continue
+    for path, wants, ref in config_refs(config):
         if ref not in produced:
-            raise SpecError(f"{where}: {f.name}: no earlier stage is named {ref!r}")
+            raise SpecError(f"{where}: {path}: no earlier stage is named {ref!r}")
         if produced[ref] != wants:
-            raise SpecError(f"{where}: {f.name}: stage {ref!r} produces a {produced[ref]}, not a {wants}")
+            raise SpecError(f"{where}: {path}: stage {ref!r} produces a {produced[ref]}, not a {wants}")
     return StageSpec(kind, name, config)
 
 
@@ -222,6 +218,18 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], label: str) 
             node = child
         node[parts[-1]] = parse_value(text)
     return data
+
+
+def check_spec(spec: Spec) -> None:
+    """Every stage's own checks that need only the spec (models, parameter names, references), before anything runs."""
+    for st in spec.stages:
+        check = STAGES[st.stage].check
+        if check is None:
+            continue
+        try:
+            check(st.config, spec)
+        except SpecError as exc:
+            raise SpecError(f"{spec.source}: stage {st.name!r} ({st.stage}): {exc}") from None
 
 
 def dump_spec(spec: Spec) -> str:

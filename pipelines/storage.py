@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "_MANIFEST.json"
+ATTEMPT = "_ATTEMPT.json"  # inside an attempt: the config it was started for
 
 
 def open_storage(url: str, options: Optional[Dict[str, Any]] = None):
@@ -55,10 +56,47 @@ class StageDir:
             self.attempt = committed["attempt"]
         return posixpath.join(self.path, self.attempt, *rel)
 
-    def begin(self) -> None:
-        """Start writing a new attempt; the committed one (if any) stays readable until commit()."""
+    def begin(self, config_hash: str = "", resume: bool = False) -> bool:
+        """Start writing an attempt; the committed one (if any) stays readable until commit().
+
+        With ``resume``, an uncommitted attempt of the same config (a run that died: its checkpoints are inside) is
+        reopened instead of starting afresh; returns whether one was.
+        """
+        if resume and config_hash:
+            for attempt in self._open_attempts(config_hash):
+                self.attempt = attempt
+                return True
         self.attempt = f"_attempt-{uuid.uuid4().hex[:12]}"
         self.fs.makedirs(self.join(), exist_ok=True)
+        self.write_bytes(ATTEMPT, json.dumps({"config_hash": config_hash}).encode())
+        return False
+
+    def abandon(self) -> None:
+        """Delete the attempt being written (nothing of it was committed)."""
+        if self.attempt is not None:
+            self.fs.rm(self.join(), recursive=True)
+            self.attempt = None
+
+    def _open_attempts(self, config_hash: str):
+        """Uncommitted attempts started for ``config_hash``, newest first."""
+        try:
+            entries = self.fs.ls(self.path, detail=True)
+        except FileNotFoundError:
+            return []
+        committed = (self.manifest() or {}).get("attempt")
+        found = []
+        for e in entries:
+            name = posixpath.basename(e["name"].rstrip("/"))
+            if not name.startswith("_attempt-") or name == committed:
+                continue
+            try:
+                with self.fs.open(posixpath.join(self.path, name, ATTEMPT), "rb") as f:
+                    marker = json.loads(f.read())
+            except (FileNotFoundError, ValueError):
+                continue
+            if marker.get("config_hash") == config_hash:
+                found.append((e.get("mtime") or e.get("LastModified") or 0, name))
+        return [name for _, name in sorted(found, key=lambda t: str(t[0]), reverse=True)]
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.fs.makedirs(posixpath.dirname(self.join(rel)), exist_ok=True)
@@ -78,21 +116,28 @@ class StageDir:
         """Write the manifest (naming this attempt) last, then delete everything else in the stage directory."""
         manifest = {**manifest, "attempt": self.attempt}
         data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
-        final = posixpath.join(self.path, MANIFEST)
-        if _is_local(self.fs):
-            tmp = posixpath.join(self.path, f".{MANIFEST}.{uuid.uuid4().hex}")
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, final)
-        else:
-            with self.fs.open(final, "wb") as f:
-                f.write(data)
+        atomic_write(self.fs, posixpath.join(self.path, MANIFEST), data)
         for entry in self.fs.ls(self.path, detail=False):
             if posixpath.basename(entry.rstrip("/")) not in (MANIFEST, self.attempt):
                 self.fs.rm(entry, recursive=True)
         return manifest
 
 
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def atomic_write(fs, path: str, data: bytes) -> None:
+    """Readers see all of ``data`` at ``path`` or nothing: a local file is written aside and renamed; an object
+    store's single PUT is atomic already."""
+    if is_local(fs):
+        parent, name = posixpath.split(path)
+        fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)

@@ -32,6 +32,7 @@ def ray_local(s3_endpoint):
     """A local Ray, started after the S3 environment so its workers inherit it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # logical CPUs: two training workers plus Ray Data's decoding tasks, on however many cores there are
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

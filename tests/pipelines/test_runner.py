@@ -60,7 +60,8 @@ def exercise_commit_protocol(storage: str):
     assert committed_stage(spec, "pool") is not None
     attempt = redone["pool"]["attempt"]
     listed = {p.rsplit("/pool/", 1)[1] for p in fs.find(stage_dir)}
-    assert listed == {f"{attempt}/{f}" for f in redone["pool"]["files"]} | {MANIFEST}  # older attempts deleted
+    # older attempts deleted; the attempt holds its files and the marker naming its config
+    assert listed == {f"{attempt}/{f}" for f in redone["pool"]["files"]} | {MANIFEST, f"{attempt}/_ATTEMPT.json"}
 
     resolved = fs.cat_file(f"{root}/r/spec.resolved.yaml").decode()
     assert "shard_size: 5" in resolved and "templates:" in resolved  # overrides and defaults, resolved

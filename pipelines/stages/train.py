@@ -1,0 +1,545 @@
+"""``train``: data-parallel training on Ray Train with Grad-Mimic (or baseline) reweighting, and the score log.
+
+The driver reads the ingest stage's table (not its images), resolves weights (a previous stage, a local file, an
+open_clip pretrained tag), checks everything it can before any worker starts, builds each rank's Ray Data stream
+(:mod:`pipelines.training.data`) and runs :func:`pipelines.training.loop.train_worker` on a ``TorchTrainer``
+(DDP: NCCL on GPUs, gloo on CPUs).  Checkpoints and Ray Train's run state live in the stage's attempt directory
+(``train/``), so ``FailureConfig(max_failures)`` restarts resume from the last checkpoint, and so does a
+``gradmimic run`` rerun after the driver itself died (the runner reopens the uncommitted attempt).
+
+Output, under the stage directory:
+
+- ``model.safetensors`` (final weights) and ``model.json`` (how to rebuild the model: task, architecture, open_clip
+  config, classes, image size and normalisation);
+- ``metrics.parquet``: per step ``loss``, ``lr``, ``samples_per_s``, ``step_seconds``, ``weight_entropy``,
+  ``direction_norm``, ``alignment``; on evaluation steps ``test_loss`` and ``test_accuracy``;
+- ``scores/bucket=<b>/part-*.parquet``: the score log (:mod:`pipelines.score_log`);
+- ``train/``: Ray Train's checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+from ..config import SpecError, ref_name
+from ..models import ModelSpec, apply_trainable, fetch_pretrained, fit_state, match_names, meta_model, model_json, shapes
+
+MODES = ("plain", "mimic", "grand", "rho", "agra", "influence")
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _doc(text: str, ref: Optional[str] = None, **kw: Any) -> Any:
+    return field(metadata={"doc": text, **({"ref": ref} if ref else {})}, **kw)
+
+
+@dataclass(frozen=True)
+class Weights:
+    stage: Optional[str] = _doc("a previous train stage: its final weights", default=None)
+    path: Optional[str] = _doc("a .safetensors or weights-only torch file (local path or URL)", default=None)
+    pretrained: Optional[str] = _doc("an open_clip pretrained tag, e.g. laion2b_s34b_b79k (needs the network)",
+                                     default=None)
+
+    def validate(self) -> None:
+        given = [k for k in ("stage", "path", "pretrained") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise SpecError(f"expected exactly one of stage, path, pretrained, got {', '.join(given) or 'none'}")
+
+
+WeightsRef = Union[str, Weights]  # a bare string names a previous train stage
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = _doc("open_clip architecture (e.g. ViT-B-32), the shipped 'tiny-clip', or a model-config .json",
+                     default="tiny-clip")
+    torchvision: Optional[str] = _doc("classify only: a torchvision model (e.g. resnet18) as the backbone instead of "
+                                      "the open_clip visual tower", default=None)
+    image_size: Optional[int] = _doc("torchvision backbones: input size (open_clip: the architecture's)", default=None)
+
+
+@dataclass(frozen=True)
+class MimicConfig:
+    params: Optional[Tuple[str, ...]] = _doc("parameters scored and reweighted (default: visual.proj for clip, "
+                                             "head.weight for classify)", default=None)
+    method: Literal["proj", "cos", "normed_proj", "normed_cos"] = _doc(
+        "score: proj | cos of -g_i on T; normed_* reweight with a softmax over the global batch", default="normed_proj")
+    temperature: float = _doc("softmax temperature (also for grand and rho)", default=1.0)
+    reweight: Literal["param", "all"] = _doc("reweight the mimic parameters only, or every parameter", default="param")
+    warmup_steps: int = _doc("first steps with the plain mean's weights (scores still logged)", default=0)
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise SpecError(f"temperature: must be > 0, got {self.temperature}")
+        if self.warmup_steps < 0:
+            raise SpecError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class ComparisonConfig:
+    data: str = _doc("a dataset stage holding the trusted / comparison samples", ref="dataset")
+    split: Literal["train", "test"] = _doc("which of its splits", default="train")
+    samples: int = _doc("how many (drawn with the seed)", default=256)
+    every: int = _doc("recompute the direction every this many steps", default=1)
+    seed: int = _doc("draw seed", default=0)
+
+    def validate(self) -> None:
+        if self.samples < 1 or self.every < 1:
+            raise SpecError("samples and every: must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = _doc("peak learning rate (AdamW)", default=5e-4)
+    weight_decay: float = _doc("AdamW weight decay (not on gains, biases, logit_scale)", default=0.1)
+    betas: Tuple[float, float] = _doc("AdamW betas", default=(0.9, 0.98))
+    eps: float = _doc("AdamW epsilon", default=1e-6)
+    warmup_steps: int = _doc("linear learning-rate warm-up steps", default=0)
+    schedule: Literal["cosine", "constant"] = _doc("after warm-up", default="cosine")
+    grad_clip: Optional[float] = _doc("clip the gradient norm to this (null: off)", default=1.0)
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise SpecError(f"lr: must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise SpecError("betas: expected two numbers")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_workers: int = _doc("training workers (DDP ranks)", default=1)
+    use_gpu: bool = _doc("one GPU per worker (NCCL); otherwise CPU (gloo)", default=False)
+    cpus_per_worker: float = _doc("CPUs reserved per worker (and its torch threads)", default=1.0)
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise SpecError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if not self.cpus_per_worker > 0:
+            raise SpecError(f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = _doc("the ingest stage to train on (its train split; its test split is held out)",
+                     ref="dataset")
+    task: Literal["clip", "classify"] = _doc("clip: symmetric InfoNCE; classify: linear head, cross-entropy",
+                                             default="clip")
+    mode: Literal["plain", "mimic", "grand", "rho", "agra", "influence"] = _doc(
+        "plain training, Grad-Mimic, or a baseline weighting", default="plain")
+    model: ModelConfig = _doc("what to build", default=ModelConfig())
+    init: Optional[WeightsRef] = _doc("initial weights: a train stage, {path: ...} or {pretrained: ...} (default: "
+                                      "random, from seed)", default=None, ref="model")
+    reinit: Tuple[str, ...] = _doc("parameters re-initialised after loading init (e.g. visual.proj)", default=())
+    trainable: Optional[Tuple[str, ...]] = _doc("train only parameters matching these names / globs", default=None)
+    freeze: Tuple[str, ...] = _doc("freeze parameters matching these names / globs", default=())
+    reference: Optional[WeightsRef] = _doc("reference weights for mimic (task vector) and rho (reference losses)",
+                                           default=None, ref="model")
+    mimic: MimicConfig = _doc("scoring and reweighting", default=MimicConfig())
+    comparison: Optional[ComparisonConfig] = _doc("agra / influence: the comparison set", default=None)
+    batch_size: int = _doc("global batch (split over the workers)", default=256)
+    steps: Optional[int] = _doc("training steps (or give epochs)", default=None)
+    epochs: Optional[int] = _doc("passes over the train split (default 1 when steps is not given)", default=None)
+    optimizer: OptimizerConfig = _doc("AdamW with warm-up and cosine decay", default=OptimizerConfig())
+    precision: Literal["auto", "fp32", "bf16"] = _doc("auto: bf16 autocast on GPU, fp32 on CPU", default="auto")
+    eval_every: int = _doc("evaluate on the test split every this many steps (0: only at the end)", default=0)
+    eval_batch_size: int = _doc("rows per evaluation chunk (CLIP's held-out loss is over a chunk)", default=256)
+    eval_samples: Optional[int] = _doc("evaluate on at most this many test rows", default=None)
+    checkpoint_every: int = _doc("checkpoint (and make the score log durable) every this many steps", default=100)
+    max_failures: int = _doc("worker-group restarts from the last checkpoint before giving up", default=3)
+    resources: ResourcesConfig = _doc("workers and devices", default=ResourcesConfig())
+    num_buckets: int = _doc("score-log partitions: bucket = uid_lo % num_buckets", default=64)
+    seed: int = _doc("model init and data order", default=0)
+
+    def validate(self) -> None:
+        if self.mode in ("mimic", "rho") and self.reference is None:
+            raise SpecError(f"reference: mode {self.mode!r} needs a reference model (a previous train stage, "
+                            "{path: ...} or {pretrained: ...})")
+        if self.mode in ("agra", "influence") and self.comparison is None:
+            raise SpecError(f"comparison: mode {self.mode!r} needs a comparison set ({{data: <dataset stage>, ...}})")
+        if self.model.torchvision and self.task != "classify":
+            raise SpecError("model.torchvision: only for task classify")
+        for name in ("batch_size", "checkpoint_every", "num_buckets", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.epochs is not None:
+            raise SpecError("steps: give steps or epochs, not both")
+        for name in ("steps", "epochs", "eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SpecError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.max_failures < -1:
+            raise SpecError("eval_every and max_failures: must be >= 0 (max_failures -1: unlimited)")
+        for name in ("init", "reference"):
+            w = getattr(self, name)
+            if isinstance(w, Weights) and w.pretrained and (self.task != "clip" and self.model.torchvision):
+                raise SpecError(f"{name}.pretrained: open_clip tags only (torchvision weights: give a path)")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def model_spec(cfg: TrainConfig, num_classes: int = 2) -> ModelSpec:
+    return ModelSpec(cfg.task, cfg.model.arch, cfg.model.torchvision, num_classes, cfg.model.image_size)
+
+
+def mimic_params(cfg: TrainConfig) -> Tuple[str, ...]:
+    return cfg.mimic.params or tuple(model_spec(cfg).default_params)
+
+
+def _spec_error(where: str, exc: BaseException) -> SpecError:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return SpecError(f"{where}: {msg}")
+
+
+def check_train(cfg: TrainConfig, spec) -> None:
+    """Everything checkable from the spec alone (run before any stage starts, and by ``gradmimic validate``)."""
+    try:
+        model = meta_model(model_spec(cfg))
+    except (KeyError, FileNotFoundError, ValueError) as exc:
+        raise _spec_error("model.arch" if not cfg.model.torchvision else "model.torchvision", exc) from None
+    names = [n for n, _ in model.named_parameters()]
+    for field_name in ("reinit", "trainable", "freeze"):
+        for pattern in getattr(cfg, field_name) or ():
+            if not match_names(names, [pattern]):
+                raise SpecError(f"{field_name}: no parameter matches {pattern!r} (e.g. {', '.join(names[-3:])})")
+    training = apply_trainable(model, cfg.trainable, cfg.freeze)
+    if not training:
+        raise SpecError("trainable: nothing left to train")
+    if cfg.mode != "plain":
+        _check_params(cfg, model, training)
+    for field_name in ("init", "reference"):
+        source = getattr(cfg, field_name)
+        other = ref_name(source)
+        if other is None:
+            continue
+        theirs = spec.stage(other).config
+        if theirs.task != cfg.task and not (theirs.task == "clip" and cfg.task == "classify"):
+            raise SpecError(f"{field_name}: stage {other!r} trains a {theirs.task} model, this stage a {cfg.task} one")
+        wanted = names if (field_name == "init" or cfg.mode == "rho") else list(mimic_params(cfg))
+        skip = set(cfg.reinit) if field_name == "init" else set()
+        theirs_meta = dict(meta_model(model_spec(theirs)).named_parameters())  # shapes, no memory
+        mine = {n: s for n, s in shapes(model).items() if n in wanted and n not in skip}
+        try:
+            fit_state(mine, theirs_meta)
+        except ValueError as exc:
+            raise SpecError(f"{field_name}: stage {other!r} ({theirs.model.arch}) does not fit this "
+                            f"{cfg.model.arch} model: {exc}") from None
+        if field_name == "reference":
+            missing = [n for n in wanted if n not in theirs_meta]
+            if missing:
+                raise SpecError(f"{field_name}: stage {other!r} has no parameter {missing[0]!r}")
+
+
+def _check_params(cfg: TrainConfig, model, training) -> None:
+    import torch
+
+    from gradmimic.open_clip_sites import projection_params
+
+    params = mimic_params(cfg)
+    have = dict(model.named_parameters())
+    for name in params:
+        if name not in have:
+            near = [n for n in have if n.endswith(name.rsplit(".", 1)[-1])][:4] or list(have)[-4:]
+            raise SpecError(f"mimic.params: model has no parameter {name!r} (similar: {', '.join(near)})")
+        if name not in training and cfg.mimic.reweight == "param":
+            raise SpecError(f"mimic.params: {name!r} is frozen, so reweighting it changes nothing")
+    if cfg.task == "clip":
+        allowed = set(projection_params(model).values())
+        bad = [n for n in params if n not in allowed]
+        if bad:
+            raise SpecError(f"mimic.params: CLIP scores its projections ({', '.join(sorted(allowed))}), not {bad[0]!r}")
+    else:
+        for name in params:
+            owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            if not isinstance(owner, torch.nn.Linear) or not name.endswith(".weight"):
+                raise SpecError(f"mimic.params: {name!r} is not the weight of an nn.Linear layer (e.g. head.weight)")
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def _weights_url(ctx, source: Optional[WeightsRef]) -> Optional[str]:
+    name = ref_name(source)
+    if name is not None:
+        return ctx.inputs[name].join(WEIGHTS_FILE)
+    return None
+
+
+def load_weights_source(ctx, source: WeightsRef, arch: str, field_name: str):
+    """A state dict from a stage's final weights, a file or an open_clip pretrained tag."""
+    from gradmimic import load_state_dict
+
+    name = ref_name(source)
+    try:
+        if name is not None:
+            stage = ctx.inputs[name]
+            from safetensors.torch import load
+
+            with stage.fs.open(stage.join(WEIGHTS_FILE), "rb") as f:
+                return load(f.read())
+        if source.path is not None:
+            return _load_path(source.path, load_state_dict)
+        return fetch_pretrained(arch, source.pretrained)
+    except (OSError, ValueError, KeyError) as exc:
+        sub = "stage" if name else ("path" if source.path is not None else "pretrained")
+        raise _spec_error(f"{field_name}.{sub}", exc) from None
+
+
+def _load_path(path: str, loader):
+    import os
+    import tempfile
+
+    from ..storage import open_storage
+
+    if "://" not in path or path.startswith("file://"):
+        return loader(path.replace("file://", ""))
+    fs, p = open_storage(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"weights not found: {path}")
+    suffix = os.path.splitext(p)[1]
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        fs.get(p, tmp.name)
+        return loader(tmp.name)
+
+
+def _pool_columns(stage_manifest: Dict[str, Any], task: str) -> List[str]:
+    from ..training.data import POOL_COLUMNS
+
+    cols = list(POOL_COLUMNS)
+    if stage_manifest.get("class_names"):
+        cols.append("label")
+    return cols
+
+
+def run_train(cfg: TrainConfig, ctx) -> Dict[str, Any]:
+    import ray
+
+    from ..training.data import Decoder, StepPlan, chunks_dataset, latest_checkpoint_step, read_pool, split_rows, steps_dataset
+    from ..training.loop import Job, Optim, ProgressBoard
+
+    data = ctx.inputs[cfg.data]
+    data_manifest = data.manifest()
+    class_names = data_manifest.get("class_names") or []
+    if cfg.task == "classify" and not class_names:
+        raise SpecError(f"task: classify needs a labelled pool; stage {cfg.data!r} has no classes")
+    pool = read_pool(data, _pool_columns(data_manifest, cfg.task))
+    train, test = split_rows(pool, "train"), split_rows(pool, "test")
+    if cfg.batch_size > train.num_rows:
+        raise SpecError(f"batch_size: {cfg.batch_size} is larger than the training pool ({train.num_rows} train rows "
+                        f"in stage {cfg.data!r})")
+    workers = cfg.resources.num_workers
+    if workers > cfg.batch_size:
+        raise SpecError(f"resources.num_workers: {workers} workers cannot share a batch of {cfg.batch_size}")
+    spec = model_spec(cfg, len(class_names))
+    params = mimic_params(cfg)
+    model_shapes = shapes(meta_model(spec))
+    init_state = reference_state = None
+    if cfg.init is not None:
+        state = load_weights_source(ctx, cfg.init, cfg.model.arch, "init")
+        try:
+            init_state = fit_state(model_shapes, state, skip=cfg.reinit)
+        except ValueError as exc:
+            raise _spec_error("init", exc) from None
+    if cfg.reference is not None and cfg.mode in ("mimic", "rho"):
+        state = load_weights_source(ctx, cfg.reference, cfg.model.arch, "reference")
+        wanted = model_shapes if cfg.mode == "rho" else {n: model_shapes[n] for n in params}
+        try:
+            reference_state = fit_state(wanted, state)
+        except ValueError as exc:
+            raise _spec_error("reference", exc) from None
+        missing = [n for n in wanted if n not in reference_state]
+        if missing:
+            raise SpecError(f"reference: the reference weights have no parameter {missing[0]!r}")
+    steps_per_epoch = train.num_rows // cfg.batch_size
+    total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * steps_per_epoch
+    plan = StepPlan(train.num_rows, cfg.batch_size, workers, cfg.seed, total)
+    if cfg.eval_samples is not None:
+        test = test.slice(0, cfg.eval_samples)
+    text = dict(tokens=spec.context_length, arch=cfg.model.arch) if cfg.task == "clip" else {}
+    labelled = bool(class_names)
+    decoder = Decoder(spec.image_size, labels=labelled or cfg.task == "classify", **text)
+    out_fs, attempt = ctx.out.fs, ctx.out.join("")
+    train_ref, test_ref = ray.put(train), ray.put(test)
+    posixpath.join(attempt.rstrip("/"), "train")
+    storage_path, storage_fs = _ray_storage(out_fs, attempt)
+    first_step = _FirstStep(posixpath.join(storage_path, "train"), storage_fs)
+    datasets = {f"train_{r}": steps_dataset(plan, r, train_ref, decoder, first_step) for r in range(workers)}
+    chunk_rows = cfg.eval_batch_size
+    eval_chunks = math.ceil(test.num_rows / chunk_rows)
+    if eval_chunks:
+        for r in range(workers):
+            datasets[f"eval_{r}"] = chunks_dataset(test.num_rows, chunk_rows, list(range(r, eval_chunks, workers)),
+                                                   test_ref, decoder)
+    comparison_every = 0
+    if cfg.comparison is not None:
+        comp = _comparison_rows(ctx, cfg, decoder)
+        datasets["comparison"] = chunks_dataset(comp.num_rows, min(comp.num_rows, 1024),
+                                                list(range(math.ceil(comp.num_rows / 1024))), ray.put(comp), decoder)
+        comparison_every = cfg.comparison.every
+    zero_shot = None
+    if cfg.task == "clip" and class_names:
+        templates = data_manifest["config"]["source"].get("templates") or ["{}"]
+        zero_shot = (tuple(class_names), tuple(templates))
+    board_name = progress_board_name(ctx.out.path)
+    board = ray.remote(ProgressBoard).options(name=board_name, num_cpus=0, get_if_exists=True).remote()
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.resources.use_gpu else "fp32")
+    job = Job(
+        label=ctx.label, task=cfg.task, mode=cfg.mode, model=spec, plan=plan,
+        scores_url=out_fs.unstrip_protocol(posixpath.join(attempt.rstrip("/"), "scores")),
+        storage_options=dict(getattr(ctx, "storage_options", {}) or {}),
+        init=ray.put(init_state) if init_state is not None else None, reinit=tuple(cfg.reinit),
+        trainable=cfg.trainable, freeze=tuple(cfg.freeze),
+        reference=ray.put(reference_state) if reference_state is not None else None, params=tuple(params),
+        method=cfg.mimic.method, temperature=cfg.mimic.temperature, reweight=cfg.mimic.reweight,
+        mimic_warmup=cfg.mimic.warmup_steps, comparison_every=comparison_every,
+        optim=Optim(cfg.optimizer.lr, cfg.optimizer.weight_decay, tuple(cfg.optimizer.betas), cfg.optimizer.eps,
+                    cfg.optimizer.warmup_steps, cfg.optimizer.schedule, cfg.optimizer.grad_clip),
+        precision=precision, eval_every=cfg.eval_every, eval_chunks=eval_chunks, zero_shot=zero_shot,
+        checkpoint_every=cfg.checkpoint_every, num_buckets=cfg.num_buckets, seed=cfg.seed,
+        threads=max(1, int(cfg.resources.cpus_per_worker)), progress=board_name,
+    )
+    resumed = latest_checkpoint_step(posixpath.join(storage_path, "train"), storage_fs)
+    if resumed:
+        ctx.progress.stream.write(f"  {ctx.label}: resuming from the checkpoint at step {resumed}/{total}\n")
+    result = _fit(job, cfg, datasets, storage_path, storage_fs, board, ctx, workers)
+    restarts = max(ray.get(board.get.remote())["starts"] - 1, 0)
+    ray.kill(board)
+    out = _finish(cfg, ctx, spec, result, plan, class_names, train.num_rows, test.num_rows, resumed)
+    return {**out, "restarts": restarts}
+
+
+def progress_board_name(stage_path: str) -> str:
+    """The named actor a running train stage reports progress (and worker pids) to."""
+    return f"gradmimic-progress:{stage_path}"
+
+
+class _FirstStep:
+    """Picklable: the step of the run's latest registered checkpoint, read when Ray Train (re)starts workers."""
+
+    def __init__(self, experiment: str, filesystem) -> None:
+        self.experiment, self.filesystem = experiment, filesystem
+
+    def __call__(self) -> int:
+        from ..training.data import latest_checkpoint_step
+
+        return latest_checkpoint_step(self.experiment, self.filesystem)
+
+
+def _ray_storage(fs, attempt: str):
+    """Ray Train's ``(storage_path, storage_filesystem)`` for the stage's attempt directory on ``fs``."""
+    from ..storage import is_local
+
+    if is_local(fs):
+        return attempt.rstrip("/"), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return attempt.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+
+
+def _comparison_rows(ctx, cfg: TrainConfig, decoder):
+    import numpy as np
+    import pyarrow as pa
+
+    from ..training.data import read_pool, split_rows
+
+    comp_stage = ctx.inputs[cfg.comparison.data]
+    cols = _pool_columns(comp_stage.manifest(), cfg.task)
+    if decoder.labels and "label" not in cols:
+        raise SpecError(f"comparison.data: stage {cfg.comparison.data!r} has no labels")
+    rows = split_rows(read_pool(comp_stage, cols), cfg.comparison.split)
+    if rows.num_rows == 0:
+        raise SpecError(f"comparison.split: stage {cfg.comparison.data!r} has no {cfg.comparison.split!r} rows")
+    n = min(cfg.comparison.samples, rows.num_rows)
+    pick = np.sort(np.random.default_rng(cfg.comparison.seed).choice(rows.num_rows, n, replace=False))
+    return rows.take(pa.array(pick))
+
+
+def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, ctx, workers: int):
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..training.loop import train_worker
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
+                                     resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
+        run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    done = threading.Event()
+    printer = threading.Thread(target=_print_progress, args=(board, ctx, done), daemon=True)
+    printer.start()
+    try:
+        return trainer.fit()
+    finally:
+        done.set()
+        printer.join(timeout=5)
+
+
+def _print_progress(board, ctx, done: threading.Event) -> None:
+    import ray
+
+    stream = ctx.progress.stream
+    live = ctx.progress.live
+    last = ""
+    while not done.wait(1.0 if live else 10.0):
+        try:
+            state = ray.get(board.get.remote(), timeout=5)["state"]
+        except Exception:  # noqa: BLE001 - progress is best effort
+            continue
+        if not state:
+            continue
+        rate = state["samples_per_s"]
+        left = (state["total"] - state["step"]) * state["batch_size"] / max(rate, 1e-9)
+        line = (f"  {ctx.label}: step {state['step']}/{state['total']} | {rate:,.0f} samples/s | ETA {left:,.0f}s | "
+                f"loss {state['loss']:.4f}" + (f" | alignment {state['alignment']:+.3f}"
+                                               if state.get("alignment") is not None else ""))
+        if line != last:
+            stream.write(("\r" + line) if live else (line + "\n"))
+            stream.flush()
+            last = line
+    if live and last:
+        stream.write("\n")
+
+
+def _finish(cfg, ctx, spec: ModelSpec, result, plan, class_names, train_rows: int, test_rows: int, resumed: int):
+    import json
+
+    import pyarrow as pa
+
+    from ..score_log import DIR, list_parts
+
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"{ctx.label}: training reported no checkpoint")
+    with ckpt.as_directory() as d:
+        import os
+
+        with open(os.path.join(d, WEIGHTS_FILE), "rb") as f:
+            ctx.out.write_bytes(WEIGHTS_FILE, f.read())
+        with open(os.path.join(d, "state.json")) as f:
+            state = json.load(f)
+    history = state.pop("metrics")
+    columns = list(dict.fromkeys(k for row in history for k in row))  # evaluation columns appear on some rows only
+    ctx.out.write_table("metrics.parquet", pa.table({k: [row.get(k) for row in history] for k in columns}))
+    ctx.out.write_bytes("model.json", model_json(spec, {"class_names": class_names}))
+    scores = [posixpath.relpath(p, ctx.out.join("")) for p in list_parts(ctx.out.fs, ctx.out.join(DIR))]
+    evals = [h for h in history if "test_loss" in h]
+    final = {k: evals[-1][k] for k in ("test_loss", "test_accuracy") if evals and k in evals[-1]}
+    seen = state["samples_seen"]
+    return {
+        "rows_in": seen, "rows_out": seen, "rejected": 0,
+        "files": [WEIGHTS_FILE, "model.json", "metrics.parquet", *scores],
+        "steps": state["step"], "samples_seen": seen, "score_rows": seen,
+        "samples_per_s": round(seen / max(state["train_seconds"], 1e-9), 1),
+        "train_rows": train_rows, "test_rows": test_rows, "workers": plan.world, "resumed_from_step": resumed,
+        "final": final, "mode": cfg.mode, "task": cfg.task, "class_names": class_names,
+    }

@@ -1,0 +1,293 @@
+"""The train stage's data: a seeded plan of global batches, and Ray Data pipelines that decode them for each rank.
+
+**The plan.**  Epoch ``e`` visits the training rows in the order of a permutation seeded by ``(seed, e)``; step
+``s`` (1-based) takes the next ``batch_size`` rows of it (the epoch's last partial batch is dropped), and rank
+``r`` takes its slice of that global batch (:func:`~pipelines.training.dist.world_rank_sizes`: unequal when the
+batch does not divide).  Everything is a pure function of the spec, so the same spec gives the same batches, a
+one-process run sees the same global batches as a many-rank one, and a resumed run picks up at any step.
+
+**The pipelines.**  Each rank streams its own dataset (``train_<rank>``, via ``ray.train.get_dataset_shard``):
+``range(steps) -> map_batches(decode)`` where each task turns a few steps into that rank's rows, reading every
+image with one ranged read through the ingest parquet's ``tar`` / ``image_offset`` / ``image_size`` and resizing
+it to ``uint8`` on the cluster's CPUs (normalisation happens on the training device).  The datasets are built by a
+factory Ray Train calls whenever it (re)starts the workers; it starts at the step after the run's latest
+checkpoint, so a resumed epoch skips what it already consumed without decoding it again.  The worker still checks
+the ``step`` column of every batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from ..storage import open_storage
+from .dist import world_rank_sizes
+
+# columns the train stage reads from an ingest stage's parquet
+POOL_COLUMNS = ("uid_hi", "uid_lo", "split", "text", "tar", "image_offset", "image_size")
+SAMPLES_PER_TASK = 1024  # decode work per Ray Data task: large enough to amortise a task, small enough to stream
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which training rows each rank sees at each step (a pure function of the numbers here)."""
+
+    rows: int
+    batch_size: int
+    world: int
+    seed: int
+    total_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows // self.batch_size
+
+    @property
+    def local_sizes(self) -> List[int]:
+        return world_rank_sizes(self.batch_size, self.world)
+
+    def epoch(self, step: int) -> int:
+        return (step - 1) // self.steps_per_epoch
+
+    def global_rows(self, step: int) -> np.ndarray:
+        if not 1 <= step <= self.total_steps:
+            raise IndexError(f"step {step} outside 1..{self.total_steps}")
+        j = (step - 1) % self.steps_per_epoch
+        return _permutation(self.seed, self.epoch(step), self.rows)[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def rank_rows(self, step: int, rank: int) -> np.ndarray:
+        sizes = self.local_sizes
+        start = sum(sizes[:rank])
+        return self.global_rows(step)[start:start + sizes[rank]]
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Turns pool rows into training arrays: ``image`` (uint8, ``3 x S x S``), ``tokens`` (CLIP) or ``label``."""
+
+    image_size: int
+    tokens: Optional[int] = None  # context length: tokenise the caption for CLIP
+    arch: Optional[str] = None  # the open_clip architecture whose tokenizer to use
+    labels: bool = False
+    storage_options: Optional[Dict[str, Any]] = None
+
+    def __call__(self, pool: pa.Table, idx: np.ndarray) -> Dict[str, np.ndarray]:
+        rows = pool.take(pa.array(idx, type=pa.int64()))
+        out = {
+            "uid_hi": rows["uid_hi"].to_numpy(),
+            "uid_lo": rows["uid_lo"].to_numpy(),
+            "image": self.images(rows),
+        }
+        if self.tokens:
+            out["tokens"] = tokenize(self.arch, self.tokens, rows["text"].to_pylist())
+        if self.labels:
+            out["label"] = rows["label"].to_numpy().astype(np.int64)
+        return out
+
+    def images(self, rows: pa.Table) -> np.ndarray:
+        urls = rows["tar"].to_pylist()
+        starts = rows["image_offset"].to_numpy()
+        ends = starts + rows["image_size"].to_numpy()
+        out = np.empty((len(urls), 3, self.image_size, self.image_size), dtype=np.uint8)
+        paths, fs = {}, None
+        for url in set(urls):  # one filesystem per pool; few tars per task
+            fs, paths[url] = open_storage(url, self.storage_options)
+        if urls:  # one ranged read per image, issued together (concurrent on object stores)
+            blobs = fs.cat_ranges([paths[u] for u in urls], starts.tolist(), ends.tolist())
+            for i, blob in enumerate(blobs):
+                out[i] = resize_image(blob, self.image_size)
+        return out
+
+
+def resize_image(data: bytes, size: int) -> np.ndarray:
+    """Decode, resize the shorter side to ``size`` (bicubic), centre-crop: ``uint8 (3, size, size)`` (CLIP's own)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        if (w, h) != (size, size):
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def tokenize(arch: Optional[str], context_length: int, texts: Sequence[str]) -> np.ndarray:
+    return _tokenizer(arch, context_length)(list(texts)).numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(arch: Optional[str], context_length: int) -> Callable:
+    import open_clip
+
+    from ..models import open_clip_name
+
+    name = open_clip_name(arch) if arch else None
+    if name:
+        return open_clip.get_tokenizer(name, context_length=context_length)
+    return functools.partial(open_clip.tokenize, context_length=context_length)
+
+
+# ------------------------------------------------------------------------------------------------ pools
+
+
+def read_pool(stage, columns: Sequence[str]) -> pa.Table:
+    """An ingest stage's rows (its parquet shards), with ``tar`` made a full URL; images stay where they are."""
+    import pyarrow.compute as pc
+
+    manifest = stage.manifest()
+    files = [f for f in manifest["files"] if f.startswith("shards/") and f.endswith(".parquet")]
+    tables = [stage.read_table(f) for f in files]
+    if not tables:
+        raise ValueError(f"{stage.url}: the ingest stage has no rows")
+    table = pa.concat_tables(tables, promote_options="default")
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{stage.url}: the pool has no column {missing[0]!r} (rerun its ingest stage)")
+    table = table.select(list(columns))
+    base = stage.fs.unstrip_protocol(stage.join(""))
+    tars = pc.binary_join_element_wise(pa.scalar(base.rstrip("/")), table["tar"], "/")
+    return table.set_column(table.column_names.index("tar"), "tar", tars)
+
+
+def split_rows(pool: pa.Table, split: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return pool.filter(pc.equal(pool["split"], split))
+
+
+# ------------------------------------------------------------------------------------------------ Ray Data
+
+
+def _pool(ref) -> pa.Table:
+    """The pool table behind an object ref, fetched once per worker process."""
+    import ray
+
+    key = ref.hex()
+    if key not in _POOLS:
+        _POOLS.clear()
+        _POOLS[key] = ray.get(ref)
+    return _POOLS[key]
+
+
+_POOLS: Dict[str, pa.Table] = {}
+
+
+def _decode_steps(batch: Dict[str, np.ndarray], plan: StepPlan, rank: int, first: int, pool_ref, decoder: Decoder):
+    steps = [int(i) + first for i in batch["id"] if int(i) + first <= plan.total_steps]
+    idx = [plan.rank_rows(s, rank) for s in steps]
+    if not steps:
+        return _empty(decoder)
+    out = decoder(_pool(pool_ref), np.concatenate(idx))
+    out["step"] = np.repeat(np.array(steps, dtype=np.int64), [len(i) for i in idx])
+    out["epoch"] = np.repeat(np.array([plan.epoch(s) for s in steps], dtype=np.int64), [len(i) for i in idx])
+    return out
+
+
+def _decode_chunks(batch: Dict[str, np.ndarray], chunk_rows: int, total: int, pool_ref, decoder: Decoder):
+    chunks = [int(c) for c in batch["id"]]
+    idx = [np.arange(c * chunk_rows, min((c + 1) * chunk_rows, total)) for c in chunks]
+    out = decoder(_pool(pool_ref), np.concatenate(idx))
+    out["chunk"] = np.repeat(np.array(chunks, dtype=np.int64), [len(i) for i in idx])
+    return out
+
+
+def _empty(decoder: Decoder) -> Dict[str, np.ndarray]:
+    s = decoder.image_size
+    out = {"uid_hi": np.zeros(0, np.uint64), "uid_lo": np.zeros(0, np.uint64),
+           "image": np.zeros((0, 3, s, s), np.uint8), "step": np.zeros(0, np.int64), "epoch": np.zeros(0, np.int64)}
+    if decoder.tokens:
+        out["tokens"] = np.zeros((0, decoder.tokens), np.int64)
+    if decoder.labels:
+        out["label"] = np.zeros(0, np.int64)
+    return out
+
+
+def steps_dataset(plan: StepPlan, rank: int, pool_ref, decoder: Decoder, first_step: Callable[[], int]):
+    """A factory for rank ``rank``'s training stream, from the step after ``first_step()`` to the end."""
+
+    def build():
+        import ray.data
+
+        first = first_step() + 1
+        n = max(plan.total_steps - first + 1, 1)  # an empty range is not a dataset; steps past the end decode to nothing
+        per_task = max(1, SAMPLES_PER_TASK // max(plan.local_sizes[rank], 1))
+        ds = ray.data.range(n, override_num_blocks=math.ceil(n / per_task))
+        return ds.map_batches(_decode_steps, batch_size=per_task, batch_format="numpy",
+                              fn_kwargs=dict(plan=plan, rank=rank, first=first, pool_ref=pool_ref, decoder=decoder))
+
+    return build
+
+
+def chunks_dataset(total: int, chunk_rows: int, chunks: Sequence[int], pool_ref, decoder: Decoder):
+    """A factory for the given fixed-size chunks of a table (evaluation, comparison sets): a ``chunk`` column each."""
+
+    def build():
+        import ray.data
+
+        ds = ray.data.from_items([{"id": c} for c in chunks] or [{"id": -1}])
+        ds = ds.filter(lambda row: row["id"] >= 0)
+        return ds.map_batches(_decode_chunks, batch_size=max(1, SAMPLES_PER_TASK // chunk_rows), batch_format="numpy",
+                              fn_kwargs=dict(chunk_rows=chunk_rows, total=total, pool_ref=pool_ref, decoder=decoder))
+
+    return build
+
+
+def grouped(batches: Iterator[Dict[str, np.ndarray]], key: str) -> Iterator[Dict[str, np.ndarray]]:
+    """Re-cut a stream of batches so each yielded batch holds exactly the consecutive rows sharing ``key``."""
+    pending: List[Dict[str, np.ndarray]] = []
+    for batch in batches:
+        values = batch[key]
+        if not len(values):
+            continue
+        cuts = np.flatnonzero(values[1:] != values[:-1]) + 1
+        parts = np.split(np.arange(len(values)), cuts)
+        for k, part in enumerate(parts):
+            piece = {c: v[part] for c, v in batch.items()}
+            if pending and pending[-1][key][0] != piece[key][0]:
+                yield _concat(pending)
+                pending = []
+            pending.append(piece)
+    if pending:
+        yield _concat(pending)
+
+
+def _concat(parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+def latest_checkpoint_step(experiment: str, filesystem) -> int:
+    """The step of a Ray Train run's latest registered checkpoint (0 if none): where its workers resume."""
+    import json
+
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(experiment, storage_filesystem=filesystem)
+    except Exception:  # noqa: BLE001 - no run yet (or an unreadable one): the worker checks every batch's step
+        return 0
+    ckpt = result.checkpoint
+    if ckpt is None:
+        return 0
+    try:
+        with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, "state.json")) as f:
+            return int(json.loads(f.read())["step"])
+    except Exception:  # noqa: BLE001 - same fallback
+        return 0

@@ -1,0 +1,270 @@
+"""The train stage on Ray Train: DDP equals one process, the score log is exactly once, faults resume exactly.
+
+All runs share one ingest of 160 real digits (128 train / 32 test) and the tiny CLIP; references are files made
+here (the student's own initialisation plus a perturbation), so no test needs a reference training run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.config import SpecError
+from pipelines.models import ModelSpec
+from pipelines.runner import run_spec
+from pipelines.score_log import read_score_log
+from pipelines.spec import parse_spec
+from pipelines.stages.train import progress_board_name
+from pipelines.storage import StageDir, open_storage
+
+pytestmark = pytest.mark.slow
+
+POOL = {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 160},
+        "noise": {"kind": "label", "rate": 0.4, "seed": 0}, "split": {"test_fraction": 0.2, "seed": 0},
+        "shard_size": 40}
+TRAIN_ROWS = 128
+
+
+def train_stage(name: str, **kw) -> dict:
+    stage = {"stage": "train", "name": name, "data": "pool", "batch_size": 16, "steps": 4, "checkpoint_every": 2,
+             "optimizer": {"lr": 1e-3}, "resources": {"num_workers": 1}}
+    stage.update(kw)
+    return stage
+
+
+def run(storage: str, *stages: dict, name: str = "t"):
+    spec = parse_spec({"name": name, "storage": storage, "stages": [POOL, *stages]})
+    log = io.StringIO()
+    manifests = run_spec(spec, stream=log)
+    return manifests, log.getvalue()
+
+
+def stage_dir(storage: str, stage: str, name: str = "t") -> StageDir:
+    fs, root = open_storage(storage)
+    return StageDir(fs, f"{root}/{name}/{stage}")
+
+
+def weights(storage: str, stage: str, name: str = "t"):
+    from safetensors.torch import load
+
+    d = stage_dir(storage, stage, name)
+    with d.fs.open(d.join("model.safetensors"), "rb") as f:
+        return load(f.read())
+
+
+def score_log(storage: str, stage: str, name: str = "t"):
+    d = stage_dir(storage, stage, name)
+    return read_score_log(d.fs, d.join("scores")).to_pandas().sort_values(["step", "uid_hi", "uid_lo"]).reset_index(drop=True)
+
+
+def metrics(storage: str, stage: str):
+    d = stage_dir(storage, stage)
+    return d.read_table("metrics.parquet").to_pandas()
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory, ray_local):
+    root = str(tmp_path_factory.mktemp("train") / "runs")
+    run(root)  # the shared ingest; every later run skips it
+    return root
+
+
+def reference_file(path, task: str, seed: int = 0, scale: float = 0.05) -> str:
+    """The student's initialisation (same seed) moved a little: a reference in the same parameter space."""
+    from safetensors.torch import save_file
+
+    model = ModelSpec(task, "tiny-clip", num_classes=10).build(seed=seed)
+    g = torch.Generator().manual_seed(123)
+    state = {k: (v + scale * v.std().nan_to_num() * torch.randn(v.shape, generator=g)).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return str(path)
+
+
+def assert_close_weights(a, b, rtol=1e-5):
+    """Equal to ``rtol`` relative to the model's parameter scale (its largest entry and its norm).
+
+    Per tensor is too strict for float32 DDP: a parameter whose true gradient is 0 (attention key biases) gets
+    float noise that Adam scales up to ``lr * noise / eps``, the same size in both runs but not the same values.
+    """
+    assert a.keys() == b.keys()
+    scale = max(float(v.double().abs().max()) for v in b.values())
+    norm = sum(float(v.double().pow(2).sum()) for v in b.values()) ** 0.5
+    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
+    worst = max(a, key=lambda k: float((a[k].double() - b[k].double()).abs().max()))
+    err = float((a[worst].double() - b[worst].double()).abs().max())
+    assert err <= rtol * scale, f"{worst}: max error {err:.3e} vs scale {scale:.3e}"
+    assert diff <= rtol * norm, f"relative L2 error {diff / norm:.3e}"
+
+
+def assert_exactly_once(log, batch: int, steps: int, sizes=None):
+    assert not log.duplicated(["uid_hi", "uid_lo", "step"]).any()
+    per_step = log.groupby("step")
+    assert sorted(per_step.groups) == list(range(1, steps + 1))
+    assert (per_step.size() == batch).all() and (log.batch_size == batch).all()
+    np.testing.assert_allclose(per_step.weight.sum(), 1.0, rtol=0, atol=1e-5)
+    for _, rows in log.groupby("epoch"):  # within an epoch no sample comes twice
+        assert not rows.duplicated(["uid_hi", "uid_lo"]).any()
+    if sizes is not None:
+        assert sorted(log.groupby(["step", "rank"]).size().unique().tolist()) == sorted(set(sizes))
+
+
+# ------------------------------------------------------------------------------------------------ DDP == 1 process
+
+
+@pytest.mark.parametrize("task", ["clip", "classify"])
+def test_two_workers_equal_one_process(storage, tmp_path, task):
+    ref = reference_file(tmp_path / "ref.safetensors", task)
+    params = ["visual.proj", "text_projection"] if task == "clip" else ["head.weight"]
+    common = dict(task=task, mode="mimic", reference={"path": ref}, batch_size=15, steps=6, checkpoint_every=3,
+                  eval_every=3, mimic={"params": params, "method": "normed_cos", "temperature": 0.3})
+    manifests, _ = run(storage, train_stage(f"{task}1", **common),
+                       train_stage(f"{task}2", **common, resources={"num_workers": 2}))
+    assert manifests[f"{task}2"]["workers"] == 2 and manifests[f"{task}2"]["steps"] == 6
+    one, two = weights(storage, f"{task}1"), weights(storage, f"{task}2")
+    assert_close_weights(two, one)
+    assert any(not torch.equal(one[k], v) for k, v in ModelSpec(task, num_classes=10).build().state_dict().items()
+               if k in one)  # it trained
+    log1, log2 = score_log(storage, f"{task}1"), score_log(storage, f"{task}2")
+    assert_exactly_once(log1, 15, 6)
+    assert_exactly_once(log2, 15, 6, sizes=[8, 7])  # unequal local batches
+    assert (log1[["uid_hi", "uid_lo", "step", "epoch"]].values == log2[["uid_hi", "uid_lo", "step", "epoch"]].values).all()
+    for col in ("score", "weight", "loss"):
+        np.testing.assert_allclose(log2[col], log1[col], rtol=1e-4, atol=1e-6, err_msg=col)
+    assert log2.weight.std() > 1e-4  # the weights are not uniform: reweighting happened
+    m1, m2 = metrics(storage, f"{task}1"), metrics(storage, f"{task}2")
+    for col in ("loss", "alignment", "weight_entropy", "test_loss"):
+        np.testing.assert_allclose(m2[col].astype(float), m1[col].astype(float), rtol=1e-4, err_msg=col)
+    assert m1.test_loss.notna().sum() == 2 and m1.test_accuracy.notna().sum() == 2  # steps 3 and 6
+
+
+# ------------------------------------------------------------------------------------------------ modes
+
+
+def test_every_mode_runs(storage, tmp_path):
+    ref = reference_file(tmp_path / "ref.safetensors", "clip")
+    comparison = {"data": "pool", "split": "train", "samples": 24, "every": 2}
+    modes = {
+        "plain": {}, "mimic": {"reference": {"path": ref}, "mimic": {"warmup_steps": 1}},
+        "grand": {"mimic": {"method": "normed_cos"}}, "rho": {"reference": {"path": ref}},
+        "agra": {"comparison": comparison}, "influence": {"comparison": comparison},
+    }
+    stages = [train_stage(f"mode_{m}", mode=m, batch_size=12, steps=3, checkpoint_every=3,
+                          resources={"num_workers": 2}, **kw) for m, kw in modes.items()]
+    manifests, _ = run(storage, *stages)
+    for mode in modes:
+        assert manifests[f"mode_{mode}"]["steps"] == 3
+        log = score_log(storage, f"mode_{mode}")
+        assert_exactly_once(log, 12, 3)
+        if mode == "plain":
+            assert (log.score == 0).all() and np.allclose(log.weight, 1 / 12)
+        else:
+            assert log.score.std() > 0, mode
+        if mode == "agra":  # kept samples share the weight equally, dropped ones get none
+            for _, w in log.groupby("step").weight:
+                kept = w[w > 0]
+                assert np.allclose(kept, 1 / len(kept), rtol=1e-5)
+        if mode == "mimic":  # warm-up step 1: the plain mean; then the softmax
+            assert np.allclose(log[log.step == 1].weight, 1 / 12) and log[log.step > 1].weight.std() > 1e-5
+        m = metrics(storage, f"mode_{mode}")
+        assert m.test_loss.notna().any()
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+def kill_rank_when(board_name: str, step: int, done: threading.Event, killed: list) -> None:
+    """SIGKILL rank 1's process once the run passes ``step`` (a real process death, not an exception)."""
+    import ray
+
+    deadline = time.time() + 180
+    while time.time() < deadline and not done.is_set():
+        try:
+            info = ray.get(ray.get_actor(board_name).get.remote(), timeout=5)
+        except (ValueError, Exception):  # noqa: BLE001 - not started yet
+            time.sleep(0.05)
+            continue
+        if info["state"].get("step", 0) >= step and 1 in info["pids"]:
+            os.kill(info["pids"][1], signal.SIGKILL)
+            killed.append(info["pids"][1])
+            return
+        time.sleep(0.01)
+
+
+def test_killed_worker_resumes_exactly(storage, tmp_path):
+    ref = reference_file(tmp_path / "ref.safetensors", "clip")
+    common = dict(mode="mimic", reference={"path": ref}, batch_size=16, steps=40, checkpoint_every=5,
+                  max_failures=2, resources={"num_workers": 2})
+    run(storage, train_stage("steady", **common))
+    fs, root = open_storage(storage)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_rank_when, args=(progress_board_name(f"{root}/t/faulty"), 12, done, killed))
+    killer.start()
+    try:
+        manifests, _ = run(storage, train_stage("faulty", **common))
+    finally:
+        done.set()
+        killer.join(timeout=10)
+    assert killed, "the worker was never killed (the run finished first?)"
+    assert manifests["faulty"]["restarts"] == 1
+    log, steady = score_log(storage, "faulty"), score_log(storage, "steady")
+    assert_exactly_once(log, 16, 40)
+    assert (log[["uid_hi", "uid_lo", "step"]].values == steady[["uid_hi", "uid_lo", "step"]].values).all()
+    np.testing.assert_allclose(log.score, steady.score, rtol=1e-6, atol=1e-9)
+    assert_close_weights(weights(storage, "faulty"), weights(storage, "steady"), rtol=1e-6)
+    history = metrics(storage, "faulty")
+    assert history.step.tolist() == list(range(1, 41))  # the metrics, too, once per step
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+
+def test_train_on_s3(s3_endpoint, ray_local, tmp_path):
+    fs, _ = open_storage("s3://gm-train")
+    fs.mkdir("gm-train")
+    storage = "s3://gm-train/runs"
+    manifests, _ = run(storage, train_stage("s3run", mode="grand", batch_size=16, steps=4, checkpoint_every=2),
+                       name="s3")
+    m = manifests["s3run"]
+    assert m["steps"] == 4 and m["rows_out"] == 64
+    assert_exactly_once(score_log(storage, "s3run", "s3"), 16, 4)
+    attempt = f"gm-train/runs/s3/s3run/{m['attempt']}"
+    assert fs.exists(f"{attempt}/train/checkpoint_000000004/model.safetensors")
+    assert fs.exists(f"{attempt}/train/checkpoint_manager_snapshot.json")
+    assert set(weights(storage, "s3run", "s3")) == set(ModelSpec("clip").build().state_dict())
+    assert json.loads(fs.cat_file(f"{attempt}/model.json"))["open_clip_config"]["embed_dim"] == 32
+
+
+# ------------------------------------------------------------------------------------------------ bad configs at run time
+
+
+def test_run_time_config_errors_leave_nothing(storage, tmp_path):
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"visual.proj": torch.zeros(64, 7)}, str(other))
+    cases = [
+        (train_stage("big", batch_size=TRAIN_ROWS + 1),
+         f"stage 'big' (train): batch_size: {TRAIN_ROWS + 1} is larger than the training pool ({TRAIN_ROWS} train rows"),
+        (train_stage("shape", mode="mimic", reference={"path": str(other)}),
+         "stage 'shape' (train): reference: parameter 'visual.proj' has shape (64, 7) in the weights but (64, 32)"),
+        (train_stage("nofile", init={"path": str(tmp_path / "missing.safetensors")}),
+         "stage 'nofile' (train): init.path: reference weights not found"),
+    ]
+    for stage, message in cases:
+        with pytest.raises(SpecError) as err:
+            run(storage, stage)
+        assert message in str(err.value) and "\n" not in str(err.value)
+        fs, root = open_storage(storage)
+        assert not fs.exists(f"{root}/t/{stage['name']}/_MANIFEST.json")
+        assert not [p for p in fs.ls(f"{root}/t/{stage['name']}") if "_attempt-" in p]  # nothing half-written
