@@ -75,13 +75,14 @@ class LinearSite:
 
 def find_parameters(model: nn.Module, names: Sequence[str]) -> Dict[str, nn.Parameter]:
     """The named parameters, or an error that lists the closest names the model does have."""
+    import difflib
+
     params = dict(model.named_parameters())
     out = {}
     for name in names:
         if name not in params:
-            stem = name.rsplit(".", 1)[-1]
-            near = [n for n in params if n.endswith(stem)][:5] or list(params)[-5:]
-            raise KeyError(f"model has no parameter {name!r}; similar names: {', '.join(near)}")
+            near = difflib.get_close_matches(name, list(params), n=4, cutoff=0.5) or list(params)[-4:]
+            raise KeyError(f"model has no parameter {name!r} (similar: {', '.join(near)})")
         out[name] = params[name]
     return out
 

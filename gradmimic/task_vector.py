@@ -26,7 +26,7 @@ def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"reference weights not found: {path}")
+        raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 

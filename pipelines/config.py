@@ -65,6 +65,9 @@ def build(tp: Any, value: Any, where: str) -> Any:
             if kind not in kinds:
                 raise SpecError(f"{join(where, 'kind')}: expected one of {', '.join(map(repr, kinds))}, got {_show(kind)}")
             return build(kinds[kind], value, where)
+        if isinstance(value, dict):  # a mapping can only be a mapping type: report its own errors
+            mappings = [o for o in options if dataclasses.is_dataclass(o) or get_origin(o) is dict]
+            options = mappings if len(mappings) == 1 else options
         if len(options) == 1:
             return build(options[0], value, where)
         for option in options:
@@ -130,7 +133,9 @@ def build_dataclass(cls: type, value: Any, where: str, skip: tuple = ()) -> Any:
         try:
             check()
         except SpecError as exc:
-            raise SpecError(f"{join(where, str(exc))}") from None
+            msg = str(exc)  # "field: problem" names one of the fields; anything else is about the mapping itself
+            names_field = msg.split(":", 1)[0].split(".")[0] in fields
+            raise SpecError(join(where, msg) if names_field or not where else f"{where}: {msg}") from None
     return obj
 
 

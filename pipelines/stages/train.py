@@ -235,14 +235,15 @@ def check_train(cfg: TrainConfig, spec) -> None:
 def _check_params(cfg: TrainConfig, model, training) -> None:
     import torch
 
+    from gradmimic import find_parameters
     from gradmimic.open_clip_sites import projection_params
 
     params = mimic_params(cfg)
-    have = dict(model.named_parameters())
+    try:
+        find_parameters(model, params)
+    except KeyError as exc:
+        raise _spec_error("mimic.params", exc) from None
     for name in params:
-        if name not in have:
-            near = [n for n in have if n.endswith(name.rsplit(".", 1)[-1])][:4] or list(have)[-4:]
-            raise SpecError(f"mimic.params: model has no parameter {name!r} (similar: {', '.join(near)})")
         if name not in training and cfg.mimic.reweight == "param":
             raise SpecError(f"mimic.params: {name!r} is frozen, so reweighting it changes nothing")
     if cfg.task == "clip":

@@ -58,7 +58,7 @@ def test_reference_dtype_and_missing_parameter():
 
 def test_unknown_and_non_matrix_parameters():
     model = head_model()
-    with pytest.raises(KeyError, match="model has no parameter 'head.weight'; similar names: 0.weight, 2.weight"):
+    with pytest.raises(KeyError, match=r"model has no parameter 'head.weight' \(similar: 2.weight, 0.weight"):
         GradMimic(model, ["head.weight"], reference=model)
     with pytest.raises(ValueError, match="must be a 2-D weight"):
         GradMimic(model, ["2.bias"], reference=model)

@@ -14,8 +14,6 @@ import threading
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -248,7 +246,13 @@ def test_train_on_s3(s3_endpoint, ray_local, tmp_path):
 # ------------------------------------------------------------------------------------------------ bad configs at run time
 
 
-def test_run_time_config_errors_leave_nothing(storage, tmp_path):
+def test_run_time_config_errors_leave_nothing(storage, tmp_path, monkeypatch):
+    import socket
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", offline)  # the same on every machine: no network
     other = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 
@@ -259,7 +263,12 @@ def test_run_time_config_errors_leave_nothing(storage, tmp_path):
         (train_stage("shape", mode="mimic", reference={"path": str(other)}),
          "stage 'shape' (train): reference: parameter 'visual.proj' has shape (64, 7) in the weights but (64, 32)"),
         (train_stage("nofile", init={"path": str(tmp_path / "missing.safetensors")}),
-         "stage 'nofile' (train): init.path: reference weights not found"),
+         "stage 'nofile' (train): init.path: weights file not found"),
+        (train_stage("hub", model={"arch": "ViT-B-32"}, init={"pretrained": "laion2b_s34b_b79k"}),
+         "stage 'hub' (train): init.pretrained: pretrained ViT-B-32/laion2b_s34b_b79k must be downloaded from "
+         "huggingface.co, which is not reachable (no network?)"),
+        (train_stage("tag", model={"arch": "ViT-B-32"}, init={"pretrained": "nonsense"}),
+         "stage 'tag' (train): init.pretrained: open_clip has no pretrained tag 'nonsense' for ViT-B-32 (tags: openai,"),
     ]
     for stage, message in cases:
         with pytest.raises(SpecError) as err:
