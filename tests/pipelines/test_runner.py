@@ -127,11 +127,7 @@ def cli(*args):
                           cwd=ROOT)
 
 
-def test_cli_run_debug_spec(tmp_path):
-    res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "stages.pool.source.limit=60")
-    assert res.returncode == 0, res.stderr
-    assert "ingest pool: 60 rows out, 0 rejected" in res.stderr and "done: 1 stages" in res.stderr
-    assert (tmp_path / "debug/pool" / MANIFEST).exists()
+def test_cli_run_errors(tmp_path):
     res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "--force", "nope")
     assert res.returncode == 2 and res.stderr.strip().endswith("--force nope: no stage of that name in debug.yaml")
     res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "stages.pool.source.path=x")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 import signal
 import threading
 import time
@@ -75,6 +76,16 @@ def storage(tmp_path_factory, ray_local):
     root = str(tmp_path_factory.mktemp("train") / "runs")
     run(root)  # the shared ingest; every later run skips it
     return root
+
+
+@pytest.fixture(scope="module")
+def steady(storage, tmp_path_factory):
+    """An uninterrupted 2-worker mimic run of 40 steps, which the fault tests must reproduce exactly."""
+    ref = reference_file(tmp_path_factory.mktemp("ref") / "ref.safetensors", "clip")
+    job = train_stage("steady", mode="mimic", reference={"path": ref}, batch_size=16, steps=40, checkpoint_every=5,
+                      max_failures=2, resources={"num_workers": 2})
+    run(storage, job)
+    return job
 
 
 def reference_file(path, task: str, seed: int = 0, scale: float = 0.05) -> str:
@@ -199,17 +210,13 @@ def kill_rank_when(board_name: str, step: int, done: threading.Event, killed: li
         time.sleep(0.01)
 
 
-def test_killed_worker_resumes_exactly(storage, tmp_path):
-    ref = reference_file(tmp_path / "ref.safetensors", "clip")
-    common = dict(mode="mimic", reference={"path": ref}, batch_size=16, steps=40, checkpoint_every=5,
-                  max_failures=2, resources={"num_workers": 2})
-    run(storage, train_stage("steady", **common))
+def test_killed_worker_resumes_exactly(storage, steady):
     fs, root = open_storage(storage)
     done, killed = threading.Event(), []
     killer = threading.Thread(target=kill_rank_when, args=(progress_board_name(f"{root}/t/faulty"), 12, done, killed))
     killer.start()
     try:
-        manifests, _ = run(storage, train_stage("faulty", **common))
+        manifests, _ = run(storage, {**steady, "name": "faulty"})
     finally:
         done.set()
         killer.join(timeout=10)
@@ -277,3 +284,64 @@ def test_run_time_config_errors_leave_nothing(storage, tmp_path, monkeypatch):
         fs, root = open_storage(storage)
         assert not fs.exists(f"{root}/t/{stage['name']}/_MANIFEST.json")
         assert not [p for p in fs.ls(f"{root}/t/{stage['name']}") if "_attempt-" in p]  # nothing half-written
+
+
+def test_rerun_after_the_driver_was_killed_resumes(storage, steady, tmp_path):
+    import glob
+    import subprocess
+    import sys
+
+    import psutil
+    import yaml
+
+    from pipelines.training.data import latest_checkpoint_step
+
+    spec = tmp_path / "spec.yaml"  # the shared run: its ingest is committed already
+    spec.write_text(yaml.safe_dump({"name": "t", "storage": storage, "ray": {"address": "local", "num_cpus": 4},
+                                    "stages": [POOL, {**steady, "name": "job"}]}))
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(spec)]
+    root = pathlib.Path(__file__).resolve().parents[2]
+    driver = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and max([latest_checkpoint_step(p, None) for p in
+                                              glob.glob(f"{storage}/t/job/_attempt-*/train")] or [0]) < 10:
+            assert driver.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, its local Ray with it
+    finally:
+        driver.kill()
+        driver.wait(timeout=30)
+    deadline = time.time() + 60
+    while time.time() < deadline and any("RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+                                         for p in psutil.process_iter(["cmdline"])):
+        time.sleep(0.5)
+    again = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ingest pool: committed, skipped" in again.stderr
+    assert "train job: continuing the unfinished attempt" in again.stderr
+    resumed = int(again.stderr.split("resuming from the checkpoint at step ")[1].split("/")[0])
+    assert 10 <= resumed < 40
+    log, reference = score_log(storage, "job"), score_log(storage, "steady")
+    assert_exactly_once(log, 16, 40)
+    assert (log[["uid_hi", "uid_lo", "step"]].values == reference[["uid_hi", "uid_lo", "step"]].values).all()
+    assert_close_weights(weights(storage, "job"), weights(storage, "steady"), rtol=1e-6)
+
+
+def test_readme_debug_spec_from_the_cli(tmp_path):
+    """README command 1's spec, shrunk: ingest, a plain reference, Grad-Mimic on 2 workers, the score log."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "pipelines/configs/debug.yaml",
+                          f"storage={tmp_path}", "stages.pool.source.limit=100", "stages.ref.batch_size=16",
+                          "stages.ref.epochs=1", "stages.mimic.batch_size=16", "stages.mimic.epochs=1"],
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ingest pool: 100 rows out, 0 rejected" in res.stderr and "done: 3 stages" in res.stderr
+    assert "train ref: 80 rows out" in res.stderr and "train mimic: 80 rows out" in res.stderr
+    log = score_log(str(tmp_path), "mimic", "debug")
+    assert_exactly_once(log, 16, 5, sizes=[8])
+    manifest = json.loads((tmp_path / "debug/mimic/_MANIFEST.json").read_text())
+    assert manifest["workers"] == 2 and {"test_loss", "test_accuracy"} <= set(manifest["final"])

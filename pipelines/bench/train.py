@@ -1,0 +1,135 @@
+"""``gradmimic bench train``: what the train stage delivers next to a bare PyTorch loop.
+
+One run, on the embedded digits and the tiny CLIP, all with the same batch, optimiser and torch threads:
+
+- ``plain``: the train stage, ``mode: plain`` (Ray Train, Ray Data decoding, score log, metrics);
+- ``mimic``: the train stage, ``mode: mimic`` on ``visual.proj`` (reference: the plain stage's final weights);
+- ``bare``: an in-memory PyTorch loop over the same batches, decoded up front: no Ray, no data pipeline.
+
+Throughput is the median step time over the steps after ``--warmup`` (a stage's step time is from one step's end to
+the next: data wait included, evaluation and checkpoints excluded).  ``mimic_over_plain`` is the ratio of median
+step times; ``pipeline_efficiency`` is plain stage throughput over bare-loop throughput (1.0: data loading and the
+stage's bookkeeping cost nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1, help="training workers (DDP ranks)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the medians")
+    p.add_argument("--cpus-per-worker", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def _spec(storage: str, args, cpus: int) -> Dict[str, Any]:
+    common = {"data": "pool", "batch_size": args.batch_size, "steps": args.steps, "checkpoint_every": args.steps,
+              "optimizer": {"lr": 5e-4}, "resources": {"num_workers": args.workers, "cpus_per_worker": cpus}}
+    return {
+        "name": "bench", "storage": storage,
+        "stages": [
+            {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}, "shard_size": 200},
+            {"stage": "train", "name": "plain", "mode": "plain", **common},
+            {"stage": "train", "name": "mimic", "mode": "mimic", "reference": "plain",
+             "mimic": {"params": ["visual.proj"], "method": "normed_proj"}, **common},
+        ],
+    }
+
+
+def stage_step_seconds(storage: str, stage: str, warmup: int) -> List[float]:
+    from ..storage import StageDir, open_storage
+
+    fs, root = open_storage(storage)
+    table = StageDir(fs, f"{root}/bench/{stage}").read_table("metrics.parquet").to_pandas()
+    return table[table.step > warmup].step_seconds.tolist()
+
+
+def bare_step_seconds(storage: str, args, threads: int) -> List[float]:
+    """The same model, batches and optimiser in a plain loop over tensors already in memory."""
+    import torch
+
+    from gradmimic import clip_per_sample_loss
+
+    from ..models import ModelSpec
+    from ..storage import StageDir, open_storage
+    from ..training.data import POOL_COLUMNS, Decoder, StepPlan, read_pool, split_rows
+    from ..training.loop import Optim, make_optimizer, to_images
+
+    torch.set_num_threads(threads)
+    fs, root = open_storage(storage)
+    train = split_rows(read_pool(StageDir(fs, f"{root}/bench/pool"), POOL_COLUMNS), "train")
+    spec = ModelSpec("clip", "tiny-clip")
+    decoded = Decoder(spec.image_size, tokens=spec.context_length, arch="tiny-clip")(train, np.arange(train.num_rows))
+    device = torch.device("cpu")
+    images = to_images(decoded, spec, device)
+    tokens = torch.from_numpy(decoded["tokens"])
+    plan = StepPlan(train.num_rows, args.batch_size, 1, 0, args.steps)
+    model = spec.build(seed=0)
+    opt, sched = make_optimizer(model, Optim(lr=5e-4), args.steps)
+    times = []
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        idx = torch.from_numpy(plan.global_rows(step))
+        opt.zero_grad(set_to_none=True)
+        loss = clip_per_sample_loss(model.encode_image(images[idx]), model.encode_text(tokens[idx]),
+                                    model.logit_scale.exp())
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        times.append(time.perf_counter() - t0)
+    return times[args.warmup:]
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    import ray
+
+    from ..runner import run_spec
+    from ..spec import parse_spec
+
+    cores = os.cpu_count() or 1
+    cpus = args.cpus_per_worker or max(1, cores // args.workers)
+    if args.steps <= args.warmup:
+        raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = os.path.join(tmp, "runs")
+        spec = parse_spec(_spec(storage, args, cpus), label="bench train")
+        # logical CPUs: the workers' plus at least one for Ray Data's decoding
+        ray.init(num_cpus=args.workers * cpus + max(1, cores // 2), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        try:
+            run_spec(spec, stream=io.StringIO() if args.json else sys.stderr)
+        finally:
+            ray.shutdown()
+        plain = statistics.median(stage_step_seconds(storage, "plain", args.warmup))
+        mimic = statistics.median(stage_step_seconds(storage, "mimic", args.warmup))
+        bare = statistics.median(bare_step_seconds(storage, args, cpus))
+    b = args.batch_size
+    result = {
+        "workers": args.workers, "batch_size": b, "steps": args.steps, "warmup": args.warmup, "threads": cpus,
+        "plain_samples_per_s": round(b / plain, 1), "mimic_samples_per_s": round(b / mimic, 1),
+        "bare_samples_per_s": round(b / bare, 1),
+        "plain_step_ms": round(plain * 1e3, 2), "mimic_step_ms": round(mimic * 1e3, 2), "bare_step_ms": round(bare * 1e3, 2),
+        "mimic_over_plain": round(mimic / plain, 3), "pipeline_efficiency": round(bare / plain, 3),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for k, v in result.items():
+            print(f"{k:<{width}}  {v}")
+    return result
