@@ -7,7 +7,9 @@ One run, on the embedded digits and the tiny CLIP, all with the same batch, opti
 - ``bare``: an in-memory PyTorch loop over the same batches, decoded up front: no Ray, no data pipeline.
 
 Throughput is the median step time over the steps after ``--warmup`` (a stage's step time is from one step's end to
-the next: data wait included, evaluation and checkpoints excluded).  ``mimic_over_plain`` is the ratio of median
+the next: data wait included, evaluation and checkpoints excluded).  The three run in ``--rounds`` rounds, one
+after another within a round, and every ratio is the median of the per-round ratios, so a machine that speeds up or
+slows down between rounds (these are shared) moves all three alike.  ``mimic_over_plain`` is the ratio of median
 step times; ``pipeline_efficiency`` is plain stage throughput over bare-loop throughput (1.0: data loading and the
 stage's bookkeeping cost nothing).
 """
@@ -32,34 +34,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the medians")
+    p.add_argument("--rounds", type=int, default=3, help="plain / mimic / bare rounds (ratios: median over rounds)")
     p.add_argument("--cpus-per-worker", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
 
 
-def _spec(storage: str, args, cpus: int) -> Dict[str, Any]:
+def _spec(storage: str, args, cpus: int, rounds: int) -> Dict[str, Any]:
     common = {"data": "pool", "batch_size": args.batch_size, "steps": args.steps, "checkpoint_every": args.steps,
               "optimizer": {"lr": 5e-4}, "resources": {"num_workers": args.workers, "cpus_per_worker": cpus}}
-    return {
-        "name": "bench", "storage": storage,
-        "stages": [
-            {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}, "shard_size": 200},
-            {"stage": "train", "name": "plain", "mode": "plain", **common},
-            {"stage": "train", "name": "mimic", "mode": "mimic", "reference": "plain",
-             "mimic": {"params": ["visual.proj"], "method": "normed_proj"}, **common},
-        ],
-    }
+    stages: List[Dict[str, Any]] = [{"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}, "shard_size": 200}]
+    for r in range(1, rounds + 1):  # the same configs, as separate stages: a committed stage would be skipped
+        stages.append({"stage": "train", "name": f"plain{r}", "mode": "plain", **common, "seed": r})
+        stages.append({"stage": "train", "name": f"mimic{r}", "mode": "mimic", "reference": "plain1",
+                       "mimic": {"params": ["visual.proj"], "method": "normed_proj"}, **common, "seed": r})
+    return {"name": "bench", "storage": storage, "stages": stages}
 
 
-def stage_step_seconds(storage: str, stage: str, warmup: int) -> List[float]:
+def stage_step_seconds(storage: str, stage: str, warmup: int, column: str = "step_seconds") -> List[float]:
     from ..storage import StageDir, open_storage
 
     fs, root = open_storage(storage)
     table = StageDir(fs, f"{root}/bench/{stage}").read_table("metrics.parquet").to_pandas()
-    return table[table.step > warmup].step_seconds.tolist()
+    return table[table.step > warmup][column].tolist()
 
 
-def bare_step_seconds(storage: str, args, threads: int) -> List[float]:
-    """The same model, batches and optimiser in a plain loop over tensors already in memory."""
+def bare_step_seconds(storage: str, args, threads: int):
+    """The same model, batches and optimiser in a plain loop over tensors already in memory: wall and CPU seconds
+    per step."""
     import torch
 
     from gradmimic import clip_per_sample_loss
@@ -80,9 +81,9 @@ def bare_step_seconds(storage: str, args, threads: int) -> List[float]:
     plan = StepPlan(train.num_rows, args.batch_size, 1, 0, args.steps)
     model = spec.build(seed=0)
     opt, sched = make_optimizer(model, Optim(lr=5e-4), args.steps)
-    times = []
+    times, cpu = [], []
     for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         idx = torch.from_numpy(plan.global_rows(step))
         opt.zero_grad(set_to_none=True)
         loss = clip_per_sample_loss(model.encode_image(images[idx]), model.encode_text(tokens[idx]),
@@ -92,7 +93,8 @@ def bare_step_seconds(storage: str, args, threads: int) -> List[float]:
         opt.step()
         sched.step()
         times.append(time.perf_counter() - t0)
-    return times[args.warmup:]
+        cpu.append(time.process_time() - c0)
+    return times[args.warmup:], cpu[args.warmup:]
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -100,31 +102,46 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     from ..runner import run_spec
     from ..spec import parse_spec
+    from .overhead import median_ratio
 
     cores = os.cpu_count() or 1
     cpus = args.cpus_per_worker or max(1, cores // args.workers)
-    if args.steps <= args.warmup:
-        raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    if args.steps <= args.warmup or args.rounds < 1:
+        raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --rounds be >= 1")
+    rounds: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
+    cpu: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         storage = os.path.join(tmp, "runs")
-        spec = parse_spec(_spec(storage, args, cpus), label="bench train")
         # logical CPUs: the workers' plus at least one for Ray Data's decoding
         ray.init(num_cpus=args.workers * cpus + max(1, cores // 2), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         try:
-            run_spec(spec, stream=io.StringIO() if args.json else sys.stderr)
+            for r in range(1, args.rounds + 1):
+                spec = parse_spec(_spec(storage, args, cpus, r), label="bench train")
+                run_spec(spec, stream=io.StringIO() if args.json else sys.stderr)
+                for mode in ("plain", "mimic"):
+                    rounds[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup)))
+                    cpu[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup,
+                                                                          "step_cpu_seconds")))
+                wall, used = bare_step_seconds(storage, args, cpus)
+                rounds["bare"].append(statistics.median(wall))
+                cpu["bare"].append(statistics.median(used))
         finally:
             ray.shutdown()
-        plain = statistics.median(stage_step_seconds(storage, "plain", args.warmup))
-        mimic = statistics.median(stage_step_seconds(storage, "mimic", args.warmup))
-        bare = statistics.median(bare_step_seconds(storage, args, cpus))
+    plain, mimic, bare = (statistics.median(rounds[k]) for k in ("plain", "mimic", "bare"))
     b = args.batch_size
     result = {
         "workers": args.workers, "batch_size": b, "steps": args.steps, "warmup": args.warmup, "threads": cpus,
         "plain_samples_per_s": round(b / plain, 1), "mimic_samples_per_s": round(b / mimic, 1),
         "bare_samples_per_s": round(b / bare, 1),
         "plain_step_ms": round(plain * 1e3, 2), "mimic_step_ms": round(mimic * 1e3, 2), "bare_step_ms": round(bare * 1e3, 2),
-        "mimic_over_plain": round(mimic / plain, 3), "pipeline_efficiency": round(bare / plain, 3),
+        "mimic_over_plain": round(median_ratio(rounds["mimic"], rounds["plain"]), 3),
+        "pipeline_efficiency": round(median_ratio(rounds["bare"], rounds["plain"]), 3),
+        # the same ratios from the processes' CPU time, which a busy machine disturbs less than wall time
+        "mimic_over_plain_cpu": round(median_ratio(cpu["mimic"], cpu["plain"]), 3),
+        "bare_over_plain_cpu": round(median_ratio(cpu["bare"], cpu["plain"]), 3),
+        "rounds": args.rounds,
+        **{f"{k}_step_ms_rounds": [round(v * 1e3, 2) for v in vs] for k, vs in rounds.items()},
     }
     if args.json:
         print(json.dumps(result))

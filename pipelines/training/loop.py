@@ -444,7 +444,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     stream = ray.train.get_dataset_shard(f"train_{comm.rank}").iter_batches(
         batch_size=job.plan.local_sizes[comm.rank], batch_format="numpy", prefetch_batches=4)
     plan = job.plan
-    t_prev = time.perf_counter()
+    t_prev, cpu_prev = time.perf_counter(), time.process_time()
     batches = step_batches(stream, worker.step + 1) if worker.step < plan.total_steps else iter(())
     for step, batch in batches:
         out = worker.train_step(batch)
@@ -455,8 +455,9 @@ def train_worker(config: Dict[str, Any]) -> None:
                    out["losses"], stats["batch_size"])
         now = time.perf_counter()
         seconds, t_prev = now - t_prev, now  # data wait + compute: what the stage delivers
+        cpu = time.process_time() - cpu_prev  # this process's CPU (all threads): robust to a busy machine
         worker.train_seconds += seconds
-        row = {"step": step, "epoch": plan.epoch(step), **stats, "step_seconds": seconds,
+        row = {"step": step, "epoch": plan.epoch(step), **stats, "step_seconds": seconds, "step_cpu_seconds": cpu,
                "samples_per_s": stats["batch_size"] / seconds}
         if evaluator is not None and ((job.eval_every and step % job.eval_every == 0) or step == plan.total_steps):
             row.update(worker.evaluate(evaluator.batches()))
@@ -466,4 +467,4 @@ def train_worker(config: Dict[str, Any]) -> None:
                 board.update.remote({**row, "total": plan.total_steps, "train_seconds": worker.train_seconds})
         if step % job.checkpoint_every == 0 or step == plan.total_steps:
             checkpoint_and_report(worker, writer, {"step": step, "loss": stats["loss"]})
-        t_prev = time.perf_counter()  # evaluation and checkpoints are not step time
+        t_prev, cpu_prev = time.perf_counter(), time.process_time()  # evaluation and checkpoints are not step time

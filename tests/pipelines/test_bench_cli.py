@@ -1,8 +1,10 @@
-"""The overhead benchmark runs from the CLI, prints the keys the issue asks for, and agrees with its oracle."""
+"""The benchmarks run from the CLI and print the keys the issues ask for (overhead: agreeing with its oracle)."""
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 KEYS = {"plain_ms", "mimic_ms", "vmap_ms", "mimic_over_plain", "vmap_over_plain", "max_abs_err_vs_oracle", "peak_rss_mb"}
 
@@ -26,3 +28,22 @@ def test_bench_rejects_unknown_method():
     res = gradmimic("bench", "overhead", "--method", "sharpe")
     assert res.returncode == 2
     assert "invalid choice: 'sharpe'" in res.stderr
+
+
+@pytest.mark.slow
+def test_bench_train_json():
+    res = gradmimic("bench", "train", "--json", "--steps", "4", "--warmup", "1", "--rounds", "1", "--batch-size", "32")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    keys = {"plain_samples_per_s", "mimic_samples_per_s", "bare_samples_per_s", "mimic_over_plain",
+            "pipeline_efficiency", "workers"}
+    assert keys <= set(out) and out["workers"] == 1
+    # one round: the ratios are that round's
+    ms = {k: out[f"{k}_step_ms_rounds"][0] for k in ("plain", "mimic", "bare")}
+    assert out["mimic_over_plain"] == pytest.approx(ms["mimic"] / ms["plain"], abs=2e-3)
+    assert out["pipeline_efficiency"] == pytest.approx(ms["bare"] / ms["plain"], abs=2e-3)
+
+
+def test_bench_train_rejects_too_few_steps():
+    res = gradmimic("bench", "train", "--steps", "3", "--warmup", "5")
+    assert res.returncode == 2 and "--steps (3) must exceed --warmup (5)" in res.stderr
