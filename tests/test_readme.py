@@ -22,7 +22,7 @@ def test_python_examples_run(capsys):
 
 def test_ci_runs_the_readme_test_command():
     lines = README.splitlines()
-    step = lines[lines.index("# 2. set up and run the tests (CPU only, a few minutes)") + 1]
+    step = lines[lines.index(next(ln for ln in lines if ln.startswith("# 2. set up and run the tests"))) + 1]
     assert "pytest" in step
     res = subprocess.run(["bash", str(ROOT / ".ci/run")], env={**os.environ, "CI_DRY_RUN": "1"},
                          capture_output=True, text=True, timeout=60)
