@@ -212,6 +212,7 @@ class Worker:
         self.train_seconds = 0.0
         self.history: List[Dict[str, Any]] = []
         self.comparison: List[Dict[str, np.ndarray]] = []
+        self.direction_step: Optional[int] = None  # when the comparison direction was last computed
 
     def _weightings(self) -> Tuple[GradMimic, GradMimic]:
         import ray
@@ -301,10 +302,12 @@ class Worker:
             weights = torch.full_like(scores, 1.0 / global_b)
         else:
             mimic = self.warm if self.step < job.mimic_warmup else self.mimic
-            if job.mode in ("agra", "influence") and (self.step % job.comparison_every == 0 or mimic._direction is None):
+            due = self.direction_step is None or self.step - self.direction_step >= job.comparison_every
+            if job.mode in ("agra", "influence") and due:
                 direction = self.comparison_direction()
                 self.mimic.set_direction(direction)
                 self.warm.set_direction(direction)
+                self.direction_step = self.step
             ref_loss = self.reference_losses(batch, sizes) if job.mode == "rho" else None
             out = mimic.step(loss_B, sites, coupled=self.clip, sqnorms_fn=sqnorms, ref_loss_B=ref_loss,
                              gather=self.comm.gather_1d if self.comm.distributed else None, rank=self.comm.rank)
