@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from typing import Any, Dict, Literal, Union, get_args, get_origin
-
+from typing import Any, Dict, Literal, Optional, Union, get_args, get_origin
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -157,6 +156,12 @@ def config_refs(config: Any, where: str = "") -> list:
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             out.extend(config_refs(value, join(where, f.name)))
     return out
+
+
+def doc(text: str, ref: Optional[str] = None, **kw: Any) -> Any:
+    """A config field with its documentation (shown by ``gradmimic list-stages``) and, for a field naming another
+    stage, the kind of stage it must name (``ref="dataset"``)."""
+    return dataclasses.field(metadata={"doc": text, **({"ref": ref} if ref else {})}, **kw)
 
 
 def join(where: str, name: str) -> str:

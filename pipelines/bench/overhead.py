@@ -29,6 +29,7 @@ from gradmimic import ClipSites, GradMimic, Weighting, clip_per_sample_loss
 from gradmimic.oracle import per_sample_grads, scores_from_grads
 
 from ..models import tiny_clip
+from . import print_result
 
 PARAM = "visual.proj"
 VARIANTS = ("plain", "mimic", "vmap")
@@ -223,12 +224,7 @@ def run(args: argparse.Namespace) -> Dict[str, float]:
     if not args.no_memory:
         for v in VARIANTS:
             result[f"{v}_step_mb"] = variant_memory(args, v)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        width = max(map(len, result))
-        for k, v in result.items():
-            print(f"{k:<{width}}  {v}")
+    print_result(result, args.json)
     return result
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,8 @@ import time
 from typing import Any, Dict, List
 
 import numpy as np
+
+from . import print_result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +69,7 @@ def bare_step_seconds(storage: str, args, threads: int):
     from ..models import ModelSpec
     from ..storage import StageDir, open_storage
     from ..training.data import POOL_COLUMNS, Decoder, StepPlan, read_pool, split_rows
-    from ..training.loop import Optim, make_optimizer, to_images
+    from ..training.loop import OptimizerConfig, make_optimizer, to_images
 
     torch.set_num_threads(threads)
     fs, root = open_storage(storage)
@@ -80,7 +81,7 @@ def bare_step_seconds(storage: str, args, threads: int):
     tokens = torch.from_numpy(decoded["tokens"])
     plan = StepPlan(train.num_rows, args.batch_size, 1, 0, args.steps)
     model = spec.build(seed=0)
-    opt, sched = make_optimizer(model, Optim(lr=5e-4), args.steps)
+    opt, sched = make_optimizer(model, OptimizerConfig(lr=5e-4), args.steps)
     times, cpu = [], []
     for step in range(1, args.steps + 1):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -143,10 +144,5 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "rounds": args.rounds,
         **{f"{k}_step_ms_rounds": [round(v * 1e3, 2) for v in vs] for k, vs in rounds.items()},
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        width = max(map(len, result))
-        for k, v in result.items():
-            print(f"{k:<{width}}  {v}")
+    print_result(result, args.json)
     return result

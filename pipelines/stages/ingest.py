@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import SpecError
+from ..config import SpecError, doc
 from ..storage import open_storage
 
 RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "tar", "image",
@@ -44,38 +44,34 @@ PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}."
 DIGIT_TEMPLATES = ("a handwritten digit {}.", "a scan of the number {}, written by hand.", "the digit {}.")
 
 
-def _doc(text: str, **kw: Any) -> Any:
-    return field(metadata={"doc": text}, **kw)
-
-
 @dataclass(frozen=True)
 class EmbeddedSource:
     kind: Literal["embedded"] = "embedded"
-    dataset: Literal["digits"] = _doc("the packaged dataset: 'digits' (1,797 real handwritten digits)", default="digits")
-    templates: Tuple[str, ...] = _doc("caption templates, '{}' is the class name", default=DIGIT_TEMPLATES)
-    limit: Optional[int] = _doc("keep only the first N samples", default=None)
+    dataset: Literal["digits"] = doc("the packaged dataset: 'digits' (1,797 real handwritten digits)", default="digits")
+    templates: Tuple[str, ...] = doc("caption templates, '{}' is the class name", default=DIGIT_TEMPLATES)
+    limit: Optional[int] = doc("keep only the first N samples", default=None)
 
 
 @dataclass(frozen=True)
 class CaptionFolderSource:
     kind: Literal["caption_folder"]
-    path: str = _doc("folder (local or URL) searched recursively for images with same-named .txt captions")
+    path: str = doc("folder (local or URL) searched recursively for images with same-named .txt captions")
 
 
 @dataclass(frozen=True)
 class LabelledSource:
     kind: Literal["labelled"]
-    path: str = _doc("folder with one sub-folder of images per class")
-    templates: Tuple[str, ...] = _doc("caption templates, '{}' is the class name", default=PHOTO_TEMPLATES)
-    class_names: Dict[str, str] = _doc("folder name -> class name used in captions", default_factory=dict)
+    path: str = doc("folder with one sub-folder of images per class")
+    templates: Tuple[str, ...] = doc("caption templates, '{}' is the class name", default=PHOTO_TEMPLATES)
+    class_names: Dict[str, str] = doc("folder name -> class name used in captions", default_factory=dict)
 
 
 @dataclass(frozen=True)
 class DataCompSource:
     kind: Literal["datacomp"]
-    path: str = _doc("pool root holding the metadata parquet and the webdataset tars")
-    metadata: str = _doc("metadata folder under path (parquet with uid, text, ...)", default="metadata")
-    shards: str = _doc("tar folder under path", default="shards")
+    path: str = doc("pool root holding the metadata parquet and the webdataset tars")
+    metadata: str = doc("metadata folder under path (parquet with uid, text, ...)", default="metadata")
+    shards: str = doc("tar folder under path", default="shards")
 
 
 Source = Union[EmbeddedSource, CaptionFolderSource, LabelledSource, DataCompSource]
@@ -83,9 +79,9 @@ Source = Union[EmbeddedSource, CaptionFolderSource, LabelledSource, DataCompSour
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    kind: Literal["label", "caption"] = _doc("label: relabel to another class; caption: swap captions")
-    rate: float = _doc("fraction of training samples to corrupt")
-    seed: int = _doc("random seed", default=0)
+    kind: Literal["label", "caption"] = doc("label: relabel to another class; caption: swap captions")
+    rate: float = doc("fraction of training samples to corrupt")
+    seed: int = doc("random seed", default=0)
 
     def validate(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -94,8 +90,8 @@ class NoiseConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    test_fraction: float = _doc("fraction of samples held out as split='test' (never corrupted)")
-    seed: int = _doc("random seed", default=0)
+    test_fraction: float = doc("fraction of samples held out as split='test' (never corrupted)")
+    seed: int = doc("random seed", default=0)
 
     def validate(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
@@ -104,11 +100,11 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    source: Source = _doc("where samples come from: kind embedded | caption_folder | labelled | datacomp",
+    source: Source = doc("where samples come from: kind embedded | caption_folder | labelled | datacomp",
                           default=EmbeddedSource())
-    noise: Optional[NoiseConfig] = _doc("inject label or caption noise into the training split", default=None)
-    split: Optional[SplitConfig] = _doc("hold out a test split", default=None)
-    shard_size: int = _doc("samples per output shard (one Ray task each)", default=1000)
+    noise: Optional[NoiseConfig] = doc("inject label or caption noise into the training split", default=None)
+    split: Optional[SplitConfig] = doc("hold out a test split", default=None)
+    shard_size: int = doc("samples per output shard (one Ray task each)", default=1000)
 
     def validate(self) -> None:
         if self.shard_size < 1:

@@ -22,25 +22,31 @@ from __future__ import annotations
 import math
 import posixpath
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from ..config import SpecError, ref_name
-from ..models import ModelSpec, apply_trainable, fetch_pretrained, fit_state, match_names, meta_model, model_json, shapes
+from ..config import SpecError, doc, ref_name
+from ..models import (
+    ModelSpec,
+    apply_trainable,
+    fetch_pretrained,
+    fit_state,
+    match_names,
+    meta_model,
+    model_json,
+    shapes,
+)
+from ..training.loop import OptimizerConfig
 
 MODES = ("plain", "mimic", "grand", "rho", "agra", "influence")
 WEIGHTS_FILE = "model.safetensors"
 
 
-def _doc(text: str, ref: Optional[str] = None, **kw: Any) -> Any:
-    return field(metadata={"doc": text, **({"ref": ref} if ref else {})}, **kw)
-
-
 @dataclass(frozen=True)
 class Weights:
-    stage: Optional[str] = _doc("a previous train stage: its final weights", default=None)
-    path: Optional[str] = _doc("a .safetensors or weights-only torch file (local path or URL)", default=None)
-    pretrained: Optional[str] = _doc("an open_clip pretrained tag, e.g. laion2b_s34b_b79k (needs the network)",
+    stage: Optional[str] = doc("a previous train stage: its final weights", default=None)
+    path: Optional[str] = doc("a .safetensors or weights-only torch file (local path or URL)", default=None)
+    pretrained: Optional[str] = doc("an open_clip pretrained tag, e.g. laion2b_s34b_b79k (needs the network)",
                                      default=None)
 
     def validate(self) -> None:
@@ -54,22 +60,22 @@ WeightsRef = Union[str, Weights]  # a bare string names a previous train stage
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = _doc("open_clip architecture (e.g. ViT-B-32), the shipped 'tiny-clip', or a model-config .json",
+    arch: str = doc("open_clip architecture (e.g. ViT-B-32), the shipped 'tiny-clip', or a model-config .json",
                      default="tiny-clip")
-    torchvision: Optional[str] = _doc("classify only: a torchvision model (e.g. resnet18) as the backbone instead of "
+    torchvision: Optional[str] = doc("classify only: a torchvision model (e.g. resnet18) as the backbone instead of "
                                       "the open_clip visual tower", default=None)
-    image_size: Optional[int] = _doc("torchvision backbones: input size (open_clip: the architecture's)", default=None)
+    image_size: Optional[int] = doc("torchvision backbones: input size (open_clip: the architecture's)", default=None)
 
 
 @dataclass(frozen=True)
 class MimicConfig:
-    params: Optional[Tuple[str, ...]] = _doc("parameters scored and reweighted (default: visual.proj for clip, "
+    params: Optional[Tuple[str, ...]] = doc("parameters scored and reweighted (default: visual.proj for clip, "
                                              "head.weight for classify)", default=None)
-    method: Literal["proj", "cos", "normed_proj", "normed_cos"] = _doc(
+    method: Literal["proj", "cos", "normed_proj", "normed_cos"] = doc(
         "score: proj | cos of -g_i on T; normed_* reweight with a softmax over the global batch", default="normed_proj")
-    temperature: float = _doc("softmax temperature (also for grand and rho)", default=1.0)
-    reweight: Literal["param", "all"] = _doc("reweight the mimic parameters only, or every parameter", default="param")
-    warmup_steps: int = _doc("first steps with the plain mean's weights (scores still logged)", default=0)
+    temperature: float = doc("softmax temperature (also for grand and rho)", default=1.0)
+    reweight: Literal["param", "all"] = doc("reweight the mimic parameters only, or every parameter", default="param")
+    warmup_steps: int = doc("first steps with the plain mean's weights (scores still logged)", default=0)
 
     def validate(self) -> None:
         if not self.temperature > 0:
@@ -80,11 +86,11 @@ class MimicConfig:
 
 @dataclass(frozen=True)
 class ComparisonConfig:
-    data: str = _doc("a dataset stage holding the trusted / comparison samples", ref="dataset")
-    split: Literal["train", "test"] = _doc("which of its splits", default="train")
-    samples: int = _doc("how many (drawn with the seed)", default=256)
-    every: int = _doc("recompute the direction every this many steps", default=1)
-    seed: int = _doc("draw seed", default=0)
+    data: str = doc("a dataset stage holding the trusted / comparison samples", ref="dataset")
+    split: Literal["train", "test"] = doc("which of its splits", default="train")
+    samples: int = doc("how many (drawn with the seed)", default=256)
+    every: int = doc("recompute the direction every this many steps", default=1)
+    seed: int = doc("draw seed", default=0)
 
     def validate(self) -> None:
         if self.samples < 1 or self.every < 1:
@@ -92,27 +98,10 @@ class ComparisonConfig:
 
 
 @dataclass(frozen=True)
-class OptimizerConfig:
-    lr: float = _doc("peak learning rate (AdamW)", default=5e-4)
-    weight_decay: float = _doc("AdamW weight decay (not on gains, biases, logit_scale)", default=0.1)
-    betas: Tuple[float, float] = _doc("AdamW betas", default=(0.9, 0.98))
-    eps: float = _doc("AdamW epsilon", default=1e-6)
-    warmup_steps: int = _doc("linear learning-rate warm-up steps", default=0)
-    schedule: Literal["cosine", "constant"] = _doc("after warm-up", default="cosine")
-    grad_clip: Optional[float] = _doc("clip the gradient norm to this (null: off)", default=1.0)
-
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise SpecError(f"lr: must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise SpecError("betas: expected two numbers")
-
-
-@dataclass(frozen=True)
 class ResourcesConfig:
-    num_workers: int = _doc("training workers (DDP ranks)", default=1)
-    use_gpu: bool = _doc("one GPU per worker (NCCL); otherwise CPU (gloo)", default=False)
-    cpus_per_worker: float = _doc("CPUs reserved per worker (and its torch threads)", default=1.0)
+    num_workers: int = doc("training workers (DDP ranks)", default=1)
+    use_gpu: bool = doc("one GPU per worker (NCCL); otherwise CPU (gloo)", default=False)
+    cpus_per_worker: float = doc("CPUs reserved per worker (and its torch threads)", default=1.0)
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -123,35 +112,35 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = _doc("the ingest stage to train on (its train split; its test split is held out)",
+    data: str = doc("the ingest stage to train on (its train split; its test split is held out)",
                      ref="dataset")
-    task: Literal["clip", "classify"] = _doc("clip: symmetric InfoNCE; classify: linear head, cross-entropy",
+    task: Literal["clip", "classify"] = doc("clip: symmetric InfoNCE; classify: linear head, cross-entropy",
                                              default="clip")
-    mode: Literal["plain", "mimic", "grand", "rho", "agra", "influence"] = _doc(
+    mode: Literal["plain", "mimic", "grand", "rho", "agra", "influence"] = doc(
         "plain training, Grad-Mimic, or a baseline weighting", default="plain")
-    model: ModelConfig = _doc("what to build", default=ModelConfig())
-    init: Optional[WeightsRef] = _doc("initial weights: a train stage, {path: ...} or {pretrained: ...} (default: "
+    model: ModelConfig = doc("what to build", default=ModelConfig())
+    init: Optional[WeightsRef] = doc("initial weights: a train stage, {path: ...} or {pretrained: ...} (default: "
                                       "random, from seed)", default=None, ref="model")
-    reinit: Tuple[str, ...] = _doc("parameters re-initialised after loading init (e.g. visual.proj)", default=())
-    trainable: Optional[Tuple[str, ...]] = _doc("train only parameters matching these names / globs", default=None)
-    freeze: Tuple[str, ...] = _doc("freeze parameters matching these names / globs", default=())
-    reference: Optional[WeightsRef] = _doc("reference weights for mimic (task vector) and rho (reference losses)",
+    reinit: Tuple[str, ...] = doc("parameters re-initialised after loading init (e.g. visual.proj)", default=())
+    trainable: Optional[Tuple[str, ...]] = doc("train only parameters matching these names / globs", default=None)
+    freeze: Tuple[str, ...] = doc("freeze parameters matching these names / globs", default=())
+    reference: Optional[WeightsRef] = doc("reference weights for mimic (task vector) and rho (reference losses)",
                                            default=None, ref="model")
-    mimic: MimicConfig = _doc("scoring and reweighting", default=MimicConfig())
-    comparison: Optional[ComparisonConfig] = _doc("agra / influence: the comparison set", default=None)
-    batch_size: int = _doc("global batch (split over the workers)", default=256)
-    steps: Optional[int] = _doc("training steps (or give epochs)", default=None)
-    epochs: Optional[int] = _doc("passes over the train split (default 1 when steps is not given)", default=None)
-    optimizer: OptimizerConfig = _doc("AdamW with warm-up and cosine decay", default=OptimizerConfig())
-    precision: Literal["auto", "fp32", "bf16"] = _doc("auto: bf16 autocast on GPU, fp32 on CPU", default="auto")
-    eval_every: int = _doc("evaluate on the test split every this many steps (0: only at the end)", default=0)
-    eval_batch_size: int = _doc("rows per evaluation chunk (CLIP's held-out loss is over a chunk)", default=256)
-    eval_samples: Optional[int] = _doc("evaluate on at most this many test rows", default=None)
-    checkpoint_every: int = _doc("checkpoint (and make the score log durable) every this many steps", default=100)
-    max_failures: int = _doc("worker-group restarts from the last checkpoint before giving up", default=3)
-    resources: ResourcesConfig = _doc("workers and devices", default=ResourcesConfig())
-    num_buckets: int = _doc("score-log partitions: bucket = uid_lo % num_buckets", default=64)
-    seed: int = _doc("model init and data order", default=0)
+    mimic: MimicConfig = doc("scoring and reweighting", default=MimicConfig())
+    comparison: Optional[ComparisonConfig] = doc("agra / influence: the comparison set", default=None)
+    batch_size: int = doc("global batch (split over the workers)", default=256)
+    steps: Optional[int] = doc("training steps (or give epochs)", default=None)
+    epochs: Optional[int] = doc("passes over the train split (default 1 when steps is not given)", default=None)
+    optimizer: OptimizerConfig = doc("AdamW with warm-up and cosine decay", default=OptimizerConfig())
+    precision: Literal["auto", "fp32", "bf16"] = doc("auto: bf16 autocast on GPU, fp32 on CPU", default="auto")
+    eval_every: int = doc("evaluate on the test split every this many steps (0: only at the end)", default=0)
+    eval_batch_size: int = doc("rows per evaluation chunk (CLIP's held-out loss is over a chunk)", default=256)
+    eval_samples: Optional[int] = doc("evaluate on at most this many test rows", default=None)
+    checkpoint_every: int = doc("checkpoint (and make the score log durable) every this many steps", default=100)
+    max_failures: int = doc("worker-group restarts from the last checkpoint before giving up", default=3)
+    resources: ResourcesConfig = doc("workers and devices", default=ResourcesConfig())
+    num_buckets: int = doc("score-log partitions: bucket = uid_lo % num_buckets", default=64)
+    seed: int = doc("model init and data order", default=0)
 
     def validate(self) -> None:
         if self.mode in ("mimic", "rho") and self.reference is None:
@@ -261,13 +250,6 @@ def _check_params(cfg: TrainConfig, model, training) -> None:
 # ------------------------------------------------------------------------------------------------ the stage
 
 
-def _weights_url(ctx, source: Optional[WeightsRef]) -> Optional[str]:
-    name = ref_name(source)
-    if name is not None:
-        return ctx.inputs[name].join(WEIGHTS_FILE)
-    return None
-
-
 def load_weights_source(ctx, source: WeightsRef, arch: str, field_name: str):
     """A state dict from a stage's final weights, a file or an open_clip pretrained tag."""
     from gradmimic import load_state_dict
@@ -305,109 +287,134 @@ def _load_path(path: str, loader):
         return loader(tmp.name)
 
 
-def _pool_columns(stage_manifest: Dict[str, Any], task: str) -> List[str]:
+def _pool_columns(stage_manifest: Dict[str, Any]) -> List[str]:
     from ..training.data import POOL_COLUMNS
 
-    cols = list(POOL_COLUMNS)
-    if stage_manifest.get("class_names"):
-        cols.append("label")
-    return cols
+    return list(POOL_COLUMNS) + (["label"] if stage_manifest.get("class_names") else [])
 
 
-def run_train(cfg: TrainConfig, ctx) -> Dict[str, Any]:
-    import ray
+@dataclass
+class _Pool:
+    """What the stage reads from its ingest stage."""
 
-    from ..training.data import Decoder, StepPlan, chunks_dataset, latest_checkpoint_step, read_pool, split_rows, steps_dataset
-    from ..training.loop import Job, Optim, ProgressBoard
+    train: Any  # pyarrow tables of the train / test rows (no images)
+    test: Any
+    class_names: List[str]
+    templates: Tuple[str, ...]
+
+
+def _read_inputs(cfg: TrainConfig, ctx) -> _Pool:
+    from ..training.data import read_pool, split_rows
 
     data = ctx.inputs[cfg.data]
-    data_manifest = data.manifest()
-    class_names = data_manifest.get("class_names") or []
+    manifest = data.manifest()
+    class_names = manifest.get("class_names") or []
     if cfg.task == "classify" and not class_names:
         raise SpecError(f"task: classify needs a labelled pool; stage {cfg.data!r} has no classes")
-    pool = read_pool(data, _pool_columns(data_manifest, cfg.task))
+    pool = read_pool(data, _pool_columns(manifest))
     train, test = split_rows(pool, "train"), split_rows(pool, "test")
     if cfg.batch_size > train.num_rows:
         raise SpecError(f"batch_size: {cfg.batch_size} is larger than the training pool ({train.num_rows} train rows "
                         f"in stage {cfg.data!r})")
-    workers = cfg.resources.num_workers
-    if workers > cfg.batch_size:
-        raise SpecError(f"resources.num_workers: {workers} workers cannot share a batch of {cfg.batch_size}")
-    spec = model_spec(cfg, len(class_names))
-    params = mimic_params(cfg)
+    if cfg.resources.num_workers > cfg.batch_size:
+        raise SpecError(f"resources.num_workers: {cfg.resources.num_workers} workers cannot share a batch of "
+                        f"{cfg.batch_size}")
+    if cfg.eval_samples is not None:
+        test = test.slice(0, cfg.eval_samples)
+    templates = tuple(manifest["config"]["source"].get("templates") or ("{}",))
+    return _Pool(train, test, class_names, templates)
+
+
+def _resolve_weights(cfg: TrainConfig, ctx, spec: ModelSpec, params):
+    """``(init, reference)`` state dicts (or None), checked against the model before any worker starts."""
     model_shapes = shapes(meta_model(spec))
-    init_state = reference_state = None
+    init = reference = None
     if cfg.init is not None:
         state = load_weights_source(ctx, cfg.init, cfg.model.arch, "init")
         try:
-            init_state = fit_state(model_shapes, state, skip=cfg.reinit)
+            init = fit_state(model_shapes, state, skip=cfg.reinit)
         except ValueError as exc:
             raise _spec_error("init", exc) from None
     if cfg.reference is not None and cfg.mode in ("mimic", "rho"):
         state = load_weights_source(ctx, cfg.reference, cfg.model.arch, "reference")
         wanted = model_shapes if cfg.mode == "rho" else {n: model_shapes[n] for n in params}
         try:
-            reference_state = fit_state(wanted, state)
+            reference = fit_state(wanted, state)
         except ValueError as exc:
             raise _spec_error("reference", exc) from None
-        missing = [n for n in wanted if n not in reference_state]
+        missing = [n for n in wanted if n not in reference]
         if missing:
             raise SpecError(f"reference: the reference weights have no parameter {missing[0]!r}")
-    steps_per_epoch = train.num_rows // cfg.batch_size
-    total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * steps_per_epoch
-    plan = StepPlan(train.num_rows, cfg.batch_size, workers, cfg.seed, total)
-    if cfg.eval_samples is not None:
-        test = test.slice(0, cfg.eval_samples)
-    text = dict(tokens=spec.context_length, arch=cfg.model.arch) if cfg.task == "clip" else {}
-    labelled = bool(class_names)
-    decoder = Decoder(spec.image_size, labels=labelled or cfg.task == "classify", **text)
-    out_fs, attempt = ctx.out.fs, ctx.out.join("")
-    train_ref, test_ref = ray.put(train), ray.put(test)
-    posixpath.join(attempt.rstrip("/"), "train")
-    storage_path, storage_fs = _ray_storage(out_fs, attempt)
-    first_step = _FirstStep(posixpath.join(storage_path, "train"), storage_fs)
+    return init, reference
+
+
+def _datasets(cfg: TrainConfig, ctx, pool: _Pool, plan, decoder, first_step) -> Tuple[Dict[str, Any], int]:
+    """Every rank's training stream and held-out chunks, and the comparison set: factories Ray Train calls."""
+    import ray
+
+    from ..training.data import chunks_dataset, steps_dataset
+
+    workers = plan.world
+    train_ref, test_ref = ray.put(pool.train), ray.put(pool.test)
     datasets = {f"train_{r}": steps_dataset(plan, r, train_ref, decoder, first_step) for r in range(workers)}
-    chunk_rows = cfg.eval_batch_size
-    eval_chunks = math.ceil(test.num_rows / chunk_rows)
-    if eval_chunks:
-        for r in range(workers):
-            datasets[f"eval_{r}"] = chunks_dataset(test.num_rows, chunk_rows, list(range(r, eval_chunks, workers)),
-                                                   test_ref, decoder)
-    comparison_every = 0
+    eval_chunks = math.ceil(pool.test.num_rows / cfg.eval_batch_size)
+    for r in range(workers if eval_chunks else 0):
+        datasets[f"eval_{r}"] = chunks_dataset(pool.test.num_rows, cfg.eval_batch_size,
+                                               list(range(r, eval_chunks, workers)), test_ref, decoder)
     if cfg.comparison is not None:
-        comp = _comparison_rows(ctx, cfg, decoder)
-        datasets["comparison"] = chunks_dataset(comp.num_rows, min(comp.num_rows, 1024),
-                                                list(range(math.ceil(comp.num_rows / 1024))), ray.put(comp), decoder)
-        comparison_every = cfg.comparison.every
-    zero_shot = None
-    if cfg.task == "clip" and class_names:
-        templates = data_manifest["config"]["source"].get("templates") or ["{}"]
-        zero_shot = (tuple(class_names), tuple(templates))
+        comp = _comparison_rows(ctx, cfg)
+        rows = min(comp.num_rows, 1024)
+        datasets["comparison"] = chunks_dataset(comp.num_rows, rows, list(range(math.ceil(comp.num_rows / rows))),
+                                                ray.put(comp), replace(decoder, labels=cfg.task == "classify"))
+    return datasets, eval_chunks
+
+
+def run_train(cfg: TrainConfig, ctx) -> Dict[str, Any]:
+    import ray
+
+    from ..training.data import Decoder, StepPlan
+    from ..training.loop import Job, ProgressBoard
+
+    pool = _read_inputs(cfg, ctx)
+    spec = model_spec(cfg, len(pool.class_names))
+    params = mimic_params(cfg)
+    init, reference = _resolve_weights(cfg, ctx, spec, params)
+    workers = cfg.resources.num_workers
+    total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * (pool.train.num_rows // cfg.batch_size)
+    plan = StepPlan(pool.train.num_rows, cfg.batch_size, workers, cfg.seed, total)
+    text = dict(tokens=spec.context_length, arch=cfg.model.arch) if cfg.task == "clip" else {}
+    decoder = Decoder(spec.image_size, labels=bool(pool.class_names), storage_options=ctx.storage_options, **text)
+    attempt = ctx.out.join("").rstrip("/")
+    storage_path, storage_fs = _ray_storage(ctx.out.fs, attempt)
+    first_step = _FirstStep(posixpath.join(storage_path, "train"), storage_fs)
+    datasets, eval_chunks = _datasets(cfg, ctx, pool, plan, decoder, first_step)
     board_name = progress_board_name(ctx.out.path)
     board = ray.remote(ProgressBoard).options(name=board_name, num_cpus=0, get_if_exists=True).remote()
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.resources.use_gpu else "fp32")
     job = Job(
         label=ctx.label, task=cfg.task, mode=cfg.mode, model=spec, plan=plan,
-        scores_url=out_fs.unstrip_protocol(posixpath.join(attempt.rstrip("/"), "scores")),
-        storage_options=dict(getattr(ctx, "storage_options", {}) or {}),
-        init=ray.put(init_state) if init_state is not None else None, reinit=tuple(cfg.reinit),
+        scores_url=ctx.out.fs.unstrip_protocol(posixpath.join(attempt, "scores")),
+        storage_options=dict(ctx.storage_options),
+        init=ray.put(init) if init is not None else None, reinit=tuple(cfg.reinit),
         trainable=cfg.trainable, freeze=tuple(cfg.freeze),
-        reference=ray.put(reference_state) if reference_state is not None else None, params=tuple(params),
+        reference=ray.put(reference) if reference is not None else None, params=tuple(params),
         method=cfg.mimic.method, temperature=cfg.mimic.temperature, reweight=cfg.mimic.reweight,
-        mimic_warmup=cfg.mimic.warmup_steps, comparison_every=comparison_every,
-        optim=Optim(cfg.optimizer.lr, cfg.optimizer.weight_decay, tuple(cfg.optimizer.betas), cfg.optimizer.eps,
-                    cfg.optimizer.warmup_steps, cfg.optimizer.schedule, cfg.optimizer.grad_clip),
-        precision=precision, eval_every=cfg.eval_every, eval_chunks=eval_chunks, zero_shot=zero_shot,
+        mimic_warmup=cfg.mimic.warmup_steps, comparison_every=cfg.comparison.every if cfg.comparison else 0,
+        optim=cfg.optimizer,
+        precision=cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.resources.use_gpu else "fp32"),
+        eval_every=cfg.eval_every, eval_chunks=eval_chunks,
+        zero_shot=(tuple(pool.class_names), pool.templates) if cfg.task == "clip" and pool.class_names else None,
         checkpoint_every=cfg.checkpoint_every, num_buckets=cfg.num_buckets, seed=cfg.seed,
         threads=max(1, int(cfg.resources.cpus_per_worker)), progress=board_name,
     )
-    resumed = latest_checkpoint_step(posixpath.join(storage_path, "train"), storage_fs)
+    resumed = first_step()
     if resumed:
         ctx.progress.stream.write(f"  {ctx.label}: resuming from the checkpoint at step {resumed}/{total}\n")
-    result = _fit(job, cfg, datasets, storage_path, storage_fs, board, ctx, workers)
-    restarts = max(ray.get(board.get.remote())["starts"] - 1, 0)
-    ray.kill(board)
-    out = _finish(cfg, ctx, spec, result, plan, class_names, train.num_rows, test.num_rows, resumed)
+    try:
+        result = _fit(job, cfg, datasets, storage_path, storage_fs, board, ctx)
+        restarts = max(ray.get(board.get.remote())["starts"] - 1, 0)
+    finally:
+        ray.kill(board)
+    out = _finish(cfg, ctx, spec, result, plan, pool, resumed)
     return {**out, "restarts": restarts}
 
 
@@ -439,15 +446,15 @@ def _ray_storage(fs, attempt: str):
     return attempt.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
 
-def _comparison_rows(ctx, cfg: TrainConfig, decoder):
+def _comparison_rows(ctx, cfg: TrainConfig):
     import numpy as np
     import pyarrow as pa
 
     from ..training.data import read_pool, split_rows
 
     comp_stage = ctx.inputs[cfg.comparison.data]
-    cols = _pool_columns(comp_stage.manifest(), cfg.task)
-    if decoder.labels and "label" not in cols:
+    cols = _pool_columns(comp_stage.manifest())
+    if cfg.task == "classify" and "label" not in cols:
         raise SpecError(f"comparison.data: stage {cfg.comparison.data!r} has no labels")
     rows = split_rows(read_pool(comp_stage, cols), cfg.comparison.split)
     if rows.num_rows == 0:
@@ -457,9 +464,15 @@ def _comparison_rows(ctx, cfg: TrainConfig, decoder):
     return rows.take(pa.array(pick))
 
 
-def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, ctx, workers: int):
+def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, ctx):
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from ..training.loop import train_worker
@@ -467,7 +480,7 @@ def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.resources.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
                                      resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
         run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -511,7 +524,7 @@ def _print_progress(board, ctx, done: threading.Event) -> None:
         stream.write("\n")
 
 
-def _finish(cfg, ctx, spec: ModelSpec, result, plan, class_names, train_rows: int, test_rows: int, resumed: int):
+def _finish(cfg, ctx, spec: ModelSpec, result, plan, pool: _Pool, resumed: int):
     import json
 
     import pyarrow as pa
@@ -531,7 +544,7 @@ def _finish(cfg, ctx, spec: ModelSpec, result, plan, class_names, train_rows: in
     history = state.pop("metrics")
     columns = list(dict.fromkeys(k for row in history for k in row))  # evaluation columns appear on some rows only
     ctx.out.write_table("metrics.parquet", pa.table({k: [row.get(k) for row in history] for k in columns}))
-    ctx.out.write_bytes("model.json", model_json(spec, {"class_names": class_names}))
+    ctx.out.write_bytes("model.json", model_json(spec, {"class_names": pool.class_names}))
     scores = [posixpath.relpath(p, ctx.out.join("")) for p in list_parts(ctx.out.fs, ctx.out.join(DIR))]
     evals = [h for h in history if "test_loss" in h]
     final = {k: evals[-1][k] for k in ("test_loss", "test_accuracy") if evals and k in evals[-1]}
@@ -541,6 +554,7 @@ def _finish(cfg, ctx, spec: ModelSpec, result, plan, class_names, train_rows: in
         "files": [WEIGHTS_FILE, "model.json", "metrics.parquet", *scores],
         "steps": state["step"], "samples_seen": seen, "score_rows": seen,
         "samples_per_s": round(seen / max(state["train_seconds"], 1e-9), 1),
-        "train_rows": train_rows, "test_rows": test_rows, "workers": plan.world, "resumed_from_step": resumed,
-        "final": final, "mode": cfg.mode, "task": cfg.task, "class_names": class_names,
+        "train_rows": pool.train.num_rows, "test_rows": pool.test.num_rows, "workers": plan.world,
+        "resumed_from_step": resumed, "final": final, "mode": cfg.mode, "task": cfg.task,
+        "class_names": pool.class_names,
     }

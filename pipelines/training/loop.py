@@ -23,14 +23,21 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gradmimic import ClipSites, GradMimic, Weighting, capture_linear_sites, clip_per_sample_loss
+from gradmimic import (
+    ClipSites,
+    GradMimic,
+    Weighting,
+    capture_linear_sites,
+    clip_per_sample_loss,
+)
 
+from ..config import SpecError, doc
 from ..models import ModelSpec, apply_trainable, load_weights
 from ..score_log import ScoreLogWriter, discard_after
 from ..storage import open_storage
@@ -41,14 +48,20 @@ NO_DECAY = ("bias", "logit_scale", "ln", "bn", "norm")  # gains, biases and the 
 
 
 @dataclass(frozen=True)
-class Optim:
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    betas: Tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    grad_clip: Optional[float] = 1.0
+class OptimizerConfig:
+    lr: float = doc("peak learning rate (AdamW)", default=5e-4)
+    weight_decay: float = doc("AdamW weight decay (not on gains, biases, logit_scale)", default=0.1)
+    betas: Tuple[float, float] = doc("AdamW betas", default=(0.9, 0.98))
+    eps: float = doc("AdamW epsilon", default=1e-6)
+    warmup_steps: int = doc("linear learning-rate warm-up steps", default=0)
+    schedule: Literal["cosine", "constant"] = doc("after warm-up", default="cosine")
+    grad_clip: Optional[float] = doc("clip the gradient norm to this (null: off)", default=1.0)
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise SpecError(f"lr: must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise SpecError("betas: expected two numbers")
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,7 @@ class Job:
     reweight: str = "param"
     mimic_warmup: int = 0
     comparison_every: int = 0  # agra / influence: recompute the direction every this many steps
-    optim: Optim = Optim()
+    optim: OptimizerConfig = OptimizerConfig()
     precision: str = "fp32"
     eval_every: int = 0
     eval_chunks: int = 0
@@ -88,7 +101,7 @@ class Job:
 # ------------------------------------------------------------------------------------------------ optimiser
 
 
-def make_optimizer(model: torch.nn.Module, optim: Optim, total_steps: int):
+def make_optimizer(model: torch.nn.Module, optim: OptimizerConfig, total_steps: int):
     """AdamW without weight decay on gains, biases and ``logit_scale``; linear warm-up then cosine (or constant)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -8,19 +8,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from gradmimic import GradMimic, LinearSite, Weighting, capture_linear_sites, clip_per_sample_loss
+from gradmimic import (
+    GradMimic,
+    LinearSite,
+    Weighting,
+    capture_linear_sites,
+    clip_per_sample_loss,
+)
 from gradmimic.mimic import jacobian_sqnorms
 from gradmimic.oracle import per_sample_grads, scores_from_grads
 
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def close(a, b, rtol=RTOL):

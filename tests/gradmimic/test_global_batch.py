@@ -23,12 +23,7 @@ SIZES = (4, 3)  # unequal local batches
 NAMES = ("proj", "text_projection.weight")
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class ThreadGather:
