@@ -94,7 +94,7 @@ def reference_file(path, task: str, seed: int = 0, scale: float = 0.05) -> str:
 
     model = ModelSpec(task, "tiny-clip", num_classes=10).build(seed=seed)
     g = torch.Generator().manual_seed(123)
-    state = {k: (v + scale * v.std().nan_to_num() * torch.randn(v.shape, generator=g)).contiguous()
+    state = {k: (v + scale * v.std(correction=0) * torch.randn(v.shape, generator=g)).contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(path))
     return str(path)

@@ -1,0 +1,44 @@
+"""Models the train stage builds offline: open_clip CLIPs, classifiers on an open_clip tower or a torchvision model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.models import ModelSpec, apply_trainable, fit_state, load_weights, meta_model, shapes
+
+
+def test_clip_from_the_shipped_config_is_deterministic_per_seed():
+    spec = ModelSpec("clip", "tiny-clip")
+    a, b, c = spec.build(seed=3), spec.build(seed=3), spec.build(seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.visual.proj, c.visual.proj)
+    assert spec.image_size == 32 and spec.context_length == 16 and spec.default_params == ["visual.proj"]
+    assert shapes(meta_model(spec)) == shapes(a)  # the checks on the driver see the real shapes
+
+
+def test_torchvision_classifier_takes_a_bare_backbone_checkpoint():
+    spec = ModelSpec("classify", torchvision="resnet18", num_classes=10, image_size_override=32)
+    model = spec.build(seed=0)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10) and spec.default_params == ["head.weight"]
+    assert spec.normalisation[0] == (0.485, 0.456, 0.406) and spec.image_size == 32
+    import torchvision
+
+    backbone = torchvision.models.resnet18(weights=None).state_dict()  # keys without the "visual." prefix
+    state = fit_state(shapes(model), backbone)
+    assert "visual.conv1.weight" in state and "head.weight" not in state
+    load_weights(model, state)
+    assert torch.equal(model.visual.conv1.weight, backbone["conv1.weight"])
+    assert apply_trainable(model, ["head.*"], ()) == ["head.weight", "head.bias"]
+    assert not model.visual.conv1.weight.requires_grad
+
+
+def test_open_clip_tower_classifier_loads_a_clip_stage():
+    clip = ModelSpec("clip").build(seed=1)
+    classifier = ModelSpec("classify", num_classes=5).build(seed=2)
+    state = fit_state(shapes(classifier), clip.state_dict())
+    assert set(state) == {n for n in shapes(classifier) if n.startswith("visual.")}
+    with pytest.raises(ValueError, match=r"parameter 'visual.proj' has shape \(64, 7\) in the weights but \(64, 32\)"):
+        fit_state(shapes(classifier), {"visual.proj": torch.zeros(64, 7)})
+    with pytest.raises(ValueError, match="none of this model's parameters are in the weights"):
+        fit_state(shapes(classifier), {"something.else": torch.zeros(1)})
