@@ -161,12 +161,16 @@ class GradMimic:
         gather: Optional[Gather] = None,
         rank: int = 0,
         backward: bool = True,
+        sizes: Optional[list] = None,
+        all_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> StepResult:
         """Score this batch, weight it and (unless ``backward=False``) run the one backward.
 
         ``gather`` concatenates a 1-D tensor over ranks in rank order and ``rank`` is this process's place in
         it; with them, weights are normalised over the global batch and, for DDP (which averages gradients), the
         loss is scaled by the number of ranks so the update equals the single-process update on the global batch.
+        Optional, to save collectives: ``sizes``, every rank's batch size when the caller has them already, and
+        ``all_sum``, a sum over ranks (an all-reduce) for the ``alignment`` diagnostic instead of a gather.
         """
         if loss_B.dim() != 1:
             raise ValueError(f"loss_B must be the per-sample loss vector (B,), got shape {tuple(loss_B.shape)}")
@@ -179,7 +183,9 @@ class GradMimic:
         rule = self.weighting
         direction = self.direction()
         tangents = [s.tangent(direction[s.name]) for s in site_list] if direction is not None else None
-        sizes = rank_sizes(loss_B, gather)
+        sizes = list(sizes) if sizes is not None else rank_sizes(loss_B, gather)
+        if len(sizes) > 1 and gather is None:
+            raise ValueError(f"sizes for {len(sizes)} ranks need a gather")
         world_size = len(sizes)
         uniform = torch.full_like(loss_B.detach(), 1.0 / sum(sizes))
         if backward and self.reweight == "param" and not any(p.requires_grad for p in self.params.values()):
@@ -215,7 +221,7 @@ class GradMimic:
         if direction is not None:
             mean_g = [s.param_grad(g) for s, g in zip(site_list, grads_u or out_grads(uniform))]
             if gather is not None:
-                mean_g = [_all_sum(m, gather) for m in mean_g]
+                mean_g = [all_sum(m) if all_sum is not None else _all_sum(m, gather) for m in mean_g]
             num = -sum((m * direction[s.name]).sum() for s, m in zip(site_list, mean_g))
             den = global_norm(mean_g) * global_norm(list(direction.values()))
             alignment = float(num / den) if den > 0 else 0.0

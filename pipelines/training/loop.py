@@ -108,7 +108,11 @@ def make_optimizer(model: torch.nn.Module, optim: OptimizerConfig, total_steps: 
         if p.requires_grad:
             (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    groups = [g for g in groups if g["params"]]
+    try:  # the fused kernel: on CPU too, several times faster than the per-tensor loop for many small tensors
+        opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=True)
 
     def factor(step: int) -> float:  # LambdaLR calls it with the number of steps taken
         if step < optim.warmup_steps:
@@ -322,8 +326,9 @@ class Worker:
                 self.warm.set_direction(direction)
                 self.direction_step = self.step
             ref_loss = self.reference_losses(batch, sizes) if job.mode == "rho" else None
+            dist = dict(gather=self.comm.gather_1d, all_sum=self.comm.all_sum) if self.comm.distributed else {}
             out = mimic.step(loss_B, sites, coupled=self.clip, sqnorms_fn=sqnorms, ref_loss_B=ref_loss,
-                             gather=self.comm.gather_1d if self.comm.distributed else None, rank=self.comm.rank)
+                             rank=self.comm.rank, sizes=sizes, **dist)
             scores, weights = out.scores, out.weights
             stats.update(direction_norm=out.direction_norm, alignment=out.alignment)
         if job.optim.grad_clip:

@@ -63,7 +63,8 @@ def clip_step(model, img, txt, ref, method, reweight, rows=None, norms="gram", *
 @pytest.mark.parametrize("method", ["normed_proj", "normed_cos"])
 @pytest.mark.parametrize("reweight", ["param", "all"])
 @pytest.mark.parametrize("norms", ["gram", "jacobian"])
-def test_ranks_score_their_rows_of_the_global_batch(method, reweight, norms):
+@pytest.mark.parametrize("given", [False, True])  # the caller passes sizes and an all_sum (fewer collectives)
+def test_ranks_score_their_rows_of_the_global_batch(method, reweight, norms, given):
     torch.manual_seed(0)
     model = TinyClip()
     ref = perturbed(model)
@@ -78,8 +79,15 @@ def test_ranks_score_their_rows_of_the_global_batch(method, reweight, norms):
         try:
             start = sum(SIZES[:rank])
             rows = slice(start, start + SIZES[rank])
+            gather = group.for_rank(rank)
+            extra = {}
+            if given:
+                def all_sum(t):
+                    return gather(t.reshape(-1)).reshape(len(SIZES), -1).sum(0).reshape(t.shape)
+
+                extra = dict(sizes=list(SIZES), all_sum=all_sum)
             results[rank] = clip_step(copy.deepcopy(model), img, txt, ref, method, reweight, rows, norms,
-                                      gather=group.for_rank(rank), rank=rank)
+                                      gather=gather, rank=rank, **extra)
         except Exception as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
             group.barrier.abort()
@@ -109,3 +117,11 @@ def test_rows_are_slices_of_the_whole_batch():
     full = clip_per_sample_loss(h, o, 2.0)
     close(clip_per_sample_loss(h, o, 2.0, slice(2, 6)), full[2:6])
     close(projection_sqnorms(x, h, o, 2.0, slice(2, 6)), projection_sqnorms(x, h, o, 2.0)[2:6])
+
+
+def test_sizes_of_many_ranks_need_a_gather():
+    torch.manual_seed(0)
+    model = TinyClip()
+    with pytest.raises(ValueError, match="sizes for 2 ranks need a gather"):
+        clip_step(model, torch.randn(4, 6), torch.randn(4, 5), perturbed(model), "normed_proj", "param",
+                  slice(0, 2), sizes=[2, 2])
