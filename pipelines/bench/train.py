@@ -33,9 +33,9 @@ from . import print_result
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="training workers (DDP ranks)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the medians")
-    p.add_argument("--rounds", type=int, default=3, help="plain / mimic / bare rounds (ratios: median over rounds)")
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--warmup", type=int, default=15, help="first steps left out of the medians")
+    p.add_argument("--rounds", type=int, default=5, help="plain / mimic / bare rounds (ratios: median over rounds)")
     p.add_argument("--cpus-per-worker", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
 
