@@ -11,7 +11,7 @@ from .scores import METHODS, batch_weights, global_softmax, mimic_scores
 from .task_vector import load_state_dict, reference_tensors, task_vectors
 from .weighting import RULES, Weighting
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ClipBatch", "ClipSites", "GradMimic", "LinearSite", "METHODS", "RULES", "StepResult", "Weighting",

@@ -20,7 +20,7 @@ from .registry import STAGES
 from .spec import Spec, StageSpec, check_spec, dump_spec
 from .storage import StageDir, open_storage
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"  # in every config hash: a release that changes what stages write reruns them
 
 
 def config_hash(stage: StageSpec, input_hashes: Dict[str, str]) -> str:

@@ -1,10 +1,12 @@
 """The train stage's data: a seeded plan of global batches, and Ray Data pipelines that decode them for each rank.
 
-**The plan.**  Epoch ``e`` visits the training rows in the order of a permutation seeded by ``(seed, e)``; step
+**The plan.**  Epoch ``e`` visits the training rows in the order of a permutation keyed by ``(seed, e)``; step
 ``s`` (1-based) takes the next ``batch_size`` rows of it (the epoch's last partial batch is dropped), and rank
 ``r`` takes its slice of that global batch (:func:`~pipelines.training.dist.world_rank_sizes`: unequal when the
 batch does not divide).  Everything is a pure function of the spec, so the same spec gives the same batches, a
-one-process run sees the same global batches as a many-rank one, and a resumed run picks up at any step.
+one-process run sees the same global batches as a many-rank one, and a resumed run picks up at any step.  The
+permutation is computed per position (:func:`permute`, a keyed Feistel network), never materialised: a step of a
+billion-row pool costs what its batch costs.
 
 **The pipelines.**  Each rank streams its own dataset (``train_<rank>``, via ``ray.train.get_dataset_shard``):
 ``range(steps) -> map_batches(decode)`` where each task turns a few steps into that rank's rows, reading every
@@ -60,7 +62,8 @@ class StepPlan:
         if not 1 <= step <= self.total_steps:
             raise IndexError(f"step {step} outside 1..{self.total_steps}")
         j = (step - 1) % self.steps_per_epoch
-        return _permutation(self.seed, self.epoch(step), self.rows)[j * self.batch_size:(j + 1) * self.batch_size]
+        positions = np.arange(j * self.batch_size, (j + 1) * self.batch_size)
+        return permute(positions, self.rows, _key(self.seed, self.epoch(step)))
 
     def rank_rows(self, step: int, rank: int) -> np.ndarray:
         sizes = self.local_sizes
@@ -68,9 +71,38 @@ class StepPlan:
         return self.global_rows(step)[start:start + sizes[rank]]
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixing hash of uint64 values (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _key(seed: int, epoch: int) -> int:
+    return int(_mix(np.array([seed], dtype=np.uint64))[0] ^ _mix(np.array([epoch + 1], dtype=np.uint64))[0])
+
+
+def permute(positions: np.ndarray, n: int, key: int, rounds: int = 6) -> np.ndarray:
+    """Where each position of a keyed random permutation of ``range(n)`` points, without building the permutation.
+
+    A balanced Feistel network on ``2 * half`` bits (a bijection on ``[0, 4^half)``, with ``4^half < 4n``) walked
+    until the value falls inside ``[0, n)`` (cycle walking keeps it a bijection on ``range(n)``).
+    """
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    with np.errstate(over="ignore"):
+        keys = [_mix(np.array([key], np.uint64) + np.uint64(r + 1) * np.uint64(0x9E3779B97F4A7C15))[0]
+                for r in range(rounds)]
+    x = np.asarray(positions, dtype=np.uint64).copy()
+    todo = np.ones(len(x), dtype=bool)
+    while todo.any():
+        left, right = x[todo] >> np.uint64(half), x[todo] & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        x[todo] = (left << np.uint64(half)) | right
+        todo[todo] = x[todo] >= np.uint64(n)
+    return x.astype(np.int64)
 
 
 @dataclass(frozen=True)
