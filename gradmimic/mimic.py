@@ -170,7 +170,8 @@ class GradMimic:
         it; with them, weights are normalised over the global batch and, for DDP (which averages gradients), the
         loss is scaled by the number of ranks so the update equals the single-process update on the global batch.
         Optional, to save collectives: ``sizes``, every rank's batch size when the caller has them already, and
-        ``all_sum``, a sum over ranks (an all-reduce) for the ``alignment`` diagnostic instead of a gather.
+        ``all_sum``, a sum over ranks (an all-reduce) for the ``alignment`` diagnostic instead of a gather.  With
+        both, ``gather`` only ever receives per-sample vectors of this rank's batch, so it may rely on ``sizes``.
         """
         if loss_B.dim() != 1:
             raise ValueError(f"loss_B must be the per-sample loss vector (B,), got shape {tuple(loss_B.shape)}")

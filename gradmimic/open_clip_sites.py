@@ -72,7 +72,7 @@ class ClipBatch:
         sites = []
         for s in (self.image_site, self.text_site):
             inputs = gather(s.inputs)
-            if inputs.shape[0] < offset + n or not torch.equal(inputs[offset:offset + n], s.inputs):
+            if not 0 <= offset <= inputs.shape[0] - n:
                 raise ValueError(f"offset {offset} is not this rank's place in the gathered batch of {inputs.shape[0]}")
             sites.append(LinearSite(s.name, inputs, gather(s.outputs), s.layout))
         return ClipBatch(sites[0], sites[1], self.logit_scale, slice(offset, offset + n))

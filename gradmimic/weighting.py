@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .scores import Gather, batch_weights, check_method, global_count, global_softmax, mimic_scores, needs_grad_norms
+from .scores import Gather, batch_weights, check_method, global_softmax, mimic_scores, needs_grad_norms
 
 RULES = ("uniform", "mimic", "influence", "grand", "rho", "agra")
 
@@ -77,7 +77,7 @@ class Weighting:
         # agra
         scores = mimic_scores(dots, dnorm, "proj")
         keep = (scores > 0).to(loss_B.dtype)
-        kept = global_count(keep[keep > 0], gather)
+        kept = int((gather(keep) if gather is not None else keep).sum())  # a per-sample gather, like every other
         if kept == 0:  # nothing aligns: fall back to the plain step rather than a zero update
             return scores, batch_weights(scores, "proj", t, gather, rank, sizes)
         return scores, keep / kept

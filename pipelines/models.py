@@ -172,7 +172,8 @@ def meta_model(spec: ModelSpec) -> nn.Module:
 
 
 def shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+    """Every tensor a checkpoint of ``model`` holds: parameters and persistent buffers (BatchNorm statistics)."""
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
 
 
 def match_names(names: Sequence[str], patterns: Sequence[str]) -> List[str]:

@@ -62,6 +62,7 @@ class StageContext:
     label: str
     progress: Progress
     storage_options: Dict[str, Any] = field(default_factory=dict)
+    ray_address: str = "local"
 
     def map(self, fn: Callable, tasks: Sequence[tuple], unit: str = "tasks", rows: Optional[Sequence[int]] = None) -> list:
         """``[fn(*args) for args in tasks]``, as Ray tasks, in order, reporting progress as they finish."""
@@ -128,12 +129,13 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
             init_ray(spec)
             ray_ready = True
         definition = STAGES[stage.stage]
-        reopened = out.begin(h, resume=definition.resumable and stage.name not in force)
+        # an unfinished attempt continues, unless this invocation forced it or rewrote one of its inputs
+        reopened = out.begin(h, resume=definition.resumable and stage.name not in force and not ran & set(inputs))
         if reopened:
             stream.write(f"{label}: continuing the unfinished attempt {out.attempt}\n")
         started, t0 = time.time(), time.perf_counter()
         ctx = StageContext(out, {name: StageDir(fs, posixpath.join(run_root, name)) for name in inputs}, label, progress,
-                           dict(spec.storage_options))
+                           dict(spec.storage_options), spec.ray.address)
         try:
             result = definition.run(stage.config, ctx)
         except SpecError as exc:  # a problem only the inputs reveal: still the user's, still one line

@@ -10,6 +10,7 @@ Object stores have no atomic directory rename, which is why the manifest, not a 
 import io
 import json
 import posixpath
+import time
 import uuid
 from typing import Any, Dict, Optional
 
@@ -68,7 +69,7 @@ class StageDir:
                 return True
         self.attempt = f"_attempt-{uuid.uuid4().hex[:12]}"
         self.fs.makedirs(self.join(), exist_ok=True)
-        self.write_bytes(ATTEMPT, json.dumps({"config_hash": config_hash}).encode())
+        self.write_bytes(ATTEMPT, json.dumps({"config_hash": config_hash, "created": time.time()}).encode())
         return False
 
     def abandon(self) -> None:
@@ -80,13 +81,13 @@ class StageDir:
     def _open_attempts(self, config_hash: str):
         """Uncommitted attempts started for ``config_hash``, newest first."""
         try:
-            entries = self.fs.ls(self.path, detail=True)
+            entries = self.fs.ls(self.path, detail=False)
         except FileNotFoundError:
             return []
         committed = (self.manifest() or {}).get("attempt")
         found = []
-        for e in entries:
-            name = posixpath.basename(e["name"].rstrip("/"))
+        for entry in entries:
+            name = posixpath.basename(entry.rstrip("/"))
             if not name.startswith("_attempt-") or name == committed:
                 continue
             try:
@@ -95,8 +96,8 @@ class StageDir:
             except (FileNotFoundError, ValueError):
                 continue
             if marker.get("config_hash") == config_hash:
-                found.append((e.get("mtime") or e.get("LastModified") or 0, name))
-        return [name for _, name in sorted(found, key=lambda t: str(t[0]), reverse=True)]
+                found.append((float(marker.get("created", 0)), name))
+        return [name for _, name in sorted(found, reverse=True)]
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.fs.makedirs(posixpath.dirname(self.join(rel)), exist_ok=True)

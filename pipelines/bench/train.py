@@ -4,7 +4,8 @@ One run, on the embedded digits and the tiny CLIP, all with the same batch, opti
 
 - ``plain``: the train stage, ``mode: plain`` (Ray Train, Ray Data decoding, score log, metrics);
 - ``mimic``: the train stage, ``mode: mimic`` on ``visual.proj`` (reference: the plain stage's final weights);
-- ``bare``: an in-memory PyTorch loop over the same batches, decoded up front: no Ray, no data pipeline.
+- ``bare``: an in-memory PyTorch loop over the same batches, decoded up front: no Ray, no data pipeline (one
+  process, with as many torch threads as all the workers together).
 
 Throughput is the median step time over the steps after ``--warmup`` (a stage's step time is from one step's end to
 the next: data wait included, evaluation and checkpoints excluded).  The three run in ``--rounds`` rounds, one
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     rounds[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup)))
                     cpu[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup,
                                                                           "step_cpu_seconds")))
-                wall, used = bare_step_seconds(storage, args, cpus)
+                wall, used = bare_step_seconds(storage, args, cpus * args.workers)  # the workers' cores, one process
                 rounds["bare"].append(statistics.median(wall))
                 cpu["bare"].append(statistics.median(used))
         finally:

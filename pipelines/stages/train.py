@@ -150,6 +150,8 @@ class TrainConfig:
             raise SpecError(f"comparison: mode {self.mode!r} needs a comparison set ({{data: <dataset stage>, ...}})")
         if self.model.torchvision and self.task != "classify":
             raise SpecError("model.torchvision: only for task classify")
+        if self.model.image_size is not None and not self.model.torchvision:
+            raise SpecError("model.image_size: only for torchvision backbones (open_clip models have their own)")
         for name in ("batch_size", "checkpoint_every", "num_buckets", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise SpecError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -206,8 +208,8 @@ def check_train(cfg: TrainConfig, spec) -> None:
         theirs = spec.stage(other).config
         if theirs.task != cfg.task and not (theirs.task == "clip" and cfg.task == "classify"):
             raise SpecError(f"{field_name}: stage {other!r} trains a {theirs.task} model, this stage a {cfg.task} one")
-        wanted = names if (field_name == "init" or cfg.mode == "rho") else list(mimic_params(cfg))
-        skip = set(cfg.reinit) if field_name == "init" else set()
+        wanted = list(shapes(model)) if (field_name == "init" or cfg.mode == "rho") else list(mimic_params(cfg))
+        skip = set(match_names(names, cfg.reinit)) if field_name == "init" else set()
         theirs_meta = dict(meta_model(model_spec(theirs)).named_parameters())  # shapes, no memory
         mine = {n: s for n, s in shapes(model).items() if n in wanted and n not in skip}
         try:
@@ -263,14 +265,14 @@ def load_weights_source(ctx, source: WeightsRef, arch: str, field_name: str):
             with stage.fs.open(stage.join(WEIGHTS_FILE), "rb") as f:
                 return load(f.read())
         if source.path is not None:
-            return _load_path(source.path, load_state_dict)
+            return _load_path(source.path, load_state_dict, ctx.storage_options)
         return fetch_pretrained(arch, source.pretrained)
     except (OSError, ValueError, KeyError) as exc:
         sub = "stage" if name else ("path" if source.path is not None else "pretrained")
         raise _spec_error(f"{field_name}.{sub}", exc) from None
 
 
-def _load_path(path: str, loader):
+def _load_path(path: str, loader, options):
     import os
     import tempfile
 
@@ -278,7 +280,7 @@ def _load_path(path: str, loader):
 
     if "://" not in path or path.startswith("file://"):
         return loader(path.replace("file://", ""))
-    fs, p = open_storage(path)
+    fs, p = open_storage(path, options)
     if not fs.exists(p):
         raise FileNotFoundError(f"weights not found: {path}")
     suffix = os.path.splitext(p)[1]
@@ -311,7 +313,10 @@ def _read_inputs(cfg: TrainConfig, ctx) -> _Pool:
     class_names = manifest.get("class_names") or []
     if cfg.task == "classify" and not class_names:
         raise SpecError(f"task: classify needs a labelled pool; stage {cfg.data!r} has no classes")
-    pool = read_pool(data, _pool_columns(manifest))
+    try:
+        pool = read_pool(data, _pool_columns(manifest))
+    except ValueError as exc:
+        raise _spec_error("data", exc) from None
     train, test = split_rows(pool, "train"), split_rows(pool, "test")
     if cfg.batch_size > train.num_rows:
         raise SpecError(f"batch_size: {cfg.batch_size} is larger than the training pool ({train.num_rows} train rows "
@@ -325,14 +330,31 @@ def _read_inputs(cfg: TrainConfig, ctx) -> _Pool:
     return _Pool(train, test, class_names, templates)
 
 
-def _resolve_weights(cfg: TrainConfig, ctx, spec: ModelSpec, params):
+def _check_resources(cfg: TrainConfig, ctx) -> None:
+    """On a Ray started here (nothing will join it), a stage asking for more than there is would wait forever."""
+    import ray
+
+    if ctx.ray_address != "local":
+        return  # a cluster may autoscale to what the stage asks for
+    have = ray.cluster_resources()
+    res = cfg.resources
+    if res.use_gpu and have.get("GPU", 0) < res.num_workers:
+        raise SpecError(f"resources.use_gpu: {res.num_workers} workers need {res.num_workers} GPUs, this Ray has "
+                        f"{int(have.get('GPU', 0))}")
+    cpus = have.get("CPU", 0)
+    if res.num_workers * res.cpus_per_worker > cpus - 1:  # Ray Data needs a CPU to decode the batches
+        raise SpecError(f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPUs leave none of this Ray's "
+                        f"{cpus:g} for decoding data; lower cpus_per_worker or raise ray.num_cpus")
+
+
+def _resolve_weights(cfg: TrainConfig, ctx, spec: ModelSpec, params, reinit):
     """``(init, reference)`` state dicts (or None), checked against the model before any worker starts."""
     model_shapes = shapes(meta_model(spec))
     init = reference = None
     if cfg.init is not None:
         state = load_weights_source(ctx, cfg.init, cfg.model.arch, "init")
         try:
-            init = fit_state(model_shapes, state, skip=cfg.reinit)
+            init = fit_state(model_shapes, state, skip=reinit)
         except ValueError as exc:
             raise _spec_error("init", exc) from None
     if cfg.reference is not None and cfg.mode in ("mimic", "rho"):
@@ -376,9 +398,11 @@ def run_train(cfg: TrainConfig, ctx) -> Dict[str, Any]:
     from ..training.loop import Job, ProgressBoard
 
     pool = _read_inputs(cfg, ctx)
+    _check_resources(cfg, ctx)
     spec = model_spec(cfg, len(pool.class_names))
     params = mimic_params(cfg)
-    init, reference = _resolve_weights(cfg, ctx, spec, params)
+    reinit = tuple(match_names([n for n, _ in meta_model(spec).named_parameters()], cfg.reinit))  # globs to names
+    init, reference = _resolve_weights(cfg, ctx, spec, params, reinit)
     workers = cfg.resources.num_workers
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * (pool.train.num_rows // cfg.batch_size)
     plan = StepPlan(pool.train.num_rows, cfg.batch_size, workers, cfg.seed, total)
@@ -394,7 +418,7 @@ def run_train(cfg: TrainConfig, ctx) -> Dict[str, Any]:
         label=ctx.label, task=cfg.task, mode=cfg.mode, model=spec, plan=plan,
         scores_url=ctx.out.fs.unstrip_protocol(posixpath.join(attempt, "scores")),
         storage_options=dict(ctx.storage_options),
-        init=ray.put(init) if init is not None else None, reinit=tuple(cfg.reinit),
+        init=ray.put(init) if init is not None else None, reinit=reinit,
         trainable=cfg.trainable, freeze=tuple(cfg.freeze),
         reference=ray.put(reference) if reference is not None else None, params=tuple(params),
         method=cfg.mimic.method, temperature=cfg.mimic.temperature, reweight=cfg.mimic.reweight,
@@ -534,13 +558,12 @@ def _finish(cfg, ctx, spec: ModelSpec, result, plan, pool: _Pool, resumed: int):
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"{ctx.label}: training reported no checkpoint")
-    with ckpt.as_directory() as d:
-        import os
-
-        with open(os.path.join(d, WEIGHTS_FILE), "rb") as f:
-            ctx.out.write_bytes(WEIGHTS_FILE, f.read())
-        with open(os.path.join(d, "state.json")) as f:
-            state = json.load(f)
+    with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, "state.json")) as f:  # not the optimiser's
+        state = json.loads(f.read())
+    if state["step"] != plan.total_steps:
+        raise RuntimeError(f"{ctx.label}: training stopped at step {state['step']} of {plan.total_steps}")
+    with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, WEIGHTS_FILE)) as f:
+        ctx.out.write_bytes(WEIGHTS_FILE, f.read())
     history = state.pop("metrics")
     columns = list(dict.fromkeys(k for row in history for k in row))  # evaluation columns appear on some rows only
     ctx.out.write_table("metrics.parquet", pa.table({k: [row.get(k) for row in history] for k in columns}))

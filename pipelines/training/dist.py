@@ -1,7 +1,7 @@
 """Collectives for the train stage: the callables ``gradmimic`` takes, built on ``torch.distributed``.
 
 - :meth:`Comm.gather_1d`: every rank's 1-D tensor concatenated in rank order, ranks of any length (the score gather
-  ``GradMimic.step`` wants);
+  ``GradMimic.step`` wants; one collective when the lengths are known, as the step plan knows every rank's share);
 - :meth:`Comm.gather_rows`: every rank's ``(b, ...)`` rows concatenated along dim 0 *with gradient*: the backward sums
   every rank's gradient of the concatenation and hands each rank its own rows (open_clip's ``gather_with_grad``,
   for unequal per-rank batches).  It runs on a process group of its own, so its collective inside the backward
@@ -13,7 +13,7 @@ A single process (no process group) gets identities, so the training loop is the
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,10 +69,15 @@ class Comm:
         dist.all_gather(parts, count)
         return [int(p) for p in parts]
 
-    def gather_1d(self, t: torch.Tensor) -> torch.Tensor:
+    def gather_1d(self, t: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
+        """With ``sizes`` (every rank's length, known to all) one collective; without, two (lengths first)."""
         if not self.distributed:
             return t
-        return _gather_padded(t.reshape(-1), self.sizes(t.numel(), t.device), None)
+        if sizes is None:
+            sizes = self.sizes(t.numel(), t.device)
+        elif t.numel() != sizes[self.rank]:
+            raise ValueError(f"rank {self.rank} gathers {t.numel()} values but its share is {sizes[self.rank]}")
+        return _gather_padded(t.reshape(-1), sizes, None)
 
     def gather_rows(self, t: torch.Tensor, sizes: List[int]) -> torch.Tensor:
         if not self.distributed:

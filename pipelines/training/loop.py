@@ -17,6 +17,7 @@ scheduler, step, RNG, metrics so far) is reported: both become durable together.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -60,8 +61,14 @@ class OptimizerConfig:
     def validate(self) -> None:
         if not self.lr > 0:
             raise SpecError(f"lr: must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise SpecError("betas: expected two numbers")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise SpecError(f"betas: expected two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise SpecError(f"eps: must be > 0, got {self.eps}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise SpecError("weight_decay and warmup_steps: must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise SpecError(f"grad_clip: must be > 0 (or null to turn it off), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -229,7 +236,8 @@ class Worker:
         self.train_seconds = 0.0
         self.history: List[Dict[str, Any]] = []
         self.comparison: List[Dict[str, np.ndarray]] = []
-        self.direction_step: Optional[int] = None  # when the comparison direction was last computed
+        self.direction: Optional[Dict[str, torch.Tensor]] = None  # agra / influence: the comparison direction
+        self.direction_step: Optional[int] = None  # and the step it was computed at (both are checkpointed)
 
     def _weightings(self) -> Tuple[GradMimic, GradMimic]:
         import ray
@@ -267,7 +275,9 @@ class Worker:
         """``(loss_B, sites, sqnorms_fn, sizes)``: this rank's per-sample losses over the (global) batch."""
         net = net or self.net
         images = to_images(batch, self.job.model, self.device)
-        sizes = self.comm.sizes(len(images), self.device) if gather else [len(images)]
+        sizes = self.job.plan.local_sizes if gather else [len(images)]  # every rank's share: known, not exchanged
+        if len(images) != sizes[self.comm.rank if gather else 0]:
+            raise RuntimeError(f"rank {self.comm.rank} got {len(images)} samples, its share is {sizes[self.comm.rank]}")
         with self.autocast():
             if self.clip:
                 tokens = torch.from_numpy(batch["tokens"]).to(self.device)
@@ -307,6 +317,11 @@ class Worker:
             count += len(loss)
         return {n: (-g / count).to(self.model.get_parameter(n).dtype) for n, g in total.items()}
 
+    def set_direction(self, direction: Dict[str, torch.Tensor], step: int) -> None:
+        self.direction, self.direction_step = direction, step
+        self.mimic.set_direction(direction)
+        self.warm.set_direction(direction)
+
     def train_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
         job = self.job
         self.opt.zero_grad(set_to_none=True)
@@ -321,12 +336,11 @@ class Worker:
             mimic = self.warm if self.step < job.mimic_warmup else self.mimic
             due = self.direction_step is None or self.step - self.direction_step >= job.comparison_every
             if job.mode in ("agra", "influence") and due:
-                direction = self.comparison_direction()
-                self.mimic.set_direction(direction)
-                self.warm.set_direction(direction)
-                self.direction_step = self.step
+                self.set_direction(self.comparison_direction(), self.step)
             ref_loss = self.reference_losses(batch, sizes) if job.mode == "rho" else None
-            dist = dict(gather=self.comm.gather_1d, all_sum=self.comm.all_sum) if self.comm.distributed else {}
+            dist = {}
+            if self.comm.distributed:
+                dist = dict(gather=functools.partial(self.comm.gather_1d, sizes=sizes), all_sum=self.comm.all_sum)
             out = mimic.step(loss_B, sites, coupled=self.clip, sqnorms_fn=sqnorms, ref_loss_B=ref_loss,
                              rank=self.comm.rank, sizes=sizes, **dist)
             scores, weights = out.scores, out.weights
@@ -396,7 +410,9 @@ class Worker:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng},
+        direction = None if self.direction is None else {n: t.cpu() for n, t in self.direction.items()}
+        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng,
+                    "direction": direction, "direction_step": self.direction_step},
                    os.path.join(directory, "trainer.pt"))
         with open(os.path.join(directory, "state.json"), "w") as f:
             json.dump({"step": self.step, "samples_seen": self.samples, "train_seconds": self.train_seconds,
@@ -412,6 +428,8 @@ class Worker:
         torch.set_rng_state(saved["rng"]["cpu"])
         if "cuda" in saved["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(saved["rng"]["cuda"])
+        if saved.get("direction") is not None:
+            self.set_direction({n: t.to(self.device) for n, t in saved["direction"].items()}, saved["direction_step"])
         with open(os.path.join(directory, "state.json")) as f:
             state = json.load(f)
         self.step, self.samples = state["step"], state["samples_seen"]
@@ -489,3 +507,5 @@ def train_worker(config: Dict[str, Any]) -> None:
         if step % job.checkpoint_every == 0 or step == plan.total_steps:
             checkpoint_and_report(worker, writer, {"step": step, "loss": stats["loss"]})
         t_prev, cpu_prev = time.perf_counter(), time.process_time()  # evaluation and checkpoints are not step time
+    if worker.step != plan.total_steps:
+        raise RuntimeError(f"rank {comm.rank}'s data ended at step {worker.step} of {plan.total_steps}")

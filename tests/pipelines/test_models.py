@@ -25,10 +25,12 @@ def test_torchvision_classifier_takes_a_bare_backbone_checkpoint():
     import torchvision
 
     backbone = torchvision.models.resnet18(weights=None).state_dict()  # keys without the "visual." prefix
+    backbone["bn1.running_var"] = torch.rand(64) + 0.5  # trained statistics: buffers, not parameters
     state = fit_state(shapes(model), backbone)
     assert "visual.conv1.weight" in state and "head.weight" not in state
     load_weights(model, state)
     assert torch.equal(model.visual.conv1.weight, backbone["conv1.weight"])
+    assert torch.equal(model.visual.bn1.running_var, backbone["bn1.running_var"])
     assert apply_trainable(model, ["head.*"], ()) == ["head.weight", "head.bias"]
     assert not model.visual.conv1.weight.requires_grad
 

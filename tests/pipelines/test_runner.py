@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.runner import committed_stage, run_spec
 from pipelines.spec import parse_spec
-from pipelines.storage import MANIFEST, open_storage
+from pipelines.storage import MANIFEST, StageDir, open_storage
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -132,3 +132,55 @@ def test_cli_run_errors(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().endswith("--force nope: no stage of that name in debug.yaml")
     res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "stages.pool.source.path=x")
     assert res.returncode == 2 and "source.path: unknown key" in res.stderr
+
+
+def test_resumable_stage_reopens_its_unfinished_attempt_unless_its_input_reran(tmp_path, ray_local, monkeypatch):
+    from dataclasses import dataclass, field
+
+    from pipelines.registry import STAGES, StageDef
+
+    calls = []
+
+    @dataclass(frozen=True)
+    class LongConfig:
+        data: str = field(metadata={"ref": "dataset"})
+        fail: bool = False
+
+    def long(cfg, ctx):
+        fs = ctx.out.fs
+        progress = ctx.out.join("progress")
+        done = int(fs.cat_file(progress)) if fs.exists(progress) else 0
+        calls.append((ctx.out.attempt, done))
+        ctx.out.write_bytes("progress", str(done + 1).encode())
+        if len(calls) == 1:
+            raise RuntimeError("the driver died")
+        return {"rows_in": done + 1, "rows_out": done + 1, "rejected": 0}
+
+    monkeypatch.setitem(STAGES, "long", StageDef(LongConfig, long, "a long stage", "model", resumable=True))
+    spec = parse_spec({"name": "r", "storage": str(tmp_path), "stages": [
+        {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 12}},
+        {"stage": "long", "name": "job", "data": "pool"}]})
+    with pytest.raises(RuntimeError, match="the driver died"):
+        run(spec)
+    first, log = run(spec)
+    assert "continuing the unfinished attempt" in log and calls[1] == (calls[0][0], 1)  # same attempt, its progress
+    assert first["job"]["rows_out"] == 2
+    fs, root = open_storage(str(tmp_path))
+    stale = StageDir(fs, f"{root}/r/job")
+    stale.begin("other-config")  # an unfinished attempt of another config is never reopened
+    again, log = run(spec, force=["pool"])  # the input reran: start afresh even with an attempt lying around
+    assert "continuing" not in log and calls[2][1] == 0 and calls[2][0] != calls[0][0]
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/r/job")) == sorted([MANIFEST, again["job"]["attempt"]])
+
+
+def test_the_newest_unfinished_attempt_of_a_config_is_reopened(tmp_path):
+    fs, root = open_storage(str(tmp_path))
+    stage = StageDir(fs, f"{root}/r/job")
+    stage.begin("h1")
+    older = stage.attempt
+    stage.begin("h1")
+    newer = stage.attempt
+    stage.begin("h2")
+    reader = StageDir(fs, f"{root}/r/job")
+    assert reader.begin("h1", resume=True) and reader.attempt == newer != older
+    assert not reader.begin("h3", resume=True) and reader.attempt not in (older, newer)

@@ -276,6 +276,10 @@ def test_run_time_config_errors_leave_nothing(storage, tmp_path, monkeypatch):
          "huggingface.co, which is not reachable (no network?)"),
         (train_stage("tag", model={"arch": "ViT-B-32"}, init={"pretrained": "nonsense"}),
          "stage 'tag' (train): init.pretrained: open_clip has no pretrained tag 'nonsense' for ViT-B-32 (tags: openai,"),
+        (train_stage("gpu", resources={"num_workers": 1, "use_gpu": True}),
+         "stage 'gpu' (train): resources.use_gpu: 1 workers need 1 GPUs, this Ray has 0"),
+        (train_stage("cpus", resources={"num_workers": 2, "cpus_per_worker": 2}),
+         "stage 'cpus' (train): resources: 2 workers x 2.0 CPUs leave none of this Ray's 4 for decoding data"),
     ]
     for stage, message in cases:
         with pytest.raises(SpecError) as err:

@@ -82,6 +82,16 @@ def test_each_bad_config_names_its_stage_and_field(wide_config):
          "spec.yaml: stage 'ref' (train): init: expected exactly one of stage, path, pretrained, got path, pretrained"),
         (stages(ref(resources={"num_workers": 0})),
          "spec.yaml: stage 'ref' (train): resources.num_workers: must be >= 1, got 0"),
+        (stages(ref(optimizer={"betas": [0.9, 1.5]})),
+         "spec.yaml: stage 'ref' (train): optimizer.betas: expected two numbers in [0, 1), got [0.9, 1.5]"),
+        (stages(ref(optimizer={"grad_clip": -1})),
+         "spec.yaml: stage 'ref' (train): optimizer.grad_clip: must be > 0 (or null to turn it off), got -1.0"),
+        (stages(ref(optimizer={"eps": 0})),
+         "spec.yaml: stage 'ref' (train): optimizer.eps: must be > 0, got 0.0"),
+        (stages(ref(model={"image_size": 64})),
+         "spec.yaml: stage 'ref' (train): model.image_size: only for torchvision backbones"),
+        (stages(ref(), mimic(init="ref", reinit=["visual.transformer.nothing*"])),
+         "spec.yaml: stage 'mimic' (train): reinit: no parameter matches 'visual.transformer.nothing*'"),
     ]
     for data, message in cases:
         got = error_of(data)
