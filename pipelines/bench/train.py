@@ -114,9 +114,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     cpu: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         storage = os.path.join(tmp, "runs")
-        # logical CPUs: the workers' plus at least one for Ray Data's decoding
-        ray.init(num_cpus=args.workers * cpus + max(1, cores // 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # logical CPUs: the workers', their decoding actors' (half a CPU each) and one for the rest
+        ray.init(num_cpus=args.workers * cpus + (args.workers + 1) // 2 + 1, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
         try:
             for r in range(1, args.rounds + 1):
                 spec = parse_spec(_spec(storage, args, cpus, r), label="bench train")

@@ -102,12 +102,14 @@ class ResourcesConfig:
     num_workers: int = doc("training workers (DDP ranks)", default=1)
     use_gpu: bool = doc("one GPU per worker (NCCL); otherwise CPU (gloo)", default=False)
     cpus_per_worker: float = doc("CPUs reserved per worker (and its torch threads)", default=1.0)
+    decoders_per_worker: int = doc("Ray Data actors decoding each worker's stream (more for large images)", default=1)
+    cpus_per_decoder: float = doc("CPUs reserved per decoding actor (and per evaluation decoding task)", default=0.5)
 
     def validate(self) -> None:
-        if self.num_workers < 1:
-            raise SpecError(f"num_workers: must be >= 1, got {self.num_workers}")
-        if not self.cpus_per_worker > 0:
-            raise SpecError(f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if self.num_workers < 1 or self.decoders_per_worker < 1:
+            raise SpecError("num_workers and decoders_per_worker: must be >= 1")
+        if not self.cpus_per_worker > 0 or not self.cpus_per_decoder > 0:
+            raise SpecError("cpus_per_worker and cpus_per_decoder: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -342,9 +344,11 @@ def _check_resources(cfg: TrainConfig, ctx) -> None:
         raise SpecError(f"resources.use_gpu: {res.num_workers} workers need {res.num_workers} GPUs, this Ray has "
                         f"{int(have.get('GPU', 0))}")
     cpus = have.get("CPU", 0)
-    if res.num_workers * res.cpus_per_worker > cpus - 1:  # Ray Data needs a CPU to decode the batches
-        raise SpecError(f"resources: {res.num_workers} workers x {res.cpus_per_worker} CPUs leave none of this Ray's "
-                        f"{cpus:g} for decoding data; lower cpus_per_worker or raise ray.num_cpus")
+    need = res.num_workers * (res.cpus_per_worker + res.decoders_per_worker * res.cpus_per_decoder)
+    if need + res.cpus_per_decoder > cpus:  # and room for a task decoding the evaluation set
+        raise SpecError(f"resources: {res.num_workers} workers with their decoders need {need:g} CPUs (and "
+                        f"{res.cpus_per_decoder:g} more to decode the evaluation set); this Ray has {cpus:g}: lower "
+                        f"cpus_per_worker or cpus_per_decoder, or raise ray.num_cpus")
 
 
 def _resolve_weights(cfg: TrainConfig, ctx, spec: ModelSpec, params, reinit):
@@ -377,17 +381,21 @@ def _datasets(cfg: TrainConfig, ctx, pool: _Pool, plan, decoder, first_step) -> 
     from ..training.data import chunks_dataset, steps_dataset
 
     workers = plan.world
+    res = cfg.resources
     train_ref, test_ref = ray.put(pool.train), ray.put(pool.test)
-    datasets = {f"train_{r}": steps_dataset(plan, r, train_ref, decoder, first_step) for r in range(workers)}
+    datasets = {f"train_{r}": steps_dataset(plan, r, train_ref, decoder, first_step, res.decoders_per_worker,
+                                            res.cpus_per_decoder) for r in range(workers)}
     eval_chunks = math.ceil(pool.test.num_rows / cfg.eval_batch_size)
     for r in range(workers if eval_chunks else 0):
         datasets[f"eval_{r}"] = chunks_dataset(pool.test.num_rows, cfg.eval_batch_size,
-                                               list(range(r, eval_chunks, workers)), test_ref, decoder)
+                                               list(range(r, eval_chunks, workers)), test_ref, decoder,
+                                               res.cpus_per_decoder)
     if cfg.comparison is not None:
         comp = _comparison_rows(ctx, cfg)
         rows = min(comp.num_rows, 1024)
         datasets["comparison"] = chunks_dataset(comp.num_rows, rows, list(range(math.ceil(comp.num_rows / rows))),
-                                                ray.put(comp), replace(decoder, labels=cfg.task == "classify"))
+                                                ray.put(comp), replace(decoder, labels=cfg.task == "classify"),
+                                                res.cpus_per_decoder)
     return datasets, eval_chunks
 
 

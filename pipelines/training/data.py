@@ -220,17 +220,6 @@ def _pool(ref) -> pa.Table:
 _POOLS: Dict[str, pa.Table] = {}
 
 
-def _decode_steps(batch: Dict[str, np.ndarray], plan: StepPlan, rank: int, first: int, pool_ref, decoder: Decoder):
-    steps = [int(i) + first for i in batch["id"] if int(i) + first <= plan.total_steps]
-    idx = [plan.rank_rows(s, rank) for s in steps]
-    if not steps:
-        return _empty(decoder)
-    out = decoder(_pool(pool_ref), np.concatenate(idx))
-    out["step"] = np.repeat(np.array(steps, dtype=np.int64), [len(i) for i in idx])
-    out["epoch"] = np.repeat(np.array([plan.epoch(s) for s in steps], dtype=np.int64), [len(i) for i in idx])
-    return out
-
-
 def _decode_chunks(batch: Dict[str, np.ndarray], chunk_rows: int, total: int, pool_ref, decoder: Decoder):
     chunks = [int(c) for c in batch["id"]]
     idx = [np.arange(c * chunk_rows, min((c + 1) * chunk_rows, total)) for c in chunks]
@@ -250,24 +239,53 @@ def _empty(decoder: Decoder) -> Dict[str, np.ndarray]:
     return out
 
 
-def steps_dataset(plan: StepPlan, rank: int, pool_ref, decoder: Decoder, first_step: Callable[[], int]):
-    """A factory for rank ``rank``'s training stream, from the step after ``first_step()`` to the end."""
+class StepDecoder:
+    """A decoding actor of one rank's stream: the pool table, tokenizer and filesystems are loaded once.
+
+    Long-lived actors rather than tasks: a stream that pauses when its buffer is full would otherwise let Ray reap
+    the idle task processes, and every new one would import torch and open_clip again (seconds of CPU each).
+    """
+
+    def __init__(self, plan: StepPlan, rank: int, first: int, pool_ref, decoder: Decoder) -> None:
+        self.plan, self.rank, self.first, self.decoder = plan, rank, first, decoder
+        self.pool = _pool(pool_ref)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        steps = [int(i) + self.first for i in batch["id"] if int(i) + self.first <= self.plan.total_steps]
+        if not steps:
+            return _empty(self.decoder)
+        idx = [self.plan.rank_rows(s, self.rank) for s in steps]
+        out = self.decoder(self.pool, np.concatenate(idx))
+        counts = [len(i) for i in idx]
+        out["step"] = np.repeat(np.array(steps, dtype=np.int64), counts)
+        out["epoch"] = np.repeat(np.array([self.plan.epoch(s) for s in steps], dtype=np.int64), counts)
+        return out
+
+
+def steps_dataset(plan: StepPlan, rank: int, pool_ref, decoder: Decoder, first_step: Callable[[], int],
+                  actors: int = 1, cpus: float = 0.5):
+    """A factory for rank ``rank``'s training stream, from the step after ``first_step()`` to the end, decoded by
+    up to ``actors`` actors of ``cpus`` CPUs each."""
 
     def build():
         import ray.data
+        from ray.data import ActorPoolStrategy
 
         first = first_step() + 1
         n = max(plan.total_steps - first + 1, 1)  # an empty range is not a dataset; steps past the end decode to nothing
         per_task = max(1, SAMPLES_PER_TASK // max(plan.local_sizes[rank], 1))
         ds = ray.data.range(n, override_num_blocks=math.ceil(n / per_task))
-        return ds.map_batches(_decode_steps, batch_size=per_task, batch_format="numpy",
-                              fn_kwargs=dict(plan=plan, rank=rank, first=first, pool_ref=pool_ref, decoder=decoder))
+        return ds.map_batches(StepDecoder, batch_size=per_task, batch_format="numpy", num_cpus=cpus,
+                              compute=ActorPoolStrategy(min_size=1, max_size=actors),
+                              fn_constructor_kwargs=dict(plan=plan, rank=rank, first=first, pool_ref=pool_ref,
+                                                         decoder=decoder))
 
     return build
 
 
-def chunks_dataset(total: int, chunk_rows: int, chunks: Sequence[int], pool_ref, decoder: Decoder):
-    """A factory for the given fixed-size chunks of a table (evaluation, comparison sets): a ``chunk`` column each."""
+def chunks_dataset(total: int, chunk_rows: int, chunks: Sequence[int], pool_ref, decoder: Decoder, cpus: float = 0.5):
+    """A factory for the given fixed-size chunks of a table (evaluation, comparison sets): a ``chunk`` column each.
+    Read once per worker (evaluation keeps what fits in memory), so tasks of ``cpus`` CPUs decode them."""
 
     def build():
         import ray.data
@@ -275,6 +293,7 @@ def chunks_dataset(total: int, chunk_rows: int, chunks: Sequence[int], pool_ref,
         ds = ray.data.from_items([{"id": c} for c in chunks] or [{"id": -1}])
         ds = ds.filter(lambda row: row["id"] >= 0)
         return ds.map_batches(_decode_chunks, batch_size=max(1, SAMPLES_PER_TASK // chunk_rows), batch_format="numpy",
+                              num_cpus=cpus,
                               fn_kwargs=dict(chunk_rows=chunk_rows, total=total, pool_ref=pool_ref, decoder=decoder))
 
     return build

@@ -484,6 +484,7 @@ def train_worker(config: Dict[str, Any]) -> None:
         batch_size=job.plan.local_sizes[comm.rank], batch_format="numpy", prefetch_batches=4)
     plan = job.plan
     t_prev, cpu_prev = time.perf_counter(), time.process_time()
+    last_report = 0.0
     batches = step_batches(stream, worker.step + 1) if worker.step < plan.total_steps else iter(())
     for step, batch in batches:
         out = worker.train_step(batch)
@@ -502,8 +503,10 @@ def train_worker(config: Dict[str, Any]) -> None:
             row.update(worker.evaluate(evaluator.batches()))
         if comm.rank == 0:
             worker.history.append(row)
-            if board is not None:  # fire and forget: the driver polls it for the progress line
+            if board is not None and (now - last_report > 0.25 or step == plan.total_steps):
+                # fire and forget, a few times a second: the driver polls it for the progress line
                 board.update.remote({**row, "total": plan.total_steps, "train_seconds": worker.train_seconds})
+                last_report = now
         if step % job.checkpoint_every == 0 or step == plan.total_steps:
             checkpoint_and_report(worker, writer, {"step": step, "loss": stats["loss"]})
         t_prev, cpu_prev = time.perf_counter(), time.process_time()  # evaluation and checkpoints are not step time

@@ -165,7 +165,8 @@ def test_every_mode_runs(storage, tmp_path):
     comparison = {"data": "pool", "split": "train", "samples": 24, "every": 2}
     modes = {
         "plain": {}, "mimic": {"reference": {"path": ref}, "mimic": {"warmup_steps": 1}},
-        "grand": {"mimic": {"method": "normed_cos"}}, "rho": {"reference": {"path": ref}},
+        "grand": {"mimic": {"method": "normed_cos"}},
+        "rho": {"reference": {"path": ref}, "precision": "bf16"},  # autocast (on CPU here; on GPU by default)
         "agra": {"comparison": comparison}, "influence": {"comparison": comparison},
     }
     stages = [train_stage(f"mode_{m}", mode=m, batch_size=12, steps=3, checkpoint_every=3,
@@ -279,7 +280,8 @@ def test_run_time_config_errors_leave_nothing(storage, tmp_path, monkeypatch):
         (train_stage("gpu", resources={"num_workers": 1, "use_gpu": True}),
          "stage 'gpu' (train): resources.use_gpu: 1 workers need 1 GPUs, this Ray has 0"),
         (train_stage("cpus", resources={"num_workers": 2, "cpus_per_worker": 2}),
-         "stage 'cpus' (train): resources: 2 workers x 2.0 CPUs leave none of this Ray's 4 for decoding data"),
+         "stage 'cpus' (train): resources: 2 workers with their decoders need 5 CPUs (and 0.5 more to decode the "
+         "evaluation set); this Ray has 4"),
     ]
     for stage, message in cases:
         with pytest.raises(SpecError) as err:
