@@ -164,6 +164,17 @@ def doc(text: str, ref: Optional[str] = None, **kw: Any) -> Any:
     return dataclasses.field(metadata={"doc": text, **({"ref": ref} if ref else {})}, **kw)
 
 
+def require(obj: Any, names: str, low: float, strict: bool = False, allow_none: bool = False) -> None:
+    """Raise ``"<field>: must be >= low, got v"`` (``> low`` when strict) for the first of ``names`` (space
+    separated) out of bounds; ``None`` passes when ``allow_none``."""
+    for name in names.split():
+        value = getattr(obj, name)
+        if value is None and allow_none:
+            continue
+        if not (value > low if strict else value >= low):
+            raise SpecError(f"{name}: must be {'>' if strict else '>='} {low:g}, got {value}")
+
+
 def join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 

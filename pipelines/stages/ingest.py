@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import SpecError, doc
+from ..config import SpecError, doc, require
 from ..storage import open_storage
 
 RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "tar", "image",
@@ -107,8 +107,7 @@ class IngestConfig:
     shard_size: int = doc("samples per output shard (one Ray task each)", default=1000)
 
     def validate(self) -> None:
-        if self.shard_size < 1:
-            raise SpecError(f"shard_size: expected >= 1, got {self.shard_size}")
+        require(self, "shard_size", 1)
         if self.noise and self.noise.kind == "label" and self.source.kind not in ("labelled", "embedded"):
             raise SpecError(f"noise.kind: label noise needs a labelled source, not {self.source.kind!r}")
 

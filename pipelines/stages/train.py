@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from ..config import SpecError, doc, ref_name
+from ..config import SpecError, doc, ref_name, require
 from ..models import (
     ModelSpec,
     apply_trainable,
@@ -78,10 +78,8 @@ class MimicConfig:
     warmup_steps: int = doc("first steps with the plain mean's weights (scores still logged)", default=0)
 
     def validate(self) -> None:
-        if not self.temperature > 0:
-            raise SpecError(f"temperature: must be > 0, got {self.temperature}")
-        if self.warmup_steps < 0:
-            raise SpecError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        require(self, "temperature", 0, strict=True)
+        require(self, "warmup_steps", 0)
 
 
 @dataclass(frozen=True)
@@ -93,8 +91,7 @@ class ComparisonConfig:
     seed: int = doc("draw seed", default=0)
 
     def validate(self) -> None:
-        if self.samples < 1 or self.every < 1:
-            raise SpecError("samples and every: must be >= 1")
+        require(self, "samples every", 1)
 
 
 @dataclass(frozen=True)
@@ -106,10 +103,8 @@ class ResourcesConfig:
     cpus_per_decoder: float = doc("CPUs reserved per decoding actor (and per evaluation decoding task)", default=0.5)
 
     def validate(self) -> None:
-        if self.num_workers < 1 or self.decoders_per_worker < 1:
-            raise SpecError("num_workers and decoders_per_worker: must be >= 1")
-        if not self.cpus_per_worker > 0 or not self.cpus_per_decoder > 0:
-            raise SpecError("cpus_per_worker and cpus_per_decoder: must be > 0")
+        require(self, "num_workers decoders_per_worker", 1)
+        require(self, "cpus_per_worker cpus_per_decoder", 0, strict=True)
 
 
 @dataclass(frozen=True)
@@ -139,7 +134,7 @@ class TrainConfig:
     eval_batch_size: int = doc("rows per evaluation chunk (CLIP's held-out loss is over a chunk)", default=256)
     eval_samples: Optional[int] = doc("evaluate on at most this many test rows", default=None)
     checkpoint_every: int = doc("checkpoint (and make the score log durable) every this many steps", default=100)
-    max_failures: int = doc("worker-group restarts from the last checkpoint before giving up", default=3)
+    max_failures: int = doc("worker-group restarts from the last checkpoint before giving up (-1: unlimited)", default=3)
     resources: ResourcesConfig = doc("workers and devices", default=ResourcesConfig())
     num_buckets: int = doc("score-log partitions: bucket = uid_lo % num_buckets", default=64)
     seed: int = doc("model init and data order", default=0)
@@ -154,16 +149,12 @@ class TrainConfig:
             raise SpecError("model.torchvision: only for task classify")
         if self.model.image_size is not None and not self.model.torchvision:
             raise SpecError("model.image_size: only for torchvision backbones (open_clip models have their own)")
-        for name in ("batch_size", "checkpoint_every", "num_buckets", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise SpecError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        require(self, "batch_size checkpoint_every num_buckets eval_batch_size", 1)
         if self.steps is not None and self.epochs is not None:
             raise SpecError("steps: give steps or epochs, not both")
-        for name in ("steps", "epochs", "eval_samples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise SpecError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0 or self.max_failures < -1:
-            raise SpecError("eval_every and max_failures: must be >= 0 (max_failures -1: unlimited)")
+        require(self, "steps epochs eval_samples", 1, allow_none=True)
+        require(self, "eval_every", 0)
+        require(self, "max_failures", -1)
         for name in ("init", "reference"):
             w = getattr(self, name)
             if isinstance(w, Weights) and w.pretrained and (self.task != "clip" and self.model.torchvision):

@@ -38,7 +38,7 @@ from gradmimic import (
     clip_per_sample_loss,
 )
 
-from ..config import SpecError, doc
+from ..config import SpecError, doc, require
 from ..models import ModelSpec, apply_trainable, load_weights
 from ..score_log import ScoreLogWriter, discard_after
 from ..storage import open_storage
@@ -59,14 +59,10 @@ class OptimizerConfig:
     grad_clip: Optional[float] = doc("clip the gradient norm to this (null: off)", default=1.0)
 
     def validate(self) -> None:
-        if not self.lr > 0:
-            raise SpecError(f"lr: must be > 0, got {self.lr}")
+        require(self, "lr eps", 0, strict=True)
+        require(self, "weight_decay warmup_steps", 0)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise SpecError(f"betas: expected two numbers in [0, 1), got {list(self.betas)}")
-        if not self.eps > 0:
-            raise SpecError(f"eps: must be > 0, got {self.eps}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise SpecError("weight_decay and warmup_steps: must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise SpecError(f"grad_clip: must be > 0 (or null to turn it off), got {self.grad_clip}")
 

@@ -59,7 +59,7 @@ def test_defaults_and_types():
         (spec({"stage": "ingest"}), "s.yaml: stages[0] (ingest): name: missing required field"),
         (spec({**POOL, "shards": 3}), "s.yaml: stage 'pool' (ingest): shards: unknown key (expected one of source, noise, split, shard_size)"),
         (spec({**POOL, "shard_size": "big"}), "s.yaml: stage 'pool' (ingest): shard_size: expected an integer, got 'big'"),
-        (spec({**POOL, "shard_size": 0}), "s.yaml: stage 'pool' (ingest): shard_size: expected >= 1, got 0"),
+        (spec({**POOL, "shard_size": 0}), "s.yaml: stage 'pool' (ingest): shard_size: must be >= 1, got 0"),
         (spec({**POOL, "source": {"kind": "folder"}}), "s.yaml: stage 'pool' (ingest): source.kind: expected one of 'embedded', 'caption_folder', 'labelled', 'datacomp', got 'folder'"),
         (spec({**POOL, "source": {"kind": "caption_folder"}}), "s.yaml: stage 'pool' (ingest): source.path: missing required field (a string)"),
         (spec({**POOL, "noise": {"kind": "label", "rate": 1.5}}), "s.yaml: stage 'pool' (ingest): noise.rate: expected a fraction in [0, 1], got 1.5"),
@@ -149,7 +149,7 @@ def test_cli_validate_errors_are_one_line_exit_2(tmp_path):
     p.write_text(yaml.safe_dump(spec({**POOL, "shard_size": -1})))
     res = cli("validate", str(p))
     assert res.returncode == 2
-    assert res.stderr.strip() == "gradmimic: error: s.yaml: stage 'pool' (ingest): shard_size: expected >= 1, got -1"
+    assert res.stderr.strip() == "gradmimic: error: s.yaml: stage 'pool' (ingest): shard_size: must be >= 1, got -1"
     assert "Traceback" not in res.stderr
     res = cli("--debug", "validate", str(p))
     assert res.returncode != 0 and "Traceback" in res.stderr
