@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print the numbers issues ask for")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from .bench import overhead, train
+    from .bench import aggregate, overhead, train
 
     p = bench_sub.add_parser("overhead", help="cost of an exact Grad-Mimic step vs a plain step and vmap")
     overhead.add_arguments(p)
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("train", help="train-stage throughput (plain, mimic) vs a bare PyTorch loop")
     train.add_arguments(p)
     p.set_defaults(func=train.run)
+    p = bench_sub.add_parser("aggregate", help="aggregate-stage throughput vs DuckDB and Ray Data's groupby")
+    aggregate.add_arguments(p)
+    p.set_defaults(func=aggregate.run)
     return parser
 
 

@@ -1,6 +1,6 @@
 """The stage registry: ``stage:`` names in a spec -> typed config, implementation, and what the stage produces.
 
-A stage is registered when its implementation exists; later issues add aggregate, filter and evaluate.
+A stage is registered when its implementation exists.
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
+from .stages.aggregate import AggregateConfig, check_aggregate, run_aggregate
 from .stages.ingest import IngestConfig, run_ingest
+from .stages.filter import FilterConfig, run_filter
 from .stages.train import TrainConfig, check_train, run_train
 
 
@@ -33,5 +35,17 @@ STAGES: Dict[str, StageDef] = {
         "train CLIP or a classifier on Ray Train (DDP), plain or reweighted by Grad-Mimic / a baseline; "
         "writes the final weights, metrics and the score log",
         "model", check=check_train, resumable=True,
+    ),
+    "aggregate": StageDef(
+        AggregateConfig, run_aggregate,
+        "reduce a train stage's score log to one utility row per sample (means, per-step binariser votes) on Ray "
+        "Data, bucket by bucket; the manifest holds the dataset quality estimate",
+        "utility", check=check_aggregate,
+    ),
+    "filter": StageDef(
+        FilterConfig, run_filter,
+        "join utilities with the pool by uid, keep by a rule (thresholds, exact top / bottom fractions, and / or / "
+        "minus); writes kept shards (resharded tars), rejected rows with reasons and a DataComp subset file",
+        "dataset",
     ),
 }

@@ -143,7 +143,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
                 out.abandon()  # checks run before anything is written: leave no attempt behind
             raise SpecError(f"{spec.source}: stage {stage.name!r} ({stage.stage}): {exc}") from None
         seconds = time.perf_counter() - t0
-        if result["rows_in"] != result["rows_out"] + result.get("rejected", 0):
+        if "rejected" in result and result["rows_in"] != result["rows_out"] + result["rejected"]:
             raise RuntimeError(f"{label}: row counts do not add up: {result}")  # a bug, never user error
         manifest = {
             "stage": stage.stage, "name": stage.name, "config_hash": h, "config": to_plain(stage.config),
@@ -153,7 +153,8 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         manifests[stage.name] = manifest = out.commit(manifest)
         ran.add(stage.name)
         rate = result["rows_in"] / max(seconds, 1e-9)
-        stream.write(f"{label}: {result['rows_out']} rows out, {result.get('rejected', 0)} rejected, "
+        rejected = f"{result['rejected']} rejected" if "rejected" in result else f"from {result['rows_in']} rows in"
+        stream.write(f"{label}: {result['rows_out']} rows out, {rejected}, "
                      f"{seconds:.1f}s ({rate:,.0f} rows/s) -> {out.url}\n")
     stream.write(f"done: {len(spec.stages)} stages in {time.perf_counter() - total_start:.1f}s, run {spec.name} "
                  f"in {fs.unstrip_protocol(run_root)}\n")

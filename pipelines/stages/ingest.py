@@ -404,6 +404,25 @@ def checked_image(data: bytes) -> Tuple[bytes, str]:
         return buf.getvalue(), "png"
 
 
+def tar_records(records: List[Tuple[str, str, bytes, str, str]]) -> Tuple[bytes, Dict[str, Tuple[str, int, int]]]:
+    """A webdataset tar of ``(key, ext, image bytes, text, uid)`` records: ``<key>.<ext>``, ``<key>.txt``,
+    ``<key>.json``.  Returns the tar's bytes and ``{key: (member, offset, size)}`` locating each image in it."""
+    buf = io.BytesIO()
+    images = {}
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, ext, image, text, uid in records:
+            images[f"{key}.{ext}"] = key
+            for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", text.encode("utf-8")),
+                               (f"{key}.json", json.dumps({"uid": uid}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:  # where each image's bytes landed
+        index = {images[m.name]: (m.name, m.offset_data, m.size) for m in tf if m.name in images}
+    return data, index
+
+
 def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
     """Write one webdataset tar of ``(key, ref, text, uid)`` records.
 
@@ -411,10 +430,9 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
     locating each written image's bytes in the tar.
     """
     rejects = []
-    images = {}
-    buf = io.BytesIO()
+    good = []
     reader = ImageReader()
-    with tarfile.open(fileobj=buf, mode="w") as tf, contextlib.closing(reader):
+    with contextlib.closing(reader):
         for key, ref, text, uid in records:
             data = reader.read(ref)  # I/O errors fail the task (Ray retries it), they are not the sample's fault
             try:
@@ -422,17 +440,11 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
             except DECODE_ERRORS as exc:
                 rejects.append((key, f"unreadable image: {type(exc).__name__}: {str(exc)[:200]}"))
                 continue
-            images[f"{key}.{ext}"] = key
-            for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", text.encode("utf-8")),
-                               (f"{key}.json", json.dumps({"uid": uid}).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    with tarfile.open(fileobj=io.BytesIO(buf.getvalue()), mode="r:") as tf:  # where each image's bytes landed
-        index = {images[m.name]: (m.name, m.offset_data, m.size) for m in tf if m.name in images}
+            good.append((key, ext, image, text, uid))
+    data, index = tar_records(good)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
+        f.write(data)
     return rejects, index
 
 
@@ -484,7 +496,7 @@ def run_ingest(cfg: IngestConfig, ctx) -> Dict[str, Any]:
         "rows_in": n, "rows_out": len(kept), "rejected": len(rejected), "files": files,
         "shards": num_shards, "corrupted": int(corrupted[kept].sum()) if kept else 0,
         "test": int(sum(split[i] == "test" for i in kept)),
-        "class_names": listing.class_names,
+        "class_names": listing.class_names, "templates": list(getattr(cfg.source, "templates", ()) or ()) or None,
     }
 
 

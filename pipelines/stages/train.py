@@ -319,7 +319,7 @@ def _read_inputs(cfg: TrainConfig, ctx) -> _Pool:
                         f"{cfg.batch_size}")
     if cfg.eval_samples is not None:
         test = test.slice(0, cfg.eval_samples)
-    templates = tuple(manifest["config"]["source"].get("templates") or ("{}",))
+    templates = tuple(manifest.get("templates") or ("{}",))  # ingest and filter stages record them
     return _Pool(train, test, class_names, templates)
 
 

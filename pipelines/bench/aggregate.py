@@ -1,0 +1,301 @@
+"""``gradmimic bench aggregate``: the aggregate stage next to DuckDB and Ray Data's generic groupby.
+
+One run writes a realistic score log of about ``--rows`` rows (:mod:`pipelines.bench.scorelog`: about rows / 100
+uids, 64 buckets, two ranks, parquet, in a temporary directory; in a separate process, so that the generator's
+memory is not counted as the driver's), then computes the mean score per uid three ways on the same files:
+
+- ``gradmimic``: the aggregate stage run by the runner (Ray up first, so Ray's start-up is not timed), with
+  ``binarisers: [threshold]`` only: the other two compute the mean and nothing else, and ``threshold`` is the one
+  binariser that needs no extra pass over the log;
+- ``duckdb``: ``SELECT uid_hi, uid_lo, avg(score) FROM read_parquet(...) GROUP BY ALL`` with a thread per core,
+  the result fetched as an Arrow table;
+- ``ray_groupby``: ``ray.data.read_parquet(...).groupby(["uid_hi", "uid_lo"]).mean("score")``, its result
+  fetched to the driver.  ``--ray-rows`` runs it on the first segments of the log only (about that many rows,
+  every uid in them): its rows/s, and so its ratio, are then on that subset, and its agreement is checked against
+  DuckDB on the same files.
+
+The three results must agree (same uids, mean scores within 1e-6), or the command prints the numbers and exits 1.
+``driver_peak_mb`` is the peak resident set of the driver process alone (sampled every 50 ms) while the stage ran:
+Ray's workers are separate processes and not counted.  ``gradmimic_all_binarisers_rows_per_s`` (unless
+``--no-all-binarisers``) is the stage again with its default binarisers (threshold, kmeans, gmm: two more light
+passes over the log for the per-step fits).  Every method first runs once, untimed, on a small log (25,600 rows),
+so that no timing includes starting Ray's worker processes and their imports.  Machines are shared and noisy:
+``--repeats`` times each method that many times, alternating, and reports the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import print_result
+
+BATCH_SIZE = 256
+TOLERANCE = 1e-6
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, default=2_000_000, help="score-log rows (about rows / 100 uids)")
+    p.add_argument("--ray-rows", type=int, default=0,
+                   help="run the Ray Data groupby on the log's first segments only, about this many rows "
+                        "(0: the whole log); its rows/s and ratio are then on that subset")
+    p.add_argument("--segment-rows", type=int, default=2_000_000,
+                   help="rows per score-log segment (one file per bucket and rank each)")
+    p.add_argument("--repeats", type=int, default=1, help="time each method this many times (median)")
+    p.add_argument("--no-all-binarisers", action="store_true",
+                   help="skip the extra stage run with the default binarisers (threshold, kmeans, gmm)")
+    p.add_argument("--dir", default=None, help="write the log and the stage's output here and keep them "
+                                                "(default: a temporary directory, removed at the end)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def log_shape(rows: int) -> Tuple[int, int]:
+    """``(uids, epochs)``: uids a multiple of the batch size near rows / 100, epochs so that uids x epochs ~ rows."""
+    uids = max(1, round(rows / 100 / BATCH_SIZE)) * BATCH_SIZE
+    return uids, max(1, round(rows / uids))
+
+
+WARMUP_UIDS, WARMUP_EPOCHS = 2 * BATCH_SIZE, 50  # 25,600 rows
+
+
+def _write_logs(log_dir: str, warmup_dir: str, uids: int, epochs: int, steps_per_file: int) -> int:
+    """Runs in a child process: the generator's arrays never enter the driver's memory."""
+    from ..storage import open_storage
+    from .scorelog import write_score_log
+
+    fs, root = open_storage(warmup_dir)
+    write_score_log(fs, root, WARMUP_UIDS, WARMUP_EPOCHS, BATCH_SIZE, seed=1)
+    fs, root = open_storage(log_dir)
+    return int(write_score_log(fs, root, uids, epochs, BATCH_SIZE, num_buckets=64, ranks=2,
+                               steps_per_file=steps_per_file)["rows"])
+
+
+def write_logs(log_dir: str, warmup_dir: str, rows: int, segment_rows: int) -> Dict[str, int]:
+    """The measured log (about ``rows`` rows) and a small one to warm every method up on."""
+    uids, epochs = log_shape(rows)
+    steps_per_file = max(1, segment_rows // BATCH_SIZE)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        written = pool.apply(_write_logs, (log_dir, warmup_dir, uids, epochs, steps_per_file))
+    return {"rows": written, "uids": uids, "epochs": epochs}
+
+
+def log_files(log_dir: str) -> List[Tuple[str, int]]:
+    """Every file of the log with its row count, in step order (segment by segment), from the footers."""
+    import pyarrow.parquet as pq
+
+    from ..score_log import list_parts
+    from ..storage import open_storage
+
+    fs, root = open_storage(log_dir)
+    paths = list_parts(fs, root)
+    paths.sort(key=lambda p: (os.path.basename(p), p))  # part-s<first>-<last>-r<rank>: by first step
+    return [(p, pq.read_metadata(p).num_rows) for p in paths]
+
+
+def prefix_files(files: List[Tuple[str, int]], rows: int) -> List[Tuple[str, int]]:
+    """The first whole segments (every bucket's and rank's file of each) holding at least ``rows`` rows."""
+    segments: Dict[str, List[Tuple[str, int]]] = {}
+    for path, n in files:
+        segments.setdefault(os.path.basename(path).rsplit("-r", 1)[0], []).append((path, n))
+    out: List[Tuple[str, int]] = []
+    for segment in segments.values():  # insertion order: step order
+        out += segment
+        if sum(n for _, n in out) >= rows:
+            break
+    return out
+
+
+class PeakRSS:
+    """The driver's peak resident set, sampled every ``interval`` seconds in a background thread."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import psutil
+
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+# ------------------------------------------------------------------------------------------------ the three ways
+# each returns (seconds, uid_hi, uid_lo, mean score)
+
+
+def run_gradmimic(storage: str, log_dir: str, binarisers: Optional[List[str]], name: str, quiet: bool,
+                  repeat: int):
+    from ..runner import committed_stage, run_spec
+    from ..spec import parse_spec
+    from ..stages.aggregate import read_utility
+
+    stage: Dict[str, Any] = {"stage": "aggregate", "name": "agg", "scores": {"path": log_dir}}
+    if binarisers is not None:
+        stage["binarisers"] = binarisers
+    spec = parse_spec({"name": name, "storage": storage, "stages": [stage]}, label="bench aggregate")
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        run_spec(spec, force=["agg"] if repeat else (), stream=io.StringIO() if quiet else sys.stderr)
+        seconds = time.perf_counter() - t0
+    t = read_utility(committed_stage(spec, "agg"), ["uid_hi", "uid_lo", "mean_score"])
+    return seconds, rss.peak, t["uid_hi"].to_numpy(), t["uid_lo"].to_numpy(), t["mean_score"].to_numpy()
+
+
+def run_duckdb(paths: List[str], threads: int):
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET threads = {int(threads)}")
+        t0 = time.perf_counter()
+        rel = con.sql("SELECT uid_hi, uid_lo, avg(score) AS mean_score FROM read_parquet(?) GROUP BY ALL",
+                      params=[paths])
+        t = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        seconds = time.perf_counter() - t0
+    finally:
+        con.close()
+    return seconds, t["uid_hi"].to_numpy(), t["uid_lo"].to_numpy(), t["mean_score"].to_numpy()
+
+
+def run_ray_groupby(paths: List[str]):
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    t0 = time.perf_counter()
+    ds = ray.data.read_parquet(paths, columns=["uid_hi", "uid_lo", "score"])
+    t = pa.concat_tables(ray.get(ds.groupby(["uid_hi", "uid_lo"]).mean("score").to_arrow_refs()))
+    seconds = time.perf_counter() - t0
+    return seconds, t["uid_hi"].to_numpy(), t["uid_lo"].to_numpy(), t["mean(score)"].to_numpy()
+
+
+def compare(a, b) -> Tuple[bool, float, str]:
+    """Whether two (uid_hi, uid_lo, mean) results hold the same uids and mean scores within TOLERANCE."""
+    (hi_a, lo_a, m_a), (hi_b, lo_b, m_b) = a, b
+    if len(hi_a) != len(hi_b):
+        return False, float("inf"), f"{len(hi_a)} uids vs {len(hi_b)}"
+    oa, ob = np.lexsort((lo_a, hi_a)), np.lexsort((lo_b, hi_b))
+    if not (np.array_equal(hi_a[oa], hi_b[ob]) and np.array_equal(lo_a[oa], lo_b[ob])):
+        return False, float("inf"), "different uids"
+    diff = float(np.max(np.abs(m_a[oa].astype(np.float64) - m_b[ob].astype(np.float64)), initial=0.0))
+    ok = diff < TOLERANCE  # NaN (a missing mean) fails too
+    return ok, diff, "" if ok else f"max |mean score difference| {diff:.3g} (tolerance {TOLERANCE:g})"
+
+
+def _rate(rows: int, seconds: float) -> float:
+    return round(rows / seconds, 1)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    import psutil
+    import ray
+    import ray.data
+
+    if args.rows < BATCH_SIZE or args.repeats < 1 or args.ray_rows < 0 or args.segment_rows < BATCH_SIZE:
+        raise ValueError(f"--rows and --segment-rows must be >= {BATCH_SIZE}, --repeats >= 1, --ray-rows >= 0")
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        work = os.path.abspath(args.dir) if args.dir else tmp
+        log_dir, storage = os.path.join(work, "scores"), os.path.join(work, "runs")
+        warmup_dir = os.path.join(work, "warmup-scores")
+        if os.path.exists(log_dir) or os.path.exists(warmup_dir):
+            raise ValueError(f"--dir {args.dir}: has a score log already (give an empty or new directory)")
+        t0 = time.perf_counter()
+        shape = write_logs(log_dir, warmup_dir, args.rows, args.segment_rows)
+        generate_s = time.perf_counter() - t0
+        files = log_files(log_dir)
+        rows = sum(n for _, n in files)
+        if rows != shape["rows"]:
+            raise RuntimeError(f"the log holds {rows} rows, the generator wrote {shape['rows']}")
+        paths = [p for p, _ in files]
+        ray_files = prefix_files(files, args.ray_rows) if args.ray_rows else files
+        ray_rows = sum(n for _, n in ray_files)
+        ray_paths = [p for p, _ in ray_files]
+
+        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            if args.json:
+                ray.data.DataContext.get_current().enable_progress_bars = False
+            # each method once, untimed, on a small log: Ray's workers, their imports, DuckDB's extension loading
+            warmup = [p for p, _ in log_files(warmup_dir)]
+            run_gradmimic(storage, warmup_dir, ["threshold"], "warmup", True, 0)
+            run_duckdb(warmup, cores)
+            run_ray_groupby(warmup)
+            base_mb = psutil.Process().memory_info().rss / 2**20
+            times: Dict[str, List[float]] = {"gradmimic": [], "duckdb": [], "ray_groupby": [], "all": []}
+            peak = 0
+            for r in range(args.repeats):  # alternating, so a machine that slows down slows all alike
+                s, p, *gm = run_gradmimic(storage, log_dir, ["threshold"], "bench", args.json, r)
+                times["gradmimic"].append(s)
+                peak = max(peak, p)
+                s, *dd = run_duckdb(paths, cores)
+                times["duckdb"].append(s)
+                s, *rg = run_ray_groupby(ray_paths)
+                times["ray_groupby"].append(s)
+                if not args.no_all_binarisers:
+                    s, p, *full = run_gradmimic(storage, log_dir, None, "bench_all", args.json, r)
+                    times["all"].append(s)
+                    peak = max(peak, p)
+            dd_subset = run_duckdb(ray_paths, cores)[1:] if args.ray_rows else dd
+        finally:
+            ray.shutdown()
+
+    checks = {"duckdb": compare(tuple(gm), tuple(dd)), "ray_groupby": compare(tuple(rg), tuple(dd_subset))}
+    if not args.no_all_binarisers:
+        checks["gradmimic_all_binarisers"] = compare(tuple(full), tuple(gm))
+    agree = all(ok for ok, _, _ in checks.values())
+    sec = {k: statistics.median(v) for k, v in times.items() if v}
+    result: Dict[str, Any] = {
+        "rows": rows, "uids": shape["uids"], "epochs": shape["epochs"], "buckets": 64, "files": len(files),
+        "cores": cores, "binarisers": "threshold",
+        "gradmimic_rows_per_s": _rate(rows, sec["gradmimic"]),
+        "duckdb_rows_per_s": _rate(rows, sec["duckdb"]),
+        "ray_groupby_rows_per_s": _rate(ray_rows, sec["ray_groupby"]),
+        "ratio_vs_duckdb": round(sec["duckdb"] / sec["gradmimic"], 3),
+        "ratio_vs_ray_groupby": round(_rate(rows, sec["gradmimic"]) / _rate(ray_rows, sec["ray_groupby"]), 3),
+        "ray_groupby_rows": ray_rows,
+        "driver_peak_mb": round(peak / 2**20, 1), "driver_base_mb": round(base_mb, 1),
+        "gradmimic_s": round(sec["gradmimic"], 3), "duckdb_s": round(sec["duckdb"], 3),
+        "ray_groupby_s": round(sec["ray_groupby"], 3),
+    }
+    if "all" in sec:
+        result["gradmimic_all_binarisers_rows_per_s"] = _rate(rows, sec["all"])
+        result["gradmimic_all_binarisers_s"] = round(sec["all"], 3)
+    result.update({
+        "agree": agree, "max_abs_diff_vs_duckdb": checks["duckdb"][1],
+        "max_abs_diff_ray_vs_duckdb": checks["ray_groupby"][1],
+        "repeats": args.repeats, "generate_s": round(generate_s, 1),
+    })
+    if not args.json:
+        print(f"mean score per uid over {rows:,} score-log rows ({shape['uids']:,} uids, 64 buckets, {len(files)} "
+              f"parquet files), {cores} cores; gradmimic = the aggregate stage with binarisers [threshold] "
+              f"(the others compute only the mean)" + (f"; Ray groupby on the first {ray_rows:,} rows only"
+                                                        if args.ray_rows else "") +
+              "; driver_peak_mb: the driver process's resident set only")
+    print_result(result, args.json)
+    if not agree:
+        bad = "; ".join(f"{k}: {why}" for k, (ok, _, why) in checks.items() if not ok)
+        raise SystemExit(f"gradmimic bench aggregate: the results disagree: {bad}")
+    return result

@@ -1,0 +1,441 @@
+"""``aggregate``: a train stage's score log (one row per sample per step) -> one utility row per sample.
+
+Per uid: ``num_steps``, ``mean_score``, ``mean_weight``, ``mean_loss``, ``last_weight`` and, for each binariser
+(:mod:`gradmimic.binarize`: ``threshold``, ``kmeans``, ``gmm``), ``vote_<name>``: the fraction of the sample's
+steps in which its step's binariser voted "keep".  Options: ``first_step`` (skip e.g. a mimic warm-up, whose
+weights are the plain mean), ``last_epochs`` (only the last k epochs), ``decay`` (a row of step ``t`` counts
+``decay ** (T - t)``, ``T`` the log's last step; ``num_steps`` stays a count).
+
+**Shuffle-free.**  The log is partitioned by ``bucket = uid_lo % num_buckets`` (DESIGN.md section 4), so every
+row of a uid is in one bucket: one Ray Data task per bucket reduces its files with numpy kernels, a chunk of rows
+at a time into per-uid partial sums (sums and "latest step" merge exactly), and writes
+``utility/bucket=<b>/part-00000.parquet``.  A task holds one chunk plus its bucket's partial sums; the driver
+holds per-task counters only.
+
+**Fitted binarisers** (``kmeans``, ``gmm``) need each step's whole global batch, which is spread over every
+bucket.  Two light passes first (reading ``step`` and the clustered column only): per-step min / max, then
+per-step binned summaries on that range (``bins`` bins, count / sum / sum of squares, added across tasks); the
+per-step fits on those summaries are approximate as :mod:`gradmimic.binarize` describes (exact k-means split up
+to the bin width, binned EM), and the tests compare them with exact per-step fits.  Their driver memory is
+``steps x bins x 24`` bytes (e.g. 312k steps of a 4096 batch, 64 bins: 480 MB): lower ``bins`` for very long logs.
+
+The manifest holds the dataset quality estimate: the fraction of samples whose ``quality`` binariser's vote is at
+least ``min_vote``, and the mean score.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import SpecError, doc, ref_name, require
+from ..storage import is_local, open_storage
+
+BINARISERS = ("threshold", "kmeans", "gmm")
+OUT = "utility"
+_BUCKET = re.compile(r"(?:^|/)bucket=(\d+)/")
+
+
+@dataclass(frozen=True)
+class LogPath:
+    path: str = doc("a score-log directory (local path or URL) laid out as a train stage's scores/")
+
+
+ScoresRef = Union[str, LogPath]  # a bare string names a previous train stage
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    scores: ScoresRef = doc("the train stage whose score log to reduce, or {path: <score-log directory>}",
+                            ref="model")
+    binarisers: Tuple[Literal["threshold", "kmeans", "gmm"], ...] = doc(
+        "per-step keep votes: threshold (weight > 1/B), kmeans (two clusters), gmm (two components)",
+        default=BINARISERS)
+    cluster_on: Literal["score", "weight"] = doc("the column kmeans and gmm split", default="score")
+    quality: Literal["threshold", "kmeans", "gmm"] = doc("the binariser behind the quality estimate",
+                                                         default="threshold")
+    min_vote: float = doc("a sample counts as kept (quality estimate) when its vote is at least this", default=0.5)
+    first_step: int = doc("ignore steps before this one (e.g. the mimic warm-up)", default=1)
+    last_epochs: Optional[int] = doc("only the last k epochs of the log", default=None)
+    decay: Optional[float] = doc("weight a row of step t by decay ** (T - t), T the last step (0 < decay <= 1)",
+                                 default=None)
+    bins: int = doc("bins per step for the kmeans / gmm summaries", default=64)
+    chunk_rows: int = doc("rows a task reduces at once (its memory)", default=4_000_000)
+    cpus_per_task: float = doc("CPUs per task", default=1.0)
+
+    def validate(self) -> None:
+        if not self.binarisers:
+            raise SpecError("binarisers: give at least one of " + ", ".join(BINARISERS))
+        if self.quality not in self.binarisers:
+            raise SpecError(f"quality: {self.quality!r} is not one of the binarisers ({', '.join(self.binarisers)})")
+        if not 0 <= self.min_vote <= 1:
+            raise SpecError(f"min_vote: must be in [0, 1], got {self.min_vote}")
+        if self.decay is not None and not 0 < self.decay <= 1:
+            raise SpecError(f"decay: must be in (0, 1], got {self.decay}")
+        require(self, "first_step", 1)
+        require(self, "last_epochs", 1, allow_none=True)
+        require(self, "bins", 2)
+        require(self, "chunk_rows", 1)
+        require(self, "cpus_per_task", 0, strict=True)
+
+    @property
+    def fitted(self) -> Tuple[str, ...]:
+        return tuple(b for b in self.binarisers if b != "threshold")
+
+
+def check_aggregate(cfg: AggregateConfig, spec) -> None:
+    name = ref_name(cfg.scores)
+    if name is None:
+        return
+    stage = next(s for s in spec.stages if s.name == name)
+    if getattr(stage.config, "mode", None) == "plain":
+        raise SpecError(f"scores: stage {name!r} trains with mode plain: its log has no scores to aggregate")
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_parquet(fs, path: str, columns: Optional[List[str]] = None) -> pa.Table:
+    if is_local(fs):
+        return pq.read_table(path, columns=columns)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(io.BytesIO(f.read()), columns=columns)
+
+
+def _schema(fs, path: str) -> pa.Schema:
+    if is_local(fs):
+        return pq.read_schema(path)
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(io.BytesIO(f.read()))
+
+
+def _footer_span(fs, files: List[str]) -> Dict[str, int]:
+    """Rows, last step and last epoch of some files, from their parquet footers only."""
+    out = {"rows": 0, "max_step": 0, "max_epoch": 0}
+    for path in files:
+        if is_local(fs):
+            meta = pq.read_metadata(path)
+        else:
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+        names = meta.schema.names
+        out["rows"] += meta.num_rows
+        for i in range(meta.num_row_groups):
+            rg = meta.row_group(i)
+            for key, col in (("max_step", "step"), ("max_epoch", "epoch")):
+                if col in names:
+                    stats = rg.column(names.index(col)).statistics
+                    if stats is not None and stats.has_min_max:
+                        out[key] = max(out[key], int(stats.max))
+    return out
+
+
+class LogFilter:
+    """Which rows count (first step, last epochs) and with what weight (decay)."""
+
+    def __init__(self, cfg: AggregateConfig, max_step: int, max_epoch: int) -> None:
+        self.first_step = cfg.first_step
+        self.min_epoch = max_epoch - cfg.last_epochs + 1 if cfg.last_epochs else None
+        self.decay, self.max_step = cfg.decay, max_step
+
+    @property
+    def columns(self) -> List[str]:
+        return ["step"] + (["epoch"] if self.min_epoch is not None else [])
+
+    def mask(self, t: pa.Table) -> np.ndarray:
+        keep = t["step"].to_numpy() >= self.first_step
+        if self.min_epoch is not None:
+            keep &= t["epoch"].to_numpy() >= self.min_epoch
+        return keep
+
+    def weight(self, step: np.ndarray) -> np.ndarray:
+        if self.decay is None or self.decay == 1:
+            return np.ones(len(step))
+        return np.power(self.decay, (self.max_step - step).astype(np.float64))
+
+
+# ------------------------------------------------------------------------------------------------ per-step fits
+
+
+def _step_range(fs, files, value_col: str, filt: LogFilter, num_steps: int):
+    lo, hi = np.full(num_steps, np.inf), np.full(num_steps, -np.inf)
+    for path in files:
+        t = read_parquet(fs, path, list(dict.fromkeys(filt.columns + [value_col])))
+        keep = filt.mask(t)
+        idx = t["step"].to_numpy()[keep] - 1
+        v = t[value_col].to_numpy().astype(np.float64)[keep]
+        ok = np.isfinite(v)
+        np.minimum.at(lo, idx[ok], v[ok])
+        np.maximum.at(hi, idx[ok], v[ok])
+    return lo, hi
+
+
+def _step_summary(fs, files, value_col: str, filt: LogFilter, lo, hi, bins: int):
+    from gradmimic.binarize import binned_summary
+
+    num_steps = len(lo)
+    acc = None
+    for path in files:
+        t = read_parquet(fs, path, list(dict.fromkeys(filt.columns + [value_col])))
+        keep = filt.mask(t)
+        v = t[value_col].to_numpy().astype(np.float64)[keep]
+        idx = t["step"].to_numpy()[keep] - 1
+        ok = np.isfinite(v)
+        s = binned_summary(idx[ok], v[ok], lo, hi, bins, num_steps)
+        acc = s if acc is None else {k: acc[k] + s[k] for k in acc}
+    return acc
+
+
+def fit_steps(ctx, cfg: AggregateConfig, fs, groups: List[List[str]], filt: LogFilter, num_steps: int):
+    """Per-step k-means boundaries ``[T]`` and GMM parameters ``[T, 6]`` from two passes over the log."""
+    from gradmimic.binarize import gmm_fit, kmeans_split
+
+    col = cfg.cluster_on
+    lo, hi = np.full(num_steps, np.inf), np.full(num_steps, -np.inf)
+    for a, b in ctx.map(_step_range, [(fs, g, col, filt, num_steps) for g in groups], unit="step ranges"):
+        lo, hi = np.minimum(lo, a), np.maximum(hi, b)
+    total = None
+    for s in ctx.map(_step_summary, [(fs, g, col, filt, lo, hi, cfg.bins) for g in groups], unit="step summaries"):
+        if s is not None:
+            total = s if total is None else {k: total[k] + s[k] for k in total}
+    if total is None:
+        total = {k: np.zeros((num_steps, cfg.bins)) for k in ("count", "sum", "sumsq")}
+    out = {}
+    if "kmeans" in cfg.binarisers:
+        out["kmeans"] = kmeans_split(total["count"], total["sum"], total["sumsq"])[:, 0]
+    if "gmm" in cfg.binarisers:
+        out["gmm"] = gmm_fit(total["count"], total["sum"], total["sumsq"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ per-uid reduce
+
+_SUMS = ("n", "wsum", "score", "weight", "loss")
+
+
+def _partial(t: pa.Table, cfg: AggregateConfig, filt: LogFilter, fits: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """One chunk of raw rows as per-row partial sums (reduced by :func:`reduce_partials`)."""
+    from gradmimic.binarize import gmm_keep
+
+    keep = filt.mask(t)
+    col = {name: t[name].to_numpy()[keep] for name in t.column_names}
+    step = col["step"].astype(np.int64)
+    w = filt.weight(step)
+    weight = col["weight"].astype(np.float32)
+    loss = col["loss"].astype(np.float64) if "loss" in col else np.full(len(step), np.nan)
+    part = {
+        "uid_hi": col["uid_hi"].astype(np.uint64), "uid_lo": col["uid_lo"].astype(np.uint64),
+        "n": np.ones(len(step), np.int64), "wsum": w, "score": w * col["score"].astype(np.float64),
+        "weight": w * weight.astype(np.float64), "loss": w * loss,
+        "last_step": step, "last_weight": weight,
+    }
+    for name in cfg.binarisers:
+        if name == "threshold":  # in float32, as the weights are: uniform weights 1/B are not "above" 1/B
+            vote = weight > (1.0 / col["batch_size"].astype(np.float64)).astype(np.float32)
+        else:
+            v = col[cfg.cluster_on].astype(np.float64)
+            if name == "kmeans":
+                vote = v > fits["kmeans"][step - 1]
+            else:
+                vote = gmm_keep(v, fits["gmm"][step - 1])
+        part[f"vote_{name}"] = w * vote
+    return part
+
+
+def reduce_partials(part: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Partial sums grouped by uid: sums add, ``last_*`` come from the latest step.  Exact: rows are ordered by
+    ``uid_lo`` and, only if two uids share it, by ``uid_hi`` too."""
+    lo, hi = part["uid_lo"], part["uid_hi"]
+    if len(lo) == 0:
+        return part
+    order = np.argsort(lo, kind="stable")
+    lo_s, hi_s = lo[order], hi[order]
+    same_lo = lo_s[1:] == lo_s[:-1]
+    if np.any(same_lo & (hi_s[1:] != hi_s[:-1])):  # two uids share uid_lo: sort by both halves
+        order = np.lexsort((hi, lo))
+        lo_s, hi_s = lo[order], hi[order]
+        same_lo = lo_s[1:] == lo_s[:-1]
+    new_group = ~(same_lo & (hi_s[1:] == hi_s[:-1]))
+    starts = np.concatenate([[0], np.flatnonzero(new_group) + 1])
+    out = {"uid_hi": hi_s[starts], "uid_lo": lo_s[starts]}
+    for name, values in part.items():
+        if name in ("uid_hi", "uid_lo", "last_step", "last_weight"):
+            continue
+        out[name] = np.add.reduceat(values[order], starts)
+    step = part["last_step"][order]
+    last = np.maximum.reduceat(step, starts)
+    sizes = np.diff(np.concatenate([starts, [len(order)]]))
+    at_last = step == np.repeat(last, sizes)
+    lw = np.where(at_last, part["last_weight"][order], -np.inf).astype(np.float32)
+    out["last_step"], out["last_weight"] = last, np.maximum.reduceat(lw, starts)
+    return out
+
+
+def uid_hex(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
+    """32 lowercase hex chars per uid (DESIGN.md section 4), vectorised."""
+    n = len(hi)
+    raw = np.empty((n, 2), dtype=">u8")
+    raw[:, 0], raw[:, 1] = hi, lo
+    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    b = raw.view(np.uint8).reshape(n, 16)
+    chars = np.empty((n, 32), dtype=np.uint8)
+    chars[:, 0::2], chars[:, 1::2] = digits[b >> 4], digits[b & 15]
+    offsets = pa.py_buffer(np.arange(0, 32 * n + 1, 32, dtype=np.int32).tobytes())
+    return pa.StringArray.from_buffers(n, offsets, pa.py_buffer(chars.tobytes()))
+
+
+def utility_table(part: Dict[str, np.ndarray], binarisers) -> pa.Table:
+    wsum = part["wsum"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cols = {
+            "uid": uid_hex(part["uid_hi"], part["uid_lo"]),
+            "uid_hi": pa.array(part["uid_hi"], pa.uint64()), "uid_lo": pa.array(part["uid_lo"], pa.uint64()),
+            "num_steps": pa.array(part["n"].astype(np.int32)),
+            "mean_score": pa.array(part["score"] / wsum), "mean_weight": pa.array(part["weight"] / wsum),
+            "mean_loss": pa.array(part["loss"] / wsum), "last_weight": pa.array(part["last_weight"], pa.float32()),
+        }
+        for name in binarisers:
+            cols[f"vote_{name}"] = pa.array(part[f"vote_{name}"] / wsum)
+    return pa.table(cols)
+
+
+def reduce_bucket(row: Dict[str, Any], fs, num_buckets: int, out_fs, out_dir: str, cfg: AggregateConfig, filt: LogFilter,
+                  fits_ref) -> Dict[str, Any]:
+    """One bucket's files -> its utility file; returns counters for the manifest."""
+    import ray
+
+    fits = ray.get(fits_ref) if isinstance(fits_ref, ray.ObjectRef) else fits_ref
+    columns = ["uid_hi", "uid_lo", "step", "score", "weight", "batch_size", *filt.columns[1:]]
+    has_loss = "loss" in _schema(fs, row["files"][0]).names
+    columns += ["loss"] if has_loss else []
+    parts, pending, pending_rows, rows_in = [], [], 0, 0
+    for i, path in enumerate(row["files"]):
+        t = read_parquet(fs, path, columns)
+        rows_in += t.num_rows
+        if np.any(t["uid_lo"].to_numpy() % np.uint64(num_buckets) != row["bucket"]):
+            raise ValueError(f"{path}: holds uids of another bucket than {row['bucket']} (of {num_buckets})")
+        pending.append(t)
+        pending_rows += t.num_rows
+        if pending_rows >= cfg.chunk_rows or i == len(row["files"]) - 1:
+            parts.append(reduce_partials(_partial(pa.concat_tables(pending), cfg, filt, fits)))
+            pending, pending_rows = [], 0
+    merged = parts[0] if len(parts) == 1 else reduce_partials(
+        {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    table = utility_table(merged, cfg.binarisers)
+    rel = posixpath.join(OUT, f"bucket={row['bucket']}", "part-00000.parquet")
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    path = posixpath.join(out_dir, rel)
+    out_fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with out_fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
+    stats = {"bucket": row["bucket"], "file": rel, "rows_in": rows_in, "rows_used": int(merged["n"].sum()),
+             "samples": table.num_rows, "score_sum": float(np.nansum(table["mean_score"].to_numpy()))}
+    for name in cfg.binarisers:
+        vote = table[f"vote_{name}"].to_numpy(zero_copy_only=False)
+        stats[f"kept_{name}"] = int(np.sum(vote >= cfg.min_vote))
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def _open_log(cfg: AggregateConfig, ctx):
+    """``(fs, root, num_buckets)``; a log given by path is taken to have ``max bucket + 1`` buckets (each task
+    checks that its rows belong to its bucket)."""
+    name = ref_name(cfg.scores)
+    if name is not None:
+        stage = ctx.inputs[name]
+        manifest = stage.manifest()
+        if "score_rows" not in manifest:
+            raise SpecError(f"scores: stage {name!r} has no score log")
+        return stage.fs, stage.join("scores"), int(manifest["config"]["num_buckets"])
+    fs, root = open_storage(cfg.scores.path, ctx.storage_options)
+    return fs, root, None
+
+
+def list_buckets(fs, root: str) -> Dict[int, List[str]]:
+    from ..score_log import list_parts
+
+    buckets: Dict[int, List[str]] = {}
+    for path in list_parts(fs, root):
+        m = _BUCKET.search(path[len(root.rstrip("/")):])
+        if m is not None:
+            buckets.setdefault(int(m.group(1)), []).append(path)
+    return dict(sorted(buckets.items()))
+
+
+def _groups(buckets: Dict[int, List[str]], n: int) -> List[List[str]]:
+    """Buckets dealt round-robin into ``n`` task groups (for the summary passes)."""
+    keys = list(buckets)
+    return [[p for k in keys[i::n] for p in buckets[k]] for i in range(min(n, len(keys)))]
+
+
+def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
+    import time
+
+    import ray
+    import ray.data
+
+    fs, root, num_buckets = _open_log(cfg, ctx)
+    url = fs.unstrip_protocol(root)
+    buckets = list_buckets(fs, root)
+    if not buckets:
+        raise SpecError(f"scores: no score-log files (scores/bucket=<b>/*.parquet) under {url}")
+    num_buckets = num_buckets or max(buckets) + 1
+    needed = ["uid_hi", "uid_lo", "step", "score", "weight", "batch_size"] + (["epoch"] if cfg.last_epochs else [])
+    first = next(iter(buckets.values()))[0]
+    have = _schema(fs, first).names
+    missing = [c for c in needed if c not in have]
+    if missing:
+        raise SpecError(f"scores: {fs.unstrip_protocol(first)}: the score log has no column {missing[0]!r} "
+                        f"(expected {', '.join(needed)})")
+    width = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
+    groups = _groups(buckets, width)
+    spans = ctx.map(_footer_span, [(fs, g) for g in groups], unit="footers")
+    max_step = max(s["max_step"] for s in spans)
+    max_epoch = max(s["max_epoch"] for s in spans)
+    filt = LogFilter(cfg, max_step, max_epoch)
+    fits = fit_steps(ctx, cfg, fs, groups, filt, max_step) if cfg.fitted else {}
+    fits_ref = ray.put(fits)
+    items = [{"bucket": b, "files": files} for b, files in buckets.items()]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+        reduce_bucket, num_cpus=cfg.cpus_per_task,
+        fn_kwargs={"fs": fs, "num_buckets": num_buckets, "out_fs": ctx.out.fs, "out_dir": ctx.out.join(""), "cfg": cfg, "filt": filt,
+                   "fits_ref": fits_ref})
+    started, results = time.perf_counter(), []
+    total_rows = sum(s["rows"] for s in spans)
+    for row in ds.iter_rows():
+        results.append(row)
+        ctx.progress.update(f"{ctx.label} buckets", len(results), len(items),
+                            sum(r["rows_in"] for r in results), started)
+    results.sort(key=lambda r: r["bucket"])
+    rows_in = sum(r["rows_in"] for r in results)
+    if rows_in != total_rows:
+        raise RuntimeError(f"{ctx.label}: read {rows_in} score rows, the footers count {total_rows}")
+    samples = sum(r["samples"] for r in results)
+    kept = {name: sum(r[f"kept_{name}"] for r in results) for name in cfg.binarisers}
+    frac = {name: (k / samples if samples else 0.0) for name, k in kept.items()}
+    return {
+        "rows_in": rows_in, "rows_out": samples, "files": [r["file"] for r in results],
+        "log": url, "log_rows_used": sum(r["rows_used"] for r in results), "steps": max_step,
+        "epochs": max_epoch + 1, "num_buckets": num_buckets, "samples": samples,
+        "kept_fraction": frac, "quality_estimate": frac[cfg.quality],
+        "quality": {"binariser": cfg.quality, "min_vote": cfg.min_vote},
+        "mean_score": sum(r["score_sum"] for r in results) / samples if samples else float("nan"),
+        "fitted_on": f"per-step binned summaries ({cfg.bins} bins) of {cfg.cluster_on}" if cfg.fitted else None,
+    }
+
+
+def read_utility(stage, columns: Optional[List[str]] = None) -> pa.Table:
+    """A committed aggregate stage's whole utility table (tests and small pools)."""
+    files = [f for f in stage.manifest()["files"] if f.startswith(OUT + "/")]
+    return pa.concat_tables([stage.read_table(f).select(columns) if columns else stage.read_table(f)
+                             for f in files])

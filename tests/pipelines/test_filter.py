@@ -1,0 +1,214 @@
+"""The filter stage on hand-made pools and utilities: exact fractions with ties, every combinator, unscored rows,
+conservation, the subset file; the keep-rule parser's errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipelines.bench.scorelog import synthetic_uids
+from pipelines.config import SpecError
+from pipelines.runner import Progress, StageContext
+from pipelines.spec import parse_spec
+from pipelines.stages import keep_rule as kr
+from pipelines.stages.aggregate import uid_hex
+from pipelines.stages.filter import SUBSET, read_subset, run_filter
+from pipelines.storage import StageDir, open_storage
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+BUCKETS = 4
+
+
+def committed(fs, path, tables: dict, **manifest):
+    d = StageDir(fs, path)
+    d.begin()
+    for rel, t in tables.items():
+        d.write_table(rel, t)
+    d.commit({"files": list(tables), **manifest})
+    return StageDir(fs, path)
+
+
+def make_pool(tmp_path, n=1000, test=100, seed=0, missing_from_utility=0, extra_in_utility=0):
+    """A pool of ``n`` rows (the last ``test`` in the test split) with a tied ``clip`` column, and a utility over
+    the train rows with a tied ``mean_score`` (``missing_from_utility`` train rows left out, ``extra`` uids added)."""
+    rng = np.random.default_rng(seed)
+    fs, root = open_storage(str(tmp_path))
+    hi, lo = synthetic_uids(n + extra_in_utility, seed)
+    clip = np.round(rng.normal(0.3, 0.05, n), 2)  # many ties
+    clip[rng.random(n) < 0.02] = np.nan
+    pool = pd.DataFrame({"uid": uid_hex(hi[:n], lo[:n]).to_pylist(), "uid_hi": hi[:n], "uid_lo": lo[:n],
+                         "text": [f"caption {i}" for i in range(n)], "key": [f"{i:09d}" for i in range(n)],
+                         "shard": np.arange(n) // 300, "split": ["train"] * (n - test) + ["test"] * test,
+                         "clip": clip})
+    shards = {f"shards/shard-{s:05d}.parquet": pa.Table.from_pandas(g, preserve_index=False)
+              for s, g in pool.groupby("shard")}
+    pool_dir = committed(fs, f"{root}/r/pool", shards, rows_out=n)
+    scored = np.arange(n - test - missing_from_utility)
+    scored = np.concatenate([scored, np.arange(n, n + extra_in_utility)])
+    util = pd.DataFrame({"uid_hi": hi[scored], "uid_lo": lo[scored],
+                         "mean_score": np.round(rng.normal(0, 1, len(scored)), 1),
+                         "vote_threshold": rng.integers(0, 5, len(scored)) / 4})
+    files = {}
+    for b in range(BUCKETS):
+        part = util[util["uid_lo"] % BUCKETS == b]
+        files[f"utility/bucket={b}/part-00000.parquet"] = pa.Table.from_pandas(part, preserve_index=False)
+    util_dir = committed(fs, f"{root}/r/util", files, num_buckets=BUCKETS)
+    joined = pool.merge(util, on=["uid_hi", "uid_lo"], how="left")
+    return fs, root, pool_dir, util_dir, joined
+
+
+def run(tmp_path, fs, root, pool_dir, util_dir, keep, **options):
+    cfg = parse_spec({"name": "r", "storage": str(tmp_path), "stages": [
+        {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}},
+        {"stage": "aggregate", "name": "util", "scores": {"path": "x"}},
+        {"stage": "filter", "name": "kept", "data": "pool", "utility": "util", "keep": keep, **options}]}
+    ).stages[2].config
+    out = StageDir(fs, f"{root}/r/kept")
+    out.begin()
+    ctx = StageContext(out, {"pool": pool_dir, "util": util_dir}, "filter kept", Progress(io.StringIO()))
+    result = run_filter(cfg, ctx)
+    out.commit(result)
+    return result, StageDir(fs, f"{root}/r/kept")
+
+
+def brute(rule, df: pd.DataFrame) -> np.ndarray:
+    """The rule's meaning, written directly: ranks by full sort with uid tie-break over the population."""
+    if isinstance(rule, kr.Clause):
+        v = df[rule.column].to_numpy(np.float64)
+        has = ~np.isnan(v)
+        if rule.op == "min":
+            return has & (v >= rule.value)
+        if rule.op == "max":
+            return has & (v <= rule.value)
+        pop = df[has].assign(_k=-v[has] if rule.op == "top" else v[has])
+        k = int(np.floor(rule.value * len(pop) + 0.5))
+        chosen = pop.sort_values(["_k", "uid_hi", "uid_lo"]).index[:k]
+        return df.index.isin(chosen)
+    masks = [brute(c, df) for c in rule.children]
+    if rule.op == "and":
+        return np.logical_and.reduce(masks)
+    if rule.op == "or":
+        return np.logical_or.reduce(masks)
+    return masks[0] & ~masks[1]
+
+
+RULES = [
+    {"column": "clip", "top": 0.3},
+    {"mean_score": {"bottom": 0.25}},
+    {"minus": [{"clip": {"top": 0.3}}, {"mean_score": {"bottom": 0.2}}]},  # the paper's combination
+    {"and": [{"vote_threshold": {"min": 0.5}}, {"clip": {"max": 0.35}}, {"mean_score": {"top": 0.9}}]},
+    {"or": [{"clip": {"top": 0.1}}, {"mean_score": {"top": 0.1}}, {"vote_threshold": {"min": 1.0}}]},
+    {"clip": {"top": 1.0}},
+]
+
+
+@pytest.mark.parametrize("sample_rows", [100_000, 40])  # the whole population, or a sample and a bracket pass
+@pytest.mark.parametrize("keep", RULES)
+def test_kept_rows_equal_the_rule_evaluated_directly(tmp_path, keep, sample_rows):
+    fs, root, pool_dir, util_dir, joined = make_pool(tmp_path)
+    result, out = run(tmp_path, fs, root, pool_dir, util_dir, keep, sample_rows=sample_rows, shard_size=128)
+    train = joined[joined["split"] == "train"].reset_index(drop=True)
+    want = set(train["uid"][brute(kr.parse_rule(keep), train)]) | set(joined["uid"][joined["split"] == "test"])
+    kept = pd.concat([out.read_table(f).to_pandas() for f in result["files"] if f.startswith("shards/")])
+    assert set(kept["uid"]) == want and len(kept) == len(want)
+    assert result["rows_in"] == 1000 == result["rows_out"] + result["rejected"] and result["conserved"]
+    assert result["passed_through"] == 100 and result["kept_in_scope"] == len(want) - 100
+    assert list(kept["key"]) == [f"{i:09d}" for i in range(len(kept))]
+    assert (kept["shard"].to_numpy() == np.arange(len(kept)) // 128).all()
+    assert list(kept["text"]) == list(joined.set_index("uid").loc[kept["uid"], "text"])  # pool order, rows intact
+    rejected = pd.concat([out.read_table(f).to_pandas() for f in result["files"] if f.startswith("rejected/")]) \
+        if result["rejected"] else pd.DataFrame({"uid": [], "reason": []})
+    assert set(rejected["uid"]) == set(train["uid"]) - want and len(rejected) == result["rejected"]
+    for clause in kr.clauses(kr.parse_rule(keep)):
+        if clause.ranked:
+            n = int(train[clause.column].notna().sum())
+            assert result["clauses"][clause.label]["kept"] == int(np.floor(clause.value * n + 0.5))
+    subset = read_subset(fs, out.join(SUBSET))
+    assert subset.dtype == np.dtype("u8,u8")
+    assert (np.lexsort((subset["f1"], subset["f0"])) == np.arange(len(subset))).all()  # sorted
+    in_scope = kept[kept["split"] == "train"]
+    assert set(zip(subset["f0"].tolist(), subset["f1"].tolist())) == set(zip(in_scope["uid_hi"], in_scope["uid_lo"]))
+
+
+def test_reasons_name_the_clause_that_dropped_each_row(tmp_path):
+    fs, root, pool_dir, util_dir, joined = make_pool(tmp_path)
+    keep = {"minus": [{"clip": {"top": 0.3}}, {"mean_score": {"bottom": 0.2}}]}
+    result, out = run(tmp_path, fs, root, pool_dir, util_dir, keep)
+    rejected = pd.concat([out.read_table(f).to_pandas() for f in result["files"] if f.startswith("rejected/")])
+    train = joined[joined["split"] == "train"].reset_index(drop=True)
+    rule = kr.parse_rule(keep)
+    top, bottom = brute(rule.children[0], train), brute(rule.children[1], train)
+    why = dict(zip(rejected["uid"], rejected["reason"]))
+    for uid, t, b in zip(train["uid"], top, bottom):
+        if not t:
+            assert why[uid] == "not clip top 30%"
+        elif b:
+            assert why[uid] == "removed by mean_score bottom 20%"
+    assert result["reasons"] == {"not clip top 30%": int((~top).sum()),
+                                 "removed by mean_score bottom 20%": int((top & bottom).sum())}
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop", "error"])
+def test_unscored_rows_are_never_dropped_silently(tmp_path, policy):
+    fs, root, pool_dir, util_dir, joined = make_pool(tmp_path, missing_from_utility=30, extra_in_utility=7)
+    keep = {"mean_score": {"top": 0.5}}
+    if policy == "error":
+        with pytest.raises(SpecError, match=r"^unscored: 30 rows of the pool's train split have no utility row in "
+                                            r"stage 'util' and 7 utility rows are not in the pool; set unscored: "
+                                            r"keep or drop$"):
+            run(tmp_path, fs, root, pool_dir, util_dir, keep)
+        return
+    result, out = run(tmp_path, fs, root, pool_dir, util_dir, keep, unscored=policy)
+    assert result["unscored"] == {"pool_rows": 30, "utility_rows_not_in_pool": 7, "policy": policy}
+    scored = 900 - 30
+    assert result["clauses"]["mean_score top 50%"]["population"] == scored
+    assert result["rows_out"] == 100 + scored // 2 + (30 if policy == "keep" else 0)
+    assert result["rows_in"] == result["rows_out"] + result["rejected"]
+    assert result["reasons"].get("unscored", 0) == (30 if policy == "drop" else 0)
+
+
+def test_apply_to_every_split(tmp_path):
+    fs, root, pool_dir, util_dir, joined = make_pool(tmp_path, test=0)
+    result, _ = run(tmp_path, fs, root, pool_dir, util_dir, {"clip": {"bottom": 0.5}}, apply_to=["train", "test"])
+    n = int(joined["clip"].notna().sum())
+    assert result["passed_through"] == 0 and result["rows_out"] == int(np.floor(0.5 * n + 0.5))
+
+
+def test_a_column_nobody_has_is_one_line(tmp_path):
+    fs, root, pool_dir, util_dir, _ = make_pool(tmp_path, n=50, test=5)
+    with pytest.raises(SpecError, match=r"^keep: no column 'clip_score' in the pool \(stage 'pool'\) nor the utility "
+                                        r"\(stage 'util'\); the pool has clip, key, shard, split, text, uid, uid_hi, "
+                                        r"uid_lo$"):
+        run(tmp_path, fs, root, pool_dir, util_dir, {"clip_score": {"top": 0.3}})
+
+
+@pytest.mark.parametrize("keep, message", [
+    ({"clip": {"top": 1.5}}, "keep.clip.top: a fraction must be in (0, 1], got 1.5"),
+    ({"minus": [{"clip": {"top": 0.3}}, {"column": "m", "bottom": 0}]}, "keep.minus[1].bottom: a fraction must be in "
+                                                                        "(0, 1], got 0"),
+    ({"minus": [{"clip": {"top": 0.3}}]}, "keep.minus: expected two rules: [kept, removed]"),
+    ({"and": {"clip": {"min": 1}}}, "keep.and: expected a list of at least two rules"),
+    ({"column": "clip", "top": 0.1, "min": 2}, "keep: a clause has 'column' and exactly one of min, max, top, bottom"),
+    ({"clip": {"above": 1}}, "keep.clip: expected clauses (min, max, top, bottom)"),
+    ({"clip": {"min": "high"}}, "keep.clip.min: expected a number, got 'high'"),
+    ("clip > 3", "keep: expected a rule (a mapping: a column clause, and, or, minus)"),
+])
+def test_bad_rules_name_the_field(keep, message):
+    with pytest.raises(SpecError) as err:
+        parse_spec({"name": "r", "storage": "x", "stages": [
+            {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}},
+            {"stage": "filter", "name": "f", "data": "pool", "keep": keep}]}, label="s.yaml")
+    assert str(err.value).startswith(f"s.yaml: stage 'f' (filter): {message}"), str(err.value)
+
+
+def test_utility_must_name_an_aggregate_stage():
+    with pytest.raises(SpecError, match=r"^s.yaml: stage 'f' \(filter\): utility: stage 'pool' produces a dataset, "
+                                        r"not a utility"):
+        parse_spec({"name": "r", "storage": "x", "stages": [
+            {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}},
+            {"stage": "filter", "name": "f", "data": "pool", "utility": "pool", "keep": {"clip": {"min": 0}}}]},
+            label="s.yaml")
