@@ -131,8 +131,12 @@ def _join(fs, part: int, util_fs, util_path: Optional[str], util_cols: List[str]
         "uid_hi": np.zeros(0, np.uint64), "uid_lo": np.zeros(0, np.uint64), "split": np.zeros(0, object),
         "shard": np.zeros(0, np.int32), "row": np.zeros(0, np.int64), **{c: np.zeros(0) for c in rule_cols}})
     extra = 0
-    if util_path is not None:
-        util = read_parquet(util_fs, util_path, ["uid_hi", "uid_lo", *util_cols]).to_pandas()
+    if util_fs is not None:
+        if util_path is not None:
+            util = read_parquet(util_fs, util_path, ["uid_hi", "uid_lo", *util_cols]).to_pandas()
+        else:  # an empty bucket: nobody here was scored
+            util = pd.DataFrame({"uid_hi": np.zeros(0, np.uint64), "uid_lo": np.zeros(0, np.uint64),
+                                 **{c: np.zeros(0) for c in util_cols}})
         util["_scored"] = True
         left = left.drop(columns=[c for c in util_cols if c in left.columns])
         merged = left.merge(util, on=["uid_hi", "uid_lo"], how="left", sort=False)

@@ -32,7 +32,7 @@ def committed(fs, path, tables: dict, **manifest):
     return StageDir(fs, path)
 
 
-def make_pool(tmp_path, n=1000, test=100, seed=0, missing_from_utility=0, extra_in_utility=0):
+def make_pool(tmp_path, n=1000, test=100, seed=0, missing_from_utility=0, extra_in_utility=0, skip_bucket=None):
     """A pool of ``n`` rows (the last ``test`` in the test split) with a tied ``clip`` column, and a utility over
     the train rows with a tied ``mean_score`` (``missing_from_utility`` train rows left out, ``extra`` uids added)."""
     rng = np.random.default_rng(seed)
@@ -55,6 +55,8 @@ def make_pool(tmp_path, n=1000, test=100, seed=0, missing_from_utility=0, extra_
     files = {}
     for b in range(BUCKETS):
         part = util[util["uid_lo"] % BUCKETS == b]
+        if b == skip_bucket:
+            continue
         files[f"utility/bucket={b}/part-00000.parquet"] = pa.Table.from_pandas(part, preserve_index=False)
     util_dir = committed(fs, f"{root}/r/util", files, num_buckets=BUCKETS)
     joined = pool.merge(util, on=["uid_hi", "uid_lo"], how="left")
@@ -169,6 +171,15 @@ def test_unscored_rows_are_never_dropped_silently(tmp_path, policy):
     assert result["rows_out"] == 100 + scored // 2 + (30 if policy == "keep" else 0)
     assert result["rows_in"] == result["rows_out"] + result["rejected"]
     assert result["reasons"].get("unscored", 0) == (30 if policy == "drop" else 0)
+
+
+def test_an_empty_utility_bucket_means_unscored(tmp_path):
+    fs, root, pool_dir, util_dir, joined = make_pool(tmp_path, skip_bucket=3)
+    result, _ = run(tmp_path, fs, root, pool_dir, util_dir, {"mean_score": {"top": 0.5}}, unscored="drop")
+    train = joined[joined["split"] == "train"]
+    missing = int((train["uid_lo"] % BUCKETS == 3).sum())
+    assert missing > 100 and result["unscored"]["pool_rows"] == missing == result["reasons"]["unscored"]
+    assert result["clauses"]["mean_score top 50%"]["population"] == 900 - missing
 
 
 def test_apply_to_every_split(tmp_path):

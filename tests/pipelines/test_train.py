@@ -345,9 +345,16 @@ def test_readme_debug_spec_from_the_cli(tmp_path):
                           "stages.ref.epochs=1", "stages.mimic.batch_size=16", "stages.mimic.epochs=1"],
                          capture_output=True, text=True, timeout=600, cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "ingest pool: 100 rows out, 0 rejected" in res.stderr and "done: 3 stages" in res.stderr
+    assert "ingest pool: 100 rows out, 0 rejected" in res.stderr and "done: 5 stages" in res.stderr
     assert "train ref: 80 rows out" in res.stderr and "train mimic: 80 rows out" in res.stderr
     log = score_log(str(tmp_path), "mimic", "debug")
     assert_exactly_once(log, 16, 5, sizes=[8])
     manifest = json.loads((tmp_path / "debug/mimic/_MANIFEST.json").read_text())
     assert manifest["workers"] == 2 and {"test_loss", "test_accuracy"} <= set(manifest["final"])
+    # the offline chain: one utility per scored sample, then the filter; counts conserve
+    utility = json.loads((tmp_path / "debug/utility/_MANIFEST.json").read_text())
+    assert utility["rows_in"] == len(log) and utility["samples"] == log.groupby(["uid_hi", "uid_lo"]).ngroups
+    kept = json.loads((tmp_path / "debug/kept/_MANIFEST.json").read_text())
+    assert kept["rows_in"] == 100 == kept["rows_out"] + kept["rejected"] and kept["passed_through"] == 20
+    assert 0 < kept["kept_in_scope"] < 80 and kept["unscored"]["pool_rows"] == 0
+    assert f"filter kept: {kept['rows_out']} rows out, {kept['rejected']} rejected" in res.stderr
