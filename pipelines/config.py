@@ -34,7 +34,8 @@ def type_name(tp: Any) -> str:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", Any: "a mapping (a rule)"}
+    return names.get(tp, str(tp))
 
 
 def _kind_of(cls: type) -> str:

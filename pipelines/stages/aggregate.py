@@ -378,6 +378,16 @@ def _groups(buckets: Dict[int, List[str]], n: int) -> List[List[str]]:
     return [[p for k in keys[i::n] for p in buckets[k]] for i in range(min(n, len(keys)))]
 
 
+def quiet_ray_data() -> None:
+    """The stage prints its own progress line: no Ray Data progress bars or per-dataset log lines on the console."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     import time
 
@@ -397,6 +407,7 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     if missing:
         raise SpecError(f"scores: {fs.unstrip_protocol(first)}: the score log has no column {missing[0]!r} "
                         f"(expected {', '.join(needed)})")
+    quiet_ray_data()
     width = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
     groups = _groups(buckets, width)
     spans = ctx.map(_footer_span, [(fs, g) for g in groups], unit="footers")

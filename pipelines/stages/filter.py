@@ -31,7 +31,6 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import SpecError, doc, require
@@ -212,37 +211,42 @@ def _decide(fs, part: int, work: str, rule: kr.Rule, cutoffs: Dict[kr.Clause, An
             "passed": int((~in_scope).sum()), "kept_in_scope": int(chosen.sum())}
 
 
-def _decisions(fs, work: str, group: int) -> Optional[pa.Table]:
-    return _read_dir(fs, posixpath.join(work, "decisions", f"g={group}"))
+class Decisions:
+    """A shard group's decisions, sorted by ``(shard, row)``: each shard's slice by binary search."""
+
+    def __init__(self, fs, work: str, group: int) -> None:
+        t = _read_dir(fs, posixpath.join(work, "decisions", f"g={group}"))
+        cols = {c: (t[c].to_numpy() if t is not None else np.zeros(0)) for c in ("shard", "row", "keep", "reason")}
+        order = np.lexsort((cols["row"], cols["shard"]))
+        self.cols = {c: v[order] for c, v in cols.items()}
+
+    def of(self, shard: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(row, keep, reason)`` of one shard, in row order."""
+        a, b = np.searchsorted(self.cols["shard"], [shard, shard + 1])
+        return self.cols["row"][a:b], self.cols["keep"][a:b].astype(bool), self.cols["reason"][a:b]
 
 
 def _write_rejects(fs, work: str, group: int, shards: List[Tuple[int, str]], reasons: List[str],
                    out: str):
-    d = _decisions(fs, work, group)
-    dropped = d.filter(pc.invert(d["keep"])) if d is not None else None
+    d = Decisions(fs, work, group)
     tables = []
     for shard, path in shards:
-        if dropped is None:
-            break
-        mine = dropped.filter(pc.equal(dropped["shard"], shard))
-        if mine.num_rows:
-            rows = read_parquet(fs, path).take(mine["row"])
-            why = np.asarray(reasons, dtype=object)[mine["reason"].to_numpy()]
-            tables.append(rows.append_column("reason", pa.array(why, pa.string())))
+        rows, keep, reason = d.of(shard)
+        if (~keep).any():
+            dropped = read_parquet(fs, path).take(rows[~keep])
+            why = np.asarray(reasons, dtype=object)[reason[~keep]]
+            tables.append(dropped.append_column("reason", pa.array(why, pa.string())))
     if tables:
         write_parquet(fs, out, pa.concat_tables(tables, promote_options="default"))
-        return sum(t.num_rows for t in tables)
-    return 0
+    return sum(t.num_rows for t in tables)
 
 
 def _kept_rows(fs, work: str, shard: int, path: str, group: int, cache: dict) -> pa.Table:
     if group not in cache:
         cache.clear()
-        cache[group] = _decisions(fs, work, group)
-    d = cache[group]
-    mine = d.filter(pc.and_(pc.equal(d["shard"], shard), d["keep"]))
-    rows = np.sort(mine["row"].to_numpy())
-    return read_parquet(fs, path).take(rows)
+        cache[group] = Decisions(fs, work, group)
+    rows, keep, _ = cache[group].of(shard)
+    return read_parquet(fs, path).take(rows[keep])
 
 
 def _write_kept(fs, work: str, jobs: List[Tuple[int, int, int]], sources, group_of, base: str,
