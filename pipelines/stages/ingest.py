@@ -91,11 +91,16 @@ class NoiseConfig:
 @dataclass(frozen=True)
 class SplitConfig:
     test_fraction: float = doc("fraction of samples held out as split='test' (never corrupted)")
+    reference_fraction: float = doc("fraction set aside as split='reference': clean data, disjoint from the "
+                                    "training pool and the test split, to train a reference on", default=0.0)
     seed: int = doc("random seed", default=0)
 
     def validate(self) -> None:
         if not 0.0 <= self.test_fraction < 1.0:
             raise SpecError(f"test_fraction: expected a fraction in [0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.reference_fraction < 1.0 - self.test_fraction:
+            raise SpecError(f"reference_fraction: expected a fraction in [0, 1 - test_fraction), got "
+                            f"{self.reference_fraction}")
 
 
 @dataclass(frozen=True)
@@ -305,8 +310,11 @@ LISTERS = {"embedded": list_embedded, "caption_folder": list_caption_folder, "la
 def assign_split(n: int, split: Optional[SplitConfig]) -> np.ndarray:
     out = np.array(["train"] * n, dtype=object)
     if split is not None and n:
-        rng = np.random.default_rng(split.seed)
-        out[rng.permutation(n)[: int(round(split.test_fraction * n))]] = "test"
+        order = np.random.default_rng(split.seed).permutation(n)
+        n_test = int(round(split.test_fraction * n))
+        n_ref = int(round(split.reference_fraction * n))
+        out[order[:n_test]] = "test"
+        out[order[n_test:n_test + n_ref]] = "reference"
     return out
 
 
@@ -496,6 +504,7 @@ def run_ingest(cfg: IngestConfig, ctx) -> Dict[str, Any]:
         "rows_in": n, "rows_out": len(kept), "rejected": len(rejected), "files": files,
         "shards": num_shards, "corrupted": int(corrupted[kept].sum()) if kept else 0,
         "test": int(sum(split[i] == "test" for i in kept)),
+        "reference": int(sum(split[i] == "reference" for i in kept)),
         "class_names": listing.class_names, "templates": list(getattr(cfg.source, "templates", ()) or ()) or None,
     }
 

@@ -85,7 +85,7 @@ class MimicConfig:
 @dataclass(frozen=True)
 class ComparisonConfig:
     data: str = doc("a dataset stage holding the trusted / comparison samples", ref="dataset")
-    split: Literal["train", "test"] = doc("which of its splits", default="train")
+    split: Literal["train", "test", "reference"] = doc("which of its splits", default="train")
     samples: int = doc("how many (drawn with the seed)", default=256)
     every: int = doc("recompute the direction every this many steps", default=1)
     seed: int = doc("draw seed", default=0)
@@ -109,8 +109,10 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = doc("the ingest stage to train on (its train split; its test split is held out)",
+    data: str = doc("the dataset stage to train on (its train split; its test split is held out)",
                      ref="dataset")
+    split: Literal["train", "reference"] = doc("the split trained on: train (the pool), or reference (clean data "
+                                               "set aside by ingest for a reference model)", default="train")
     task: Literal["clip", "classify"] = doc("clip: symmetric InfoNCE; classify: linear head, cross-entropy",
                                              default="clip")
     mode: Literal["plain", "mimic", "grand", "rho", "agra", "influence"] = doc(
@@ -310,10 +312,10 @@ def _read_inputs(cfg: TrainConfig, ctx) -> _Pool:
         pool = read_pool(data, _pool_columns(manifest))
     except ValueError as exc:
         raise _spec_error("data", exc) from None
-    train, test = split_rows(pool, "train"), split_rows(pool, "test")
+    train, test = split_rows(pool, cfg.split), split_rows(pool, "test")
     if cfg.batch_size > train.num_rows:
-        raise SpecError(f"batch_size: {cfg.batch_size} is larger than the training pool ({train.num_rows} train rows "
-                        f"in stage {cfg.data!r})")
+        raise SpecError(f"batch_size: {cfg.batch_size} is larger than the training pool ({train.num_rows} "
+                        f"{cfg.split} rows in stage {cfg.data!r})")
     if cfg.resources.num_workers > cfg.batch_size:
         raise SpecError(f"resources.num_workers: {cfg.resources.num_workers} workers cannot share a batch of "
                         f"{cfg.batch_size}")

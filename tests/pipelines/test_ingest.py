@@ -100,16 +100,18 @@ def test_labelled_with_label_noise_and_split(tmp_path, ray_local):
             (src / c / f"{i}.png").write_bytes(image_bytes("PNG", colour))
     (src / "stray.png").write_bytes(image_bytes("PNG"))  # outside any class folder: not a sample
     stage = {"source": {"kind": "labelled", "path": str(src), "class_names": {"dog": "puppy"}},
-             "noise": {"kind": "label", "rate": 0.5, "seed": 3}, "split": {"test_fraction": 0.2, "seed": 1},
-             "shard_size": 8}
+             "noise": {"kind": "label", "rate": 0.5, "seed": 3},
+             "split": {"test_fraction": 0.2, "reference_fraction": 0.2, "seed": 1}, "shard_size": 8}
     manifest, out = run_ingest(tmp_path, stage)
     rows, members, rejects = read_output(out, manifest)
     check_contract(manifest, rows, members, rejects, out)
     assert manifest["rows_in"] == 30 and not rejects
     test = [r for r in rows if r["split"] == "test"]
     train = [r for r in rows if r["split"] == "train"]
+    reference = [r for r in rows if r["split"] == "reference"]
     assert len(test) == 6 and not any(r["corrupted"] for r in test)
-    assert sum(r["corrupted"] for r in train) == 12 == manifest["corrupted"]  # round(0.5 * 24)
+    assert len(reference) == 6 == manifest["reference"] and not any(r["corrupted"] for r in reference)
+    assert sum(r["corrupted"] for r in train) == 9 == manifest["corrupted"]  # round(0.5 * 18)
     names = {0: "dog", 1: "owl", 2: "tabby cat"}
     for r in rows:
         assert r["corrupted"] == (r["label"] != r["true_label"])
