@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .stages.aggregate import AggregateConfig, check_aggregate, run_aggregate
 from .stages.ingest import IngestConfig, run_ingest
+from .stages.evaluate import EvaluateConfig, run_evaluate
 from .stages.filter import FilterConfig, run_filter
 from .stages.train import TrainConfig, check_train, run_train
 
@@ -47,5 +48,11 @@ STAGES: Dict[str, StageDef] = {
         "join utilities with the pool by uid, keep by a rule (thresholds, exact top / bottom fractions, and / or / "
         "minus); writes kept shards (resharded tars), rejected rows with reasons and a DataComp subset file",
         "dataset",
+    ),
+    "evaluate": StageDef(
+        EvaluateConfig, run_evaluate,
+        "a trained model on a dataset's held-out split: loss, zero-shot accuracy and retrieval recall@1/5 (CLIP), "
+        "or accuracy (classifier)",
+        "evaluation",
     ),
 }

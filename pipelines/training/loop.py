@@ -386,13 +386,13 @@ class Worker:
 
     def class_embeddings(self) -> torch.Tensor:
         """Zero-shot classifier: each class's mean normalised text embedding over the prompt templates."""
+        from ..evaluation import zero_shot_classifier
         from .data import tokenize
 
         names, templates = self.job.zero_shot
-        texts = [t.format(n) for n in names for t in templates]
-        tokens = torch.from_numpy(tokenize(self.job.model.arch, self.job.model.context_length, texts)).to(self.device)
-        emb = F.normalize(self.model.encode_text(tokens).float(), dim=-1).reshape(len(names), len(templates), -1)
-        return F.normalize(emb.mean(1), dim=-1)
+        spec = self.job.model
+        return zero_shot_classifier(self.model, lambda texts: tokenize(spec.arch, spec.context_length, texts),
+                                    names, templates, self.device)
 
     # -------------------------------------------------------------------------------------------- checkpoints
 

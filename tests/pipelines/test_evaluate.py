@@ -1,0 +1,99 @@
+"""The evaluate stage and its metrics against brute force: explicit loops over similarities and log-softmaxes."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.evaluation import retrieval_recall
+from pipelines.models import ModelSpec, model_json
+from pipelines.runner import Progress, StageContext, committed_stage, run_spec
+from pipelines.spec import parse_spec
+from pipelines.stages.evaluate import run_evaluate
+from pipelines.storage import StageDir
+
+
+def brute_recall(img, txt, captions, k):
+    sim = (img @ txt.T).numpy()
+    i2t = np.mean([any(captions[j] == captions[i] for j in np.argsort(-sim[i], kind="stable")[:k])
+                   for i in range(len(img))])
+    t2i = np.mean([any(captions[j] == captions[i] for j in np.argsort(-sim[:, i], kind="stable")[:k])
+                   for i in range(len(txt))])
+    return i2t, t2i
+
+
+def test_retrieval_recall_counts_duplicate_captions_as_found():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img + 0.8 * torch.randn(40, 8, generator=g), dim=-1)
+    captions = [f"digit {i % 7}" for i in range(40)]
+    got = retrieval_recall(img, txt, captions, ks=(1, 5))
+    for k in (1, 5):
+        i2t, t2i = brute_recall(img, txt, captions, k)
+        assert got[f"i2t_recall@{k}"] == pytest.approx(i2t) and got[f"t2i_recall@{k}"] == pytest.approx(t2i)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_evaluate_stage_equals_brute_force(tmp_path):
+    from safetensors.torch import save
+
+    from pipelines.training.data import Decoder, read_pool, split_rows, tokenize
+    from pipelines.training.loop import to_images
+
+    spec_yaml = {"name": "e", "storage": str(tmp_path), "stages": [
+        {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 60},
+         "split": {"test_fraction": 0.5, "seed": 0}}]}
+    run_spec(parse_spec(spec_yaml), stream=io.StringIO())
+    pool = committed_stage(parse_spec(spec_yaml), "pool")
+    spec = ModelSpec("clip", "tiny-clip")
+    model = spec.build(seed=3)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+    fs = pool.fs
+    model_dir = StageDir(fs, f"{tmp_path}/e/model")
+    model_dir.begin()
+    model_dir.write_bytes("model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    names = pool.manifest()["class_names"]
+    model_dir.write_bytes("model.json", model_json(spec, {"class_names": names}))
+    model_dir.commit({"files": ["model.safetensors", "model.json"]})
+    cfg = parse_spec({**spec_yaml, "stages": spec_yaml["stages"] + [
+        {"stage": "train", "name": "model", "data": "pool"},
+        {"stage": "evaluate", "name": "ev", "model": "model", "data": "pool", "batch_size": 7}]}).stages[2].config
+    out = StageDir(fs, f"{tmp_path}/e/ev")
+    out.begin()
+    result = run_evaluate(cfg, StageContext(out, {"model": StageDir(fs, model_dir.path), "pool": pool}, "ev",
+                                            Progress(io.StringIO())))
+    got = result["metrics"]
+
+    rows = split_rows(read_pool(pool, ["uid_hi", "uid_lo", "text", "split", "tar", "image_offset", "image_size",
+                                       "label"]), "test")
+    batch = Decoder(spec.image_size, spec.context_length, spec.arch, labels=True)(rows, np.arange(rows.num_rows))
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(to_images(batch, spec, torch.device("cpu"))).double()
+        txt = model.encode_text(torch.from_numpy(batch["tokens"])).double()
+        img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+        templates = pool.manifest()["templates"]
+        cls = torch.stack([torch.nn.functional.normalize(torch.nn.functional.normalize(
+            model.encode_text(torch.from_numpy(tokenize(spec.arch, spec.context_length, [t.format(n)]))).double(),
+            dim=-1).mean(0), dim=0) for n in names for t in templates]).reshape(len(names), len(templates), -1)
+    cls = torch.nn.functional.normalize(cls.mean(1), dim=-1)
+    losses = []
+    for start in range(0, len(img), 7):  # symmetric InfoNCE within each chunk, one sample at a time
+        a, b = img[start:start + 7], txt[start:start + 7]
+        for i in range(len(a)):
+            li = -torch.log_softmax(20.0 * a[i] @ b.T, 0)[i]
+            lt = -torch.log_softmax(20.0 * b[i] @ a.T, 0)[i]
+            losses.append(float(li + lt) / 2)
+    assert got["rows"] == rows.num_rows == 30
+    assert got["test_loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    pred = [int(torch.argmax(cls @ img[i])) for i in range(len(img))]
+    assert got["zero_shot_accuracy"] == pytest.approx(np.mean(np.array(pred) == batch["label"]))
+    captions = rows["text"].to_pylist()
+    for k in (1, 5):
+        i2t, t2i = brute_recall(img.float(), txt.float(), captions, k)
+        assert got[f"i2t_recall@{k}"] == pytest.approx(i2t) and got[f"t2i_recall@{k}"] == pytest.approx(t2i)
