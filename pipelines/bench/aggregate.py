@@ -15,17 +15,20 @@ memory is not counted as the driver's), then computes the mean score per uid thr
   DuckDB on the same files.
 
 The three results must agree (same uids, mean scores within 1e-6), or the command prints the numbers and exits 1.
-``driver_peak_mb`` is the peak resident set of the driver process alone (sampled every 50 ms) while the stage ran:
-Ray's workers are separate processes and not counted.  ``gradmimic_all_binarisers_rows_per_s`` (unless
+``driver_peak_mb`` is the peak resident set of the driver process alone (sampled every 50 ms) while the stage ran
+(``driver_base_mb``: before it; the CLI has imported torch by then): Ray's workers are separate processes and not
+counted.  ``gradmimic_all_binarisers_rows_per_s`` (unless
 ``--no-all-binarisers``) is the stage again with its default binarisers (threshold, kmeans, gmm: two more light
 passes over the log for the per-step fits).  Every method first runs once, untimed, on a small log (25,600 rows),
-so that no timing includes starting Ray's worker processes and their imports.  Machines are shared and noisy:
+so that no timing includes starting Ray's worker processes and their imports; ``gradmimic_cold_s`` is the stage's
+time on that small log, almost all of it such fixed costs.  Machines are shared and noisy:
 ``--repeats`` times each method that many times, alternating, and reports the median.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import multiprocessing
 import os
@@ -216,7 +219,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.rows < BATCH_SIZE or args.repeats < 1 or args.ray_rows < 0 or args.segment_rows < BATCH_SIZE:
         raise ValueError(f"--rows and --segment-rows must be >= {BATCH_SIZE}, --repeats >= 1, --ray-rows >= 0")
     cores = os.cpu_count() or 1
-    with tempfile.TemporaryDirectory() as tmp:
+    # --json: stdout holds the one result line; what Ray prints meanwhile (raylet warnings) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout), \
+            tempfile.TemporaryDirectory() as tmp:
         work = os.path.abspath(args.dir) if args.dir else tmp
         log_dir, storage = os.path.join(work, "scores"), os.path.join(work, "runs")
         warmup_dir = os.path.join(work, "warmup-scores")
@@ -238,26 +243,27 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         try:
             if args.json:
                 ray.data.DataContext.get_current().enable_progress_bars = False
-            # each method once, untimed, on a small log: Ray's workers, their imports, DuckDB's extension loading
+            # each method once, untimed, on a small log: Ray's worker processes and their imports, DuckDB's set-up;
+            # the stage last, so that its workers (which import torch) are the ones Ray keeps for its timed run
             warmup = [p for p, _ in log_files(warmup_dir)]
-            run_gradmimic(storage, warmup_dir, ["threshold"], "warmup", True, 0)
-            run_duckdb(warmup, cores)
             run_ray_groupby(warmup)
+            run_duckdb(warmup, cores)
+            cold_s = run_gradmimic(storage, warmup_dir, ["threshold"], "warmup", True, 0)[0]
             base_mb = psutil.Process().memory_info().rss / 2**20
             times: Dict[str, List[float]] = {"gradmimic": [], "duckdb": [], "ray_groupby": [], "all": []}
-            peak = 0
+            peak, peak_all = 0, 0
             for r in range(args.repeats):  # alternating, so a machine that slows down slows all alike
                 s, p, *gm = run_gradmimic(storage, log_dir, ["threshold"], "bench", args.json, r)
                 times["gradmimic"].append(s)
                 peak = max(peak, p)
+                if not args.no_all_binarisers:
+                    s, p, *full = run_gradmimic(storage, log_dir, None, "bench_all", args.json, r)
+                    times["all"].append(s)
+                    peak_all = max(peak_all, p)
                 s, *dd = run_duckdb(paths, cores)
                 times["duckdb"].append(s)
                 s, *rg = run_ray_groupby(ray_paths)
                 times["ray_groupby"].append(s)
-                if not args.no_all_binarisers:
-                    s, p, *full = run_gradmimic(storage, log_dir, None, "bench_all", args.json, r)
-                    times["all"].append(s)
-                    peak = max(peak, p)
             dd_subset = run_duckdb(ray_paths, cores)[1:] if args.ray_rows else dd
         finally:
             ray.shutdown()
@@ -274,15 +280,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "duckdb_rows_per_s": _rate(rows, sec["duckdb"]),
         "ray_groupby_rows_per_s": _rate(ray_rows, sec["ray_groupby"]),
         "ratio_vs_duckdb": round(sec["duckdb"] / sec["gradmimic"], 3),
-        "ratio_vs_ray_groupby": round(_rate(rows, sec["gradmimic"]) / _rate(ray_rows, sec["ray_groupby"]), 3),
+        "ratio_vs_ray_groupby": round(rows / sec["gradmimic"] / (ray_rows / sec["ray_groupby"]), 3),
         "ray_groupby_rows": ray_rows,
         "driver_peak_mb": round(peak / 2**20, 1), "driver_base_mb": round(base_mb, 1),
+        "gradmimic_cold_s": round(cold_s, 3),
         "gradmimic_s": round(sec["gradmimic"], 3), "duckdb_s": round(sec["duckdb"], 3),
         "ray_groupby_s": round(sec["ray_groupby"], 3),
     }
     if "all" in sec:
         result["gradmimic_all_binarisers_rows_per_s"] = _rate(rows, sec["all"])
         result["gradmimic_all_binarisers_s"] = round(sec["all"], 3)
+        result["driver_peak_all_binarisers_mb"] = round(peak_all / 2**20, 1)
     result.update({
         "agree": agree, "max_abs_diff_vs_duckdb": checks["duckdb"][1],
         "max_abs_diff_ray_vs_duckdb": checks["ray_groupby"][1],

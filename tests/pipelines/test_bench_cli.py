@@ -48,3 +48,39 @@ def test_bench_train_json():
 def test_bench_train_rejects_too_few_steps():
     res = gradmimic("bench", "train", "--steps", "3", "--warmup", "5")
     assert res.returncode == 2 and "--steps (3) must exceed --warmup (5)" in res.stderr
+
+
+AGGREGATE_KEYS = {"rows", "gradmimic_rows_per_s", "duckdb_rows_per_s", "ray_groupby_rows_per_s", "ratio_vs_duckdb",
+                  "ratio_vs_ray_groupby", "driver_peak_mb", "gradmimic_all_binarisers_rows_per_s", "agree"}
+
+
+@pytest.mark.slow
+def test_bench_aggregate_json():
+    res = gradmimic("bench", "aggregate", "--rows", "200000", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1, res.stdout[-2000:]  # Ray's own console lines go to stderr
+    out = json.loads(lines[0])
+    assert AGGREGATE_KEYS <= set(out)
+    assert out["agree"] is True and out["max_abs_diff_vs_duckdb"] < 1e-6
+    assert out["rows"] == out["ray_groupby_rows"] and abs(out["rows"] - 200_000) <= 200_000 * 0.05
+    assert out["uids"] % 256 == 0 and out["driver_peak_mb"] > 0
+    # the ratio of unrounded times, printed to 3 decimals
+    assert out["ratio_vs_duckdb"] == pytest.approx(out["gradmimic_rows_per_s"] / out["duckdb_rows_per_s"], abs=1e-3)
+
+
+def test_bench_aggregate_compare():
+    """The agreement check: same uids (in any order) and mean scores within 1e-6."""
+    import numpy as np
+
+    from pipelines.bench.aggregate import compare, log_shape, prefix_files
+
+    hi, lo, mean = np.array([1, 1, 2], np.uint64), np.array([5, 3, 5], np.uint64), np.array([0.5, -1.0, 2.0])
+    order = np.array([2, 0, 1])
+    assert compare((hi, lo, mean), (hi[order], lo[order], mean[order]))[0]
+    assert not compare((hi, lo, mean), (hi, lo, mean + np.array([0, 0, 1e-5])))[0]
+    assert compare((hi, lo, mean), (hi[:2], lo[:2], mean[:2]))[2] == "3 uids vs 2"
+    assert compare((hi, lo, mean), (hi, lo + np.uint64(1), mean))[2] == "different uids"
+    assert log_shape(20_000_000) == (199_936, 100)  # 781 batches of 256 uids, 100 epochs: 19,993,600 rows
+    files = [(f"bucket={b}/part-s{s:09d}-{s + 9:09d}-r0000.parquet", 100) for s in (1, 11, 21) for b in range(4)]
+    assert prefix_files(sorted(files, key=lambda f: f[0].split("/")[1]), 500) == files[:8]  # whole segments
