@@ -1,21 +1,32 @@
 """gradmimic: exact, near-free Grad-Mimic sample scores and reweighting (Huang et al., arXiv 2501.06708).
 
-Pure torch: no Ray, no torch.distributed.  Cross-rank work is passed in as a ``gather`` callable.
+Pure torch: no Ray, no torch.distributed.  Cross-rank work is passed in as a ``gather`` callable.  Names load on
+first use (PEP 562), so numpy-only parts such as :mod:`gradmimic.binarize` do not import torch.
 """
 
-from .clip_loss import clip_per_sample_loss, projection_sqnorms
-from .linear_site import LinearSite, capture_linear_sites, find_parameters
-from .mimic import GradMimic, StepResult, jacobian_sqnorms, jvp_dots
-from .open_clip_sites import ClipBatch, ClipSites
-from .scores import METHODS, batch_weights, global_softmax, mimic_scores
-from .task_vector import load_state_dict, reference_tensors, task_vectors
-from .weighting import RULES, Weighting
+import importlib
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "ClipBatch", "ClipSites", "GradMimic", "LinearSite", "METHODS", "RULES", "StepResult", "Weighting",
-    "batch_weights", "capture_linear_sites", "clip_per_sample_loss", "find_parameters", "global_softmax",
-    "jacobian_sqnorms", "jvp_dots", "load_state_dict", "mimic_scores", "projection_sqnorms", "reference_tensors",
-    "task_vectors",
-]
+_WHERE = {
+    "clip_per_sample_loss": "clip_loss", "projection_sqnorms": "clip_loss",
+    "LinearSite": "linear_site", "capture_linear_sites": "linear_site", "find_parameters": "linear_site",
+    "GradMimic": "mimic", "StepResult": "mimic", "jacobian_sqnorms": "mimic", "jvp_dots": "mimic",
+    "ClipBatch": "open_clip_sites", "ClipSites": "open_clip_sites",
+    "METHODS": "scores", "batch_weights": "scores", "global_softmax": "scores", "mimic_scores": "scores",
+    "load_state_dict": "task_vector", "reference_tensors": "task_vector", "task_vectors": "task_vector",
+    "RULES": "weighting", "Weighting": "weighting",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'gradmimic' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -64,25 +64,31 @@ class StageContext:
     storage_options: Dict[str, Any] = field(default_factory=dict)
     ray_address: str = "local"
 
-    def map(self, fn: Callable, tasks: Sequence[tuple], unit: str = "tasks", rows: Optional[Sequence[int]] = None) -> list:
-        """``[fn(*args) for args in tasks]``, as Ray tasks, in order, reporting progress as they finish."""
+    def map(self, fn: Callable, tasks: Sequence[tuple], unit: str = "tasks", rows: Optional[Sequence[int]] = None,
+            combine: Optional[Callable[[Any, Any], Any]] = None) -> Any:
+        """``[fn(*args) for args in tasks]``, as Ray tasks, in order, reporting progress as they finish; with
+        ``combine``, results are folded as they arrive (``acc = combine(acc, result)``, from ``None``) and only
+        the fold is kept."""
         import ray
 
         remote = ray.remote(fn)
         refs = [remote.remote(*args) for args in tasks]
         index = {r: i for i, r in enumerate(refs)}
         results: List[Any] = [None] * len(refs)
-        started, done, done_rows = time.perf_counter(), 0, 0
+        started, done, done_rows, acc = time.perf_counter(), 0, 0, None
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for r in ready:
                 i = index[r]
-                results[i] = ray.get(r)
+                if combine is None:
+                    results[i] = ray.get(r)
+                else:
+                    acc = combine(acc, ray.get(r))
                 done += 1
                 done_rows += rows[i] if rows else 0
             self.progress.update(f"{self.label} {unit}", done, len(refs), done_rows, started)
-        return results
+        return results if combine is None else acc
 
 
 def init_ray(spec: Spec) -> None:

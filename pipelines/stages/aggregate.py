@@ -26,6 +26,8 @@ least ``min_vote``, and the mean score.
 from __future__ import annotations
 
 import io
+import json
+import math
 import posixpath
 import re
 from dataclasses import dataclass
@@ -103,10 +105,11 @@ def check_aggregate(cfg: AggregateConfig, spec) -> None:
 
 
 def read_parquet(fs, path: str, columns: Optional[List[str]] = None) -> pa.Table:
+    """One parquet file (``ParquetFile``: lighter than the dataset reader for many small files)."""
     if is_local(fs):
-        return pq.read_table(path, columns=columns)
+        return pq.ParquetFile(path).read(columns=columns)
     with fs.open(path, "rb") as f:
-        return pq.read_table(io.BytesIO(f.read()), columns=columns)
+        return pq.ParquetFile(io.BytesIO(f.read())).read(columns=columns)
 
 
 def _schema(fs, path: str) -> pa.Schema:
@@ -178,18 +181,23 @@ def _step_range(fs, files, value_col: str, filt: LogFilter, num_steps: int):
 
 
 def _step_summary(fs, files, value_col: str, filt: LogFilter, lo, hi, bins: int):
+    """``count``, ``sum``, ``sumsq`` per (step, bin) over some files: each file adds into its own steps' rows."""
     from gradmimic.binarize import binned_summary
 
-    num_steps = len(lo)
-    acc = None
+    acc = {k: np.zeros((len(lo), bins)) for k in ("count", "sum", "sumsq")}
     for path in files:
         t = read_parquet(fs, path, list(dict.fromkeys(filt.columns + [value_col])))
         keep = filt.mask(t)
         v = t[value_col].to_numpy().astype(np.float64)[keep]
         idx = t["step"].to_numpy()[keep] - 1
         ok = np.isfinite(v)
-        s = binned_summary(idx[ok], v[ok], lo, hi, bins, num_steps)
-        acc = s if acc is None else {k: acc[k] + s[k] for k in acc}
+        v, idx = v[ok], idx[ok]
+        if not len(v):
+            continue
+        a, b = int(idx.min()), int(idx.max()) + 1  # a file holds a segment of steps
+        s = binned_summary(idx - a, v, lo[a:b], hi[a:b], bins, b - a)
+        for k in acc:
+            acc[k][a:b] += s[k]
     return acc
 
 
@@ -201,12 +209,8 @@ def fit_steps(ctx, cfg: AggregateConfig, fs, groups: List[List[str]], filt: LogF
     lo, hi = np.full(num_steps, np.inf), np.full(num_steps, -np.inf)
     for a, b in ctx.map(_step_range, [(fs, g, col, filt, num_steps) for g in groups], unit="step ranges"):
         lo, hi = np.minimum(lo, a), np.maximum(hi, b)
-    total = None
-    for s in ctx.map(_step_summary, [(fs, g, col, filt, lo, hi, cfg.bins) for g in groups], unit="step summaries"):
-        if s is not None:
-            total = s if total is None else {k: total[k] + s[k] for k in total}
-    if total is None:
-        total = {k: np.zeros((num_steps, cfg.bins)) for k in ("count", "sum", "sumsq")}
+    total = ctx.map(_step_summary, [(fs, g, col, filt, lo, hi, cfg.bins) for g in groups], unit="step summaries",
+                    combine=lambda acc, s: s if acc is None else {k: acc[k] + s[k] for k in acc})
     out = {}
     if "kmeans" in cfg.binarisers:
         out["kmeans"] = kmeans_split(total["count"], total["sum"], total["sumsq"])[:, 0]
@@ -217,24 +221,22 @@ def fit_steps(ctx, cfg: AggregateConfig, fs, groups: List[List[str]], filt: LogF
 
 # ------------------------------------------------------------------------------------------------ per-uid reduce
 
-_SUMS = ("n", "wsum", "score", "weight", "loss")
-
-
-def _partial(t: pa.Table, cfg: AggregateConfig, filt: LogFilter, fits: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """One chunk of raw rows as per-row partial sums (reduced by :func:`reduce_partials`)."""
-    from gradmimic.binarize import gmm_keep
-
+def _partial(t: pa.Table, cfg: AggregateConfig, filt: LogFilter, fits: Dict[str, np.ndarray]) -> pa.Table:
+    """One chunk of raw rows as per-row partial sums (reduced by :func:`reduce_partials`): ``n``, ``wsum`` and
+    the ``w``-weighted ``score``, ``weight``, ``loss`` and ``vote_*``, and ``last``: ``step << 32 | weight bits``
+    (its maximum is the latest step's weight; weights are non-negative, so their bits order as they do)."""
     keep = filt.mask(t)
-    col = {name: t[name].to_numpy()[keep] for name in t.column_names}
+    if not keep.all():
+        t = t.filter(pa.array(keep))
+    col = {name: t[name].to_numpy() for name in t.column_names}
     step = col["step"].astype(np.int64)
     w = filt.weight(step)
     weight = col["weight"].astype(np.float32)
-    loss = col["loss"].astype(np.float64) if "loss" in col else np.full(len(step), np.nan)
     part = {
-        "uid_hi": col["uid_hi"].astype(np.uint64), "uid_lo": col["uid_lo"].astype(np.uint64),
-        "n": np.ones(len(step), np.int64), "wsum": w, "score": w * col["score"].astype(np.float64),
-        "weight": w * weight.astype(np.float64), "loss": w * loss,
-        "last_step": step, "last_weight": weight,
+        "uid_hi": col["uid_hi"], "uid_lo": col["uid_lo"], "n": np.ones(len(step), np.int64), "wsum": w,
+        "score": w * col["score"], "weight": w * weight,
+        "loss": w * col["loss"] if "loss" in col else np.full(len(step), np.nan),
+        "last": (step << 32) | weight.view(np.uint32).astype(np.int64),
     }
     for name in cfg.binarisers:
         if name == "threshold":  # in float32, as the weights are: uniform weights 1/B are not "above" 1/B
@@ -244,38 +246,20 @@ def _partial(t: pa.Table, cfg: AggregateConfig, filt: LogFilter, fits: Dict[str,
             if name == "kmeans":
                 vote = v > fits["kmeans"][step - 1]
             else:
+                from gradmimic.binarize import gmm_keep
+
                 vote = gmm_keep(v, fits["gmm"][step - 1])
         part[f"vote_{name}"] = w * vote
-    return part
+    return pa.table(part)
 
 
-def reduce_partials(part: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Partial sums grouped by uid: sums add, ``last_*`` come from the latest step.  Exact: rows are ordered by
-    ``uid_lo`` and, only if two uids share it, by ``uid_hi`` too."""
-    lo, hi = part["uid_lo"], part["uid_hi"]
-    if len(lo) == 0:
-        return part
-    order = np.argsort(lo, kind="stable")
-    lo_s, hi_s = lo[order], hi[order]
-    same_lo = lo_s[1:] == lo_s[:-1]
-    if np.any(same_lo & (hi_s[1:] != hi_s[:-1])):  # two uids share uid_lo: sort by both halves
-        order = np.lexsort((hi, lo))
-        lo_s, hi_s = lo[order], hi[order]
-        same_lo = lo_s[1:] == lo_s[:-1]
-    new_group = ~(same_lo & (hi_s[1:] == hi_s[:-1]))
-    starts = np.concatenate([[0], np.flatnonzero(new_group) + 1])
-    out = {"uid_hi": hi_s[starts], "uid_lo": lo_s[starts]}
-    for name, values in part.items():
-        if name in ("uid_hi", "uid_lo", "last_step", "last_weight"):
-            continue
-        out[name] = np.add.reduceat(values[order], starts)
-    step = part["last_step"][order]
-    last = np.maximum.reduceat(step, starts)
-    sizes = np.diff(np.concatenate([starts, [len(order)]]))
-    at_last = step == np.repeat(last, sizes)
-    lw = np.where(at_last, part["last_weight"][order], -np.inf).astype(np.float32)
-    out["last_step"], out["last_weight"] = last, np.maximum.reduceat(lw, starts)
-    return out
+def reduce_partials(part: pa.Table) -> pa.Table:
+    """Partial sums grouped by uid (pyarrow's hash aggregation on both uid halves): sums add, ``last`` is the
+    maximum.  Partials of partials reduce the same way, so a bucket is reduced a chunk at a time."""
+    sums = [c for c in part.column_names if c not in ("uid_hi", "uid_lo", "last")]
+    out = part.group_by(["uid_hi", "uid_lo"], use_threads=False).aggregate(
+        [(c, "sum") for c in sums] + [("last", "max")])
+    return out.rename_columns([c.removesuffix("_sum").removesuffix("_max") for c in out.column_names])
 
 
 def uid_hex(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
@@ -291,57 +275,64 @@ def uid_hex(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(n, offsets, pa.py_buffer(chars.tobytes()))
 
 
-def utility_table(part: Dict[str, np.ndarray], binarisers) -> pa.Table:
-    wsum = part["wsum"]
+def utility_table(part: pa.Table, binarisers) -> pa.Table:
+    col = {name: part[name].to_numpy() for name in part.column_names}
+    wsum = col["wsum"]
+    hi, lo = col["uid_hi"], col["uid_lo"]
     with np.errstate(invalid="ignore", divide="ignore"):
         cols = {
-            "uid": uid_hex(part["uid_hi"], part["uid_lo"]),
-            "uid_hi": pa.array(part["uid_hi"], pa.uint64()), "uid_lo": pa.array(part["uid_lo"], pa.uint64()),
-            "num_steps": pa.array(part["n"].astype(np.int32)),
-            "mean_score": pa.array(part["score"] / wsum), "mean_weight": pa.array(part["weight"] / wsum),
-            "mean_loss": pa.array(part["loss"] / wsum), "last_weight": pa.array(part["last_weight"], pa.float32()),
+            "uid": uid_hex(hi, lo), "uid_hi": pa.array(hi, pa.uint64()), "uid_lo": pa.array(lo, pa.uint64()),
+            "num_steps": pa.array(col["n"].astype(np.int32)),
+            "mean_score": pa.array(col["score"] / wsum), "mean_weight": pa.array(col["weight"] / wsum),
+            "mean_loss": pa.array(col["loss"] / wsum),
+            "last_weight": pa.array((col["last"] & 0xFFFFFFFF).astype(np.uint32).view(np.float32)),
         }
         for name in binarisers:
-            cols[f"vote_{name}"] = pa.array(part[f"vote_{name}"] / wsum)
+            cols[f"vote_{name}"] = pa.array(col[f"vote_{name}"] / wsum)
     return pa.table(cols)
 
 
-def reduce_bucket(row: Dict[str, Any], fs, num_buckets: int, out_fs, out_dir: str, cfg: AggregateConfig, filt: LogFilter,
-                  fits_ref) -> Dict[str, Any]:
-    """One bucket's files -> its utility file; returns counters for the manifest."""
-    import ray
-
-    fits = ray.get(fits_ref) if isinstance(fits_ref, ray.ObjectRef) else fits_ref
+def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, out_dir: str, cfg: AggregateConfig,
+                  filt: LogFilter, fits: Dict[str, np.ndarray], check: bool = True) -> Dict[str, Any]:
+    """One bucket's files -> its utility file; returns counters for the manifest.  ``check``: verify that every
+    row belongs to the bucket (a log given by path, whose bucket count was inferred)."""
     columns = ["uid_hi", "uid_lo", "step", "score", "weight", "batch_size", *filt.columns[1:]]
-    has_loss = "loss" in _schema(fs, row["files"][0]).names
-    columns += ["loss"] if has_loss else []
+    columns += ["loss"] if "loss" in _schema(fs, files[0]).names else []
     parts, pending, pending_rows, rows_in = [], [], 0, 0
-    for i, path in enumerate(row["files"]):
+    for i, path in enumerate(files):
         t = read_parquet(fs, path, columns)
         rows_in += t.num_rows
-        if np.any(t["uid_lo"].to_numpy() % np.uint64(num_buckets) != row["bucket"]):
-            raise ValueError(f"{path}: holds uids of another bucket than {row['bucket']} (of {num_buckets})")
+        if check and np.any(t["uid_lo"].to_numpy() % np.uint64(num_buckets) != bucket):
+            raise ValueError(f"{path}: holds uids of another bucket than {bucket} (of {num_buckets})")
         pending.append(t)
         pending_rows += t.num_rows
-        if pending_rows >= cfg.chunk_rows or i == len(row["files"]) - 1:
+        if pending_rows >= cfg.chunk_rows or i == len(files) - 1:
             parts.append(reduce_partials(_partial(pa.concat_tables(pending), cfg, filt, fits)))
             pending, pending_rows = [], 0
-    merged = parts[0] if len(parts) == 1 else reduce_partials(
-        {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    merged = parts[0] if len(parts) == 1 else reduce_partials(pa.concat_tables(parts))
     table = utility_table(merged, cfg.binarisers)
-    rel = posixpath.join(OUT, f"bucket={row['bucket']}", "part-00000.parquet")
+    rel = posixpath.join(OUT, f"bucket={bucket}", "part-00000.parquet")
     buf = io.BytesIO()
     pq.write_table(table, buf)
     path = posixpath.join(out_dir, rel)
     out_fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with out_fs.open(path, "wb") as f:
         f.write(buf.getvalue())
-    stats = {"bucket": row["bucket"], "file": rel, "rows_in": rows_in, "rows_used": int(merged["n"].sum()),
+    stats = {"bucket": bucket, "file": rel, "rows_in": rows_in, "rows_used": int(merged["n"].to_numpy().sum()),
              "samples": table.num_rows, "score_sum": float(np.nansum(table["mean_score"].to_numpy()))}
     for name in cfg.binarisers:
         vote = table[f"vote_{name}"].to_numpy(zero_copy_only=False)
         stats[f"kept_{name}"] = int(np.sum(vote >= cfg.min_vote))
     return stats
+
+
+def reduce_buckets(item: Dict[str, Any], fits_ref, **kw) -> List[Dict[str, Any]]:
+    """A task's group of buckets, one after another (Ray Data ``flat_map``: a stats row per bucket)."""
+    import ray
+
+    fits = ray.get(fits_ref) if isinstance(fits_ref, ray.ObjectRef) else fits_ref
+    files = json.loads(item["files"])
+    return [reduce_bucket(int(b), files[str(b)], fits=fits, **kw) for b in json.loads(item["buckets"])]
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -399,6 +390,7 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     buckets = list_buckets(fs, root)
     if not buckets:
         raise SpecError(f"scores: no score-log files (scores/bucket=<b>/*.parquet) under {url}")
+    check = num_buckets is None
     num_buckets = num_buckets or max(buckets) + 1
     needed = ["uid_hi", "uid_lo", "step", "score", "weight", "batch_size"] + (["epoch"] if cfg.last_epochs else [])
     first = next(iter(buckets.values()))[0]
@@ -410,34 +402,39 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     quiet_ray_data()
     width = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
     groups = _groups(buckets, width)
-    spans = ctx.map(_footer_span, [(fs, g) for g in groups], unit="footers")
-    max_step = max(s["max_step"] for s in spans)
-    max_epoch = max(s["max_epoch"] for s in spans)
+    spans = []  # the log's last step and epoch, from the footers: only when an option needs them
+    if cfg.fitted or cfg.decay is not None or cfg.last_epochs is not None:
+        spans = ctx.map(_footer_span, [(fs, g) for g in groups], unit="footers")
+    max_step = max((s["max_step"] for s in spans), default=0)
+    max_epoch = max((s["max_epoch"] for s in spans), default=0)
     filt = LogFilter(cfg, max_step, max_epoch)
     fits = fit_steps(ctx, cfg, fs, groups, filt, max_step) if cfg.fitted else {}
     fits_ref = ray.put(fits)
-    items = [{"bucket": b, "files": files} for b, files in buckets.items()]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-        reduce_bucket, num_cpus=cfg.cpus_per_task,
-        fn_kwargs={"fs": fs, "num_buckets": num_buckets, "out_fs": ctx.out.fs, "out_dir": ctx.out.join(""), "cfg": cfg, "filt": filt,
-                   "fits_ref": fits_ref})
+    keys = list(buckets)
+    per_task = max(1, math.ceil(len(keys) / (4 * width)))  # a few tasks per CPU: balance without per-task overhead
+    items = [{"buckets": json.dumps(keys[i:i + per_task]),
+              "files": json.dumps({str(b): buckets[b] for b in keys[i:i + per_task]})}
+             for i in range(0, len(keys), per_task)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+        reduce_buckets, num_cpus=cfg.cpus_per_task,
+        fn_kwargs={"fits_ref": fits_ref, "fs": fs, "num_buckets": num_buckets, "out_fs": ctx.out.fs,
+                   "out_dir": ctx.out.join(""), "cfg": cfg, "filt": filt, "check": check})
     started, results = time.perf_counter(), []
-    total_rows = sum(s["rows"] for s in spans)
     for row in ds.iter_rows():
         results.append(row)
-        ctx.progress.update(f"{ctx.label} buckets", len(results), len(items),
+        ctx.progress.update(f"{ctx.label} buckets", len(results), len(keys),
                             sum(r["rows_in"] for r in results), started)
     results.sort(key=lambda r: r["bucket"])
     rows_in = sum(r["rows_in"] for r in results)
-    if rows_in != total_rows:
-        raise RuntimeError(f"{ctx.label}: read {rows_in} score rows, the footers count {total_rows}")
+    if spans and rows_in != sum(s["rows"] for s in spans):
+        raise RuntimeError(f"{ctx.label}: read {rows_in} score rows, the footers count {sum(s['rows'] for s in spans)}")
     samples = sum(r["samples"] for r in results)
     kept = {name: sum(r[f"kept_{name}"] for r in results) for name in cfg.binarisers}
     frac = {name: (k / samples if samples else 0.0) for name, k in kept.items()}
     return {
         "rows_in": rows_in, "rows_out": samples, "files": [r["file"] for r in results],
-        "log": url, "log_rows_used": sum(r["rows_used"] for r in results), "steps": max_step,
-        "epochs": max_epoch + 1, "num_buckets": num_buckets, "samples": samples,
+        "log": url, "log_rows_used": sum(r["rows_used"] for r in results),
+        **({"steps": max_step, "epochs": max_epoch + 1} if spans else {}), "num_buckets": num_buckets, "samples": samples,
         "kept_fraction": frac, "quality_estimate": frac[cfg.quality],
         "quality": {"binariser": cfg.quality, "min_vote": cfg.min_vote},
         "mean_score": sum(r["score_sum"] for r in results) / samples if samples else float("nan"),
