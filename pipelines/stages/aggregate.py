@@ -175,8 +175,11 @@ def _step_range(fs, files, value_col: str, filt: LogFilter, num_steps: int):
         idx = t["step"].to_numpy()[keep] - 1
         v = t[value_col].to_numpy().astype(np.float64)[keep]
         ok = np.isfinite(v)
-        np.minimum.at(lo, idx[ok], v[ok])
-        np.maximum.at(hi, idx[ok], v[ok])
+        g = pa.table({"i": idx[ok], "v": v[ok]}).group_by("i", use_threads=False).aggregate([("v", "min_max")])
+        i = g["i"].to_numpy()
+        mm = g["v_min_max"].combine_chunks()
+        lo[i] = np.minimum(lo[i], mm.field("min").to_numpy())
+        hi[i] = np.maximum(hi[i], mm.field("max").to_numpy())
     return lo, hi
 
 
