@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from typing import Optional, Sequence
@@ -20,6 +21,28 @@ def _run(args: argparse.Namespace) -> None:
 
     spec = load_spec(args.spec, args.overrides)
     run_spec(spec, force=args.force)
+    if any(st.stage == "evaluate" for st in spec.stages):
+        from .report import build_report
+        from .storage import open_storage
+
+        fs, root = open_storage(spec.storage, spec.storage_options)
+        report = build_report(fs.unstrip_protocol(f"{root}/{spec.name}"), spec.storage_options)
+        print(f"report: {report['html']}", file=sys.stderr)
+
+
+def _show(args: argparse.Namespace) -> None:
+    from .report import show_stage
+
+    print(show_stage(args.stage_dir))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    report = build_report(args.run_dir)
+    shown = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
+    print(json.dumps(shown, indent=2, sort_keys=True, default=str))
+    print(f"report: {report['html']}", file=sys.stderr)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -76,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("report", help="(re)write a run's report.json and report.html from its committed stages")
+    p.add_argument("run_dir", help="<storage>/<run>, a local path or s3://...")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("show", help="a committed stage's summary (a utility stage: its top and bottom samples)")
+    p.add_argument("stage_dir", help="<storage>/<run>/<stage>")
+    p.set_defaults(func=_show)
 
     p = sub.add_parser("list-stages", help="every stage with its description and config fields")
     p.set_defaults(func=_list_stages)
