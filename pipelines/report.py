@@ -259,9 +259,10 @@ def _html(report: Dict[str, Any], figures: Dict[str, str], gallery: str) -> str:
                                                                                                    "recall_")))
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(report.get(k)))}</td></tr>"
                    for k in keys if k in report)
-    evals = "".join(f"<tr><th>{html.escape(str(name))}</th>" + "".join(
-        f"<td>{html.escape(k)} {html.escape(_fmt(v))}</td>" for k, v in sorted(m.items())) + "</tr>"
-        for name, m in report.get("evaluations", {}).items())
+    metrics = sorted({k for m in report.get("evaluations", {}).values() for k in m})
+    evals = "<tr><th>model</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in metrics) + "</tr>" + "".join(
+        f"<tr><th>{html.escape(str(name))}</th>" + "".join(f"<td>{html.escape(_fmt(m.get(k)))}</td>" for k in metrics)
+        + "</tr>" for name, m in report.get("evaluations", {}).items())
     imgs = "".join(f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
                    for name, b64 in figures.items())
     return f"""<!doctype html>
