@@ -16,7 +16,8 @@ bin (:func:`exact_summary`) gives the exact fit, which is how the approximation 
   values around the optimal split fall in different bins (always, for one value per bin).  Rows are assigned to
   the nearer centroid (the optimum is a fixed point of that rule).
 - GMM: EM on the bins, each bin's responsibilities taken at its mean while its exact count, sum and sum of squares
-  enter the M-step (binned EM); initialised from the k-means split and run for a fixed number of iterations.
+  enter the M-step (binned EM); initialised from the k-means split, each step iterating until its parameters
+  move by less than ``tol`` (relative) or for at most ``GMM_ITERS`` EM steps.
 
 A step with fewer than two distinct values has no split: its binarisers keep nobody.
 """
@@ -74,39 +75,50 @@ def _log_normal(x, mu, var):
     return -0.5 * (np.log(2 * np.pi * var) + (x - mu) ** 2 / var)
 
 
-def gmm_fit(count_TM: np.ndarray, sum_TM: np.ndarray, sumsq_TM: np.ndarray, iters: int = GMM_ITERS) -> np.ndarray:
+def gmm_fit(count_TM: np.ndarray, sum_TM: np.ndarray, sumsq_TM: np.ndarray, iters: int = GMM_ITERS,
+            tol: float = 1e-4) -> np.ndarray:
     """Per step, a two-component 1-D Gaussian mixture by binned EM: ``[T, 6]`` = ``pi, mu, var`` of the low then the
-    high component (``pi_high = 0`` where there is no split)."""
+    high component (``pi_high = 0`` where there is no split).  A step stops iterating once its parameters move by
+    less than ``tol`` (relative), or after ``iters`` EM steps."""
     km = kmeans_split(count_TM, sum_TM, sumsq_TM)
     found = np.isfinite(km[:, 0])
-    n = np.maximum(count_TM, 1e-300)
-    x = sum_TM / n  # each bin's mean
-    total = count_TM.sum(1)
-    mean = sum_TM.sum(1) / np.maximum(total, 1)
-    spread = np.maximum(sumsq_TM.sum(1) / np.maximum(total, 1) - mean**2, 0.0)
-    floor = (1e-6 * spread + 1e-12)[:, None]  # keeps a component on a single value from collapsing
-    thr = np.where(found, km[:, 0], np.inf)[:, None]
-    r_hi = np.where(x > thr, 1.0, 0.0)  # initial responsibilities: the k-means split
-    params = np.zeros((len(count_TM), 2, 3))
+    c, s, q = (np.asarray(a, dtype=np.float64) for a in (count_TM, sum_TM, sumsq_TM))
+    x = s / np.maximum(c, 1e-300)  # each bin's mean
+    total, s_all, q_all = c.sum(1), s.sum(1), q.sum(1)
+    mean = s_all / np.maximum(total, 1)
+    floor = 1e-6 * np.maximum(q_all / np.maximum(total, 1) - mean**2, 0.0) + 1e-12  # no collapse onto one value
+    thr = np.where(found, km[:, 0], np.inf)
+    params = np.zeros((len(c), 6))
+    act = np.arange(len(c))
+    r_hi = np.where(x > thr[:, None], 1.0, 0.0)  # initial responsibilities: the k-means split
     for it in range(iters + 1):
-        r = np.stack([1.0 - r_hi, r_hi], axis=1)  # [T, 2, M]
-        nk = (r * count_TM[:, None]).sum(2)
-        mu = (r * sum_TM[:, None]).sum(2) / np.maximum(nk, 1e-300)
-        var = np.maximum((r * sumsq_TM[:, None]).sum(2) / np.maximum(nk, 1e-300) - mu**2, floor)
-        pi = nk / np.maximum(total, 1)[:, None]
-        params = np.stack([pi, mu, var], axis=2)
+        ca, sa, qa = c[act], s[act], q[act]
+        n_hi, s_hi, q_hi = (r_hi * ca).sum(1), (r_hi * sa).sum(1), (r_hi * qa).sum(1)
+        n_lo, s_lo, q_lo = total[act] - n_hi, s_all[act] - s_hi, q_all[act] - q_hi
+        mu_lo, mu_hi = s_lo / np.maximum(n_lo, 1e-300), s_hi / np.maximum(n_hi, 1e-300)
+        var_lo = np.maximum(q_lo / np.maximum(n_lo, 1e-300) - mu_lo**2, floor[act])
+        var_hi = np.maximum(q_hi / np.maximum(n_hi, 1e-300) - mu_hi**2, floor[act])
+        tot = np.maximum(total[act], 1)
+        new = np.stack([n_lo / tot, mu_lo, var_lo, n_hi / tot, mu_hi, var_hi], axis=1)
+        old = params[act]
+        params[act] = new
         if it == iters:
             break
+        scale = np.abs(new) + 1e-12
+        moving = np.max(np.abs(new - old) / scale, axis=1) > tol if it else np.ones(len(act), bool)
+        act, r_hi, new = act[moving], r_hi[moving], new[moving]
+        if not len(act):
+            break
+        xa = x[act]
         with np.errstate(divide="ignore", invalid="ignore"):
-            logp = np.log(pi)[:, :, None] + _log_normal(x[:, None], mu[:, :, None], var[:, :, None])
-            diff = np.nan_to_num(logp[:, 0] - logp[:, 1], nan=0.0)  # nan: a step without rows
+            lo = np.log(new[:, 0])[:, None] + _log_normal(xa, new[:, 1:2], new[:, 2:3])
+            hi = np.log(new[:, 3])[:, None] + _log_normal(xa, new[:, 4:5], new[:, 5:6])
+            diff = np.nan_to_num(lo - hi, nan=0.0)  # nan: a step without rows
         r_hi = 1.0 / (1.0 + np.exp(np.clip(diff, -700, 700)))
-    # the "high" component is the one with the larger mean
-    swap = params[:, 0, 1] > params[:, 1, 1]
-    params[swap] = params[swap][:, ::-1]
-    out = params.reshape(len(params), 6)
-    out[~found] = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
-    return out
+    swap = params[:, 1] > params[:, 4]  # the "high" component is the one with the larger mean
+    params[swap] = params[swap][:, [3, 4, 5, 0, 1, 2]]
+    params[~found] = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    return params
 
 
 def gmm_keep(values: np.ndarray, params_N6: np.ndarray) -> np.ndarray:

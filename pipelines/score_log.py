@@ -40,7 +40,10 @@ def part_name(first: int, last: int, rank: int) -> str:
 
 
 def buckets_of(uid_lo: np.ndarray, num_buckets: int) -> np.ndarray:
-    return (np.asarray(uid_lo, dtype=np.uint64) % np.uint64(num_buckets)).astype(np.int64)
+    lo = np.asarray(uid_lo, dtype=np.uint64)
+    if num_buckets & (num_buckets - 1) == 0:  # a power of two: a mask, several times cheaper than a 64-bit modulo
+        return (lo & np.uint64(num_buckets - 1)).astype(np.int64)
+    return (lo % np.uint64(num_buckets)).astype(np.int64)
 
 
 class ScoreLogWriter:

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import SpecError, doc, ref_name, require
+from ..score_log import buckets_of
 from ..storage import is_local, open_storage
 
 BINARISERS = ("threshold", "kmeans", "gmm")
@@ -305,7 +306,7 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
     for i, path in enumerate(files):
         t = read_parquet(fs, path, columns)
         rows_in += t.num_rows
-        if check and np.any(t["uid_lo"].to_numpy() % np.uint64(num_buckets) != bucket):
+        if check and np.any(buckets_of(t["uid_lo"].to_numpy(), num_buckets) != bucket):
             raise ValueError(f"{path}: holds uids of another bucket than {bucket} (of {num_buckets})")
         pending.append(t)
         pending_rows += t.num_rows

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import SpecError, doc, require
+from ..score_log import buckets_of
 from . import keep_rule as kr
 from .aggregate import read_parquet
 
@@ -110,7 +111,7 @@ def _partition_keys(fs, shards: List[Tuple[int, str]], group: int, parts: int, p
         t = t.append_column("shard", pa.array(np.full(t.num_rows, shard, np.int32)))
         tables.append(t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64))))
     t = pa.concat_tables(tables)
-    p = (t["uid_lo"].to_numpy() % np.uint64(parts)).astype(np.int64)
+    p = buckets_of(t["uid_lo"].to_numpy(), parts)
     order = np.argsort(p, kind="stable")
     bounds = np.searchsorted(p[order], np.arange(parts + 1))
     for q in range(parts):

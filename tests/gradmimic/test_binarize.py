@@ -61,7 +61,7 @@ def test_gmm_matches_scikit_learn_em():
     from sklearn.mixture import GaussianMixture
 
     values = mixture_steps(12, 200, seed=2)
-    params = gmm_fit(*exact_summary(values), iters=300)
+    params = gmm_fit(*exact_summary(values), iters=300, tol=0)
     for v, p in zip(values, params):
         km = brute_kmeans(v)
         lo, hi = v[v <= km], v[v > km]
@@ -87,3 +87,12 @@ def test_binned_gmm_is_close_to_exact(bins):
     a = gmm_keep(flat, exact[step])
     b = gmm_keep(flat, binned[step])
     assert np.mean(a != b) < (0.01 if bins == 256 else 0.03)
+
+
+def test_gmm_early_stopping_barely_changes_decisions():
+    values = mixture_steps(200, 128, seed=4)
+    step = np.repeat(np.arange(200), 128)
+    settled = gmm_fit(*exact_summary(values), iters=400, tol=0)
+    quick = gmm_fit(*exact_summary(values))
+    flat = values.ravel()
+    assert np.mean(gmm_keep(flat, quick[step]) != gmm_keep(flat, settled[step])) < 0.005
