@@ -42,6 +42,7 @@ from ..score_log import buckets_of
 from ..storage import is_local, open_storage
 
 BINARISERS = ("threshold", "kmeans", "gmm")
+OUTPUTS = ("mean_score", "mean_weight", "mean_loss", "last_weight")
 OUT = "utility"
 _BUCKET = re.compile(r"(?:^|/)bucket=(\d+)/")
 
@@ -62,8 +63,10 @@ class AggregateConfig:
         "per-step keep votes: threshold (weight > 1/B), kmeans (two clusters), gmm (two components)",
         default=BINARISERS)
     cluster_on: Literal["score", "weight"] = doc("the column kmeans and gmm split", default="score")
-    quality: Literal["threshold", "kmeans", "gmm"] = doc("the binariser behind the quality estimate",
-                                                         default="threshold")
+    quality: Optional[Literal["threshold", "kmeans", "gmm"]] = doc(
+        "the binariser behind the quality estimate (null: none)", default="threshold")
+    outputs: Tuple[Literal["mean_score", "mean_weight", "mean_loss", "last_weight"], ...] = doc(
+        "per-sample figures besides num_steps and the votes (fewer read fewer log columns)", default=OUTPUTS)
     min_vote: float = doc("a sample counts as kept (quality estimate) when its vote is at least this", default=0.5)
     first_step: int = doc("ignore steps before this one (e.g. the mimic warm-up)", default=1)
     last_epochs: Optional[int] = doc("only the last k epochs of the log", default=None)
@@ -74,9 +77,7 @@ class AggregateConfig:
     cpus_per_task: float = doc("CPUs per task", default=1.0)
 
     def validate(self) -> None:
-        if not self.binarisers:
-            raise SpecError("binarisers: give at least one of " + ", ".join(BINARISERS))
-        if self.quality not in self.binarisers:
+        if self.quality is not None and self.quality not in self.binarisers:
             raise SpecError(f"quality: {self.quality!r} is not one of the binarisers ({', '.join(self.binarisers)})")
         if not 0 <= self.min_vote <= 1:
             raise SpecError(f"min_vote: must be in [0, 1], got {self.min_vote}")
@@ -91,6 +92,24 @@ class AggregateConfig:
     @property
     def fitted(self) -> Tuple[str, ...]:
         return tuple(b for b in self.binarisers if b != "threshold")
+
+    def log_columns(self, has_loss: bool) -> List[str]:
+        """The score-log columns this configuration reads."""
+        wants = set(self.outputs) | {f"vote_{b}" for b in self.binarisers}
+        need = {"uid_hi", "uid_lo"}
+        if self.first_step > 1 or self.decay is not None or self.fitted or "last_weight" in wants:
+            need.add("step")
+        if self.last_epochs:
+            need |= {"step", "epoch"}
+        if "mean_score" in wants or (self.fitted and self.cluster_on == "score"):
+            need.add("score")
+        if wants & {"mean_weight", "last_weight", "vote_threshold"} or (self.fitted and self.cluster_on == "weight"):
+            need.add("weight")
+        if "vote_threshold" in wants:
+            need.add("batch_size")
+        if "mean_loss" in wants and has_loss:
+            need.add("loss")
+        return [c for c in ("uid_hi", "uid_lo", "step", "epoch", "score", "weight", "batch_size", "loss") if c in need]
 
 
 def check_aggregate(cfg: AggregateConfig, spec) -> None:
@@ -154,7 +173,9 @@ class LogFilter:
         return ["step"] + (["epoch"] if self.min_epoch is not None else [])
 
     def mask(self, t: pa.Table) -> np.ndarray:
-        keep = t["step"].to_numpy() >= self.first_step
+        keep = np.ones(t.num_rows, bool)
+        if self.first_step > 1:
+            keep &= t["step"].to_numpy() >= self.first_step
         if self.min_epoch is not None:
             keep &= t["epoch"].to_numpy() >= self.min_epoch
         return keep
@@ -233,15 +254,21 @@ def _partial(t: pa.Table, cfg: AggregateConfig, filt: LogFilter, fits: Dict[str,
     if not keep.all():
         t = t.filter(pa.array(keep))
     col = {name: t[name].to_numpy() for name in t.column_names}
-    step = col["step"].astype(np.int64)
-    w = filt.weight(step)
-    weight = col["weight"].astype(np.float32)
-    part = {
-        "uid_hi": col["uid_hi"], "uid_lo": col["uid_lo"], "n": np.ones(len(step), np.int64), "wsum": w,
-        "score": w * col["score"], "weight": w * weight,
-        "loss": w * col["loss"] if "loss" in col else np.full(len(step), np.nan),
-        "last": (step << 32) | weight.view(np.uint32).astype(np.int64),
-    }
+    n = t.num_rows
+    step = col["step"].astype(np.int64) if "step" in col else None
+    part = {"uid_hi": col["uid_hi"], "uid_lo": col["uid_lo"], "n": np.ones(n, np.int64)}
+    w = 1.0
+    if cfg.decay is not None:
+        w = part["wsum"] = filt.weight(step)
+    weight = col["weight"].astype(np.float32) if "weight" in col else None
+    if "mean_score" in cfg.outputs:
+        part["score"] = w * col["score"]
+    if "mean_weight" in cfg.outputs:
+        part["weight"] = w * weight
+    if "mean_loss" in cfg.outputs:
+        part["loss"] = w * col["loss"] if "loss" in col else np.full(n, np.nan)
+    if "last_weight" in cfg.outputs:
+        part["last"] = (step << 32) | weight.view(np.uint32).astype(np.int64)
     for name in cfg.binarisers:
         if name == "threshold":  # in float32, as the weights are: uniform weights 1/B are not "above" 1/B
             vote = weight > (1.0 / col["batch_size"].astype(np.float64)).astype(np.float32)
@@ -262,7 +289,7 @@ def reduce_partials(part: pa.Table) -> pa.Table:
     maximum.  Partials of partials reduce the same way, so a bucket is reduced a chunk at a time."""
     sums = [c for c in part.column_names if c not in ("uid_hi", "uid_lo", "last")]
     out = part.group_by(["uid_hi", "uid_lo"], use_threads=False).aggregate(
-        [(c, "sum") for c in sums] + [("last", "max")])
+        [(c, "sum") for c in sums] + ([("last", "max")] if "last" in part.column_names else []))
     return out.rename_columns([c.removesuffix("_sum").removesuffix("_max") for c in out.column_names])
 
 
@@ -279,19 +306,19 @@ def uid_hex(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(n, offsets, pa.py_buffer(chars.tobytes()))
 
 
-def utility_table(part: pa.Table, binarisers) -> pa.Table:
+def utility_table(part: pa.Table, cfg: AggregateConfig) -> pa.Table:
     col = {name: part[name].to_numpy() for name in part.column_names}
-    wsum = col["wsum"]
+    wsum = col["wsum"] if "wsum" in col else col["n"]  # without decay every row weighs 1
     hi, lo = col["uid_hi"], col["uid_lo"]
+    cols = {"uid": uid_hex(hi, lo), "uid_hi": pa.array(hi, pa.uint64()), "uid_lo": pa.array(lo, pa.uint64()),
+            "num_steps": pa.array(col["n"].astype(np.int32))}
     with np.errstate(invalid="ignore", divide="ignore"):
-        cols = {
-            "uid": uid_hex(hi, lo), "uid_hi": pa.array(hi, pa.uint64()), "uid_lo": pa.array(lo, pa.uint64()),
-            "num_steps": pa.array(col["n"].astype(np.int32)),
-            "mean_score": pa.array(col["score"] / wsum), "mean_weight": pa.array(col["weight"] / wsum),
-            "mean_loss": pa.array(col["loss"] / wsum),
-            "last_weight": pa.array((col["last"] & 0xFFFFFFFF).astype(np.uint32).view(np.float32)),
-        }
-        for name in binarisers:
+        for name in ("score", "weight", "loss"):
+            if f"mean_{name}" in cfg.outputs:
+                cols[f"mean_{name}"] = pa.array(col[name] / wsum)
+        if "last_weight" in cfg.outputs:
+            cols["last_weight"] = pa.array((col["last"] & 0xFFFFFFFF).astype(np.uint32).view(np.float32))
+        for name in cfg.binarisers:
             cols[f"vote_{name}"] = pa.array(col[f"vote_{name}"] / wsum)
     return pa.table(cols)
 
@@ -300,8 +327,7 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
                   filt: LogFilter, fits: Dict[str, np.ndarray], check: bool = True) -> Dict[str, Any]:
     """One bucket's files -> its utility file; returns counters for the manifest.  ``check``: verify that every
     row belongs to the bucket (a log given by path, whose bucket count was inferred)."""
-    columns = ["uid_hi", "uid_lo", "step", "score", "weight", "batch_size", *filt.columns[1:]]
-    columns += ["loss"] if "loss" in _schema(fs, files[0]).names else []
+    columns = cfg.log_columns("loss" in _schema(fs, files[0]).names)
     parts, pending, pending_rows, rows_in = [], [], 0, 0
     for i, path in enumerate(files):
         t = read_parquet(fs, path, columns)
@@ -314,7 +340,7 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
             parts.append(reduce_partials(_partial(pa.concat_tables(pending), cfg, filt, fits)))
             pending, pending_rows = [], 0
     merged = parts[0] if len(parts) == 1 else reduce_partials(pa.concat_tables(parts))
-    table = utility_table(merged, cfg.binarisers)
+    table = utility_table(merged, cfg)
     rel = posixpath.join(OUT, f"bucket={bucket}", "part-00000.parquet")
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -323,7 +349,8 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
     with out_fs.open(path, "wb") as f:
         f.write(buf.getvalue())
     stats = {"bucket": bucket, "file": rel, "rows_in": rows_in, "rows_used": int(merged["n"].to_numpy().sum()),
-             "samples": table.num_rows, "score_sum": float(np.nansum(table["mean_score"].to_numpy()))}
+             "samples": table.num_rows, "score_sum": float(np.nansum(table["mean_score"].to_numpy()))
+             if "mean_score" in cfg.outputs else 0.0}
     for name in cfg.binarisers:
         vote = table[f"vote_{name}"].to_numpy(zero_copy_only=False)
         stats[f"kept_{name}"] = int(np.sum(vote >= cfg.min_vote))
@@ -396,7 +423,7 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
         raise SpecError(f"scores: no score-log files (scores/bucket=<b>/*.parquet) under {url}")
     check = num_buckets is None
     num_buckets = num_buckets or max(buckets) + 1
-    needed = ["uid_hi", "uid_lo", "step", "score", "weight", "batch_size"] + (["epoch"] if cfg.last_epochs else [])
+    needed = cfg.log_columns(has_loss=False)  # loss is optional: mean_loss is NaN without it
     first = next(iter(buckets.values()))[0]
     have = _schema(fs, first).names
     missing = [c for c in needed if c not in have]
@@ -439,9 +466,10 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
         "rows_in": rows_in, "rows_out": samples, "files": [r["file"] for r in results],
         "log": url, "log_rows_used": sum(r["rows_used"] for r in results),
         **({"steps": max_step, "epochs": max_epoch + 1} if spans else {}), "num_buckets": num_buckets, "samples": samples,
-        "kept_fraction": frac, "quality_estimate": frac[cfg.quality],
+        "kept_fraction": frac, "quality_estimate": frac[cfg.quality] if cfg.quality else None,
         "quality": {"binariser": cfg.quality, "min_vote": cfg.min_vote},
-        "mean_score": sum(r["score_sum"] for r in results) / samples if samples else float("nan"),
+        "mean_score": sum(r["score_sum"] for r in results) / samples if samples and "mean_score" in cfg.outputs
+        else None,
         "fitted_on": f"per-step binned summaries ({cfg.bins} bins) of {cfg.cluster_on}" if cfg.fitted else None,
     }
 

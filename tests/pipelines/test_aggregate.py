@@ -105,6 +105,24 @@ def test_votes_separate_corrupted_samples(tmp_path, small_log):
         assert got[c][~bad].mean() > got[c][bad].mean() + 0.2, c
 
 
+def test_outputs_on_demand_read_only_their_columns(tmp_path, small_log):
+    """Means only, no binarisers: a log holding just the uids and scores is enough, and the figures are the same."""
+    import pyarrow.parquet as pq
+
+    root, _, log = small_log
+    lean = tmp_path / "lean"
+    for part in root.rglob("*.parquet"):
+        (lean / part.parent.name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pq.read_table(part, columns=["uid_hi", "uid_lo", "score"]), lean / part.parent.name / part.name)
+    manifest, got = aggregate(tmp_path, lean, outputs=["mean_score"], binarisers=[], quality=None)
+    want = reference(log)
+    assert list(got.columns) == ["uid", "num_steps", "mean_score"] and manifest["quality_estimate"] is None
+    got = got.loc[want.index]
+    assert (got["num_steps"].to_numpy() == want["num_steps"].to_numpy()).all()
+    np.testing.assert_allclose(got["mean_score"].to_numpy(), want["mean_score"].to_numpy(), rtol=1e-12)
+    assert manifest["mean_score"] == pytest.approx(want["mean_score"].mean())
+
+
 def test_bad_logs_are_refused(tmp_path, small_log):
     import pyarrow.parquet as pq
 
