@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from .stages.aggregate import AggregateConfig, check_aggregate, run_aggregate
-from .stages.ingest import IngestConfig, run_ingest
 from .stages.evaluate import EvaluateConfig, run_evaluate
 from .stages.filter import FilterConfig, run_filter
+from .stages.ingest import IngestConfig, run_ingest
 from .stages.train import TrainConfig, check_train, run_train
 
 

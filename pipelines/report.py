@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import yaml
 
-from .storage import StageDir, open_storage
+from .storage import StageDir, open_storage, write_file
 
 REPORT_DIR = "report"
 
@@ -161,13 +161,12 @@ def _detection_plots(util_pool, det) -> str:
     return _png(fig)
 
 
-def _gallery(pool_dir: StageDir, rows, fs) -> str:
+def _gallery(rows, storage_options) -> str:
+    """Image cells for pool rows (``tar`` a full URL, as :func:`read_pool` gives it): one ranged read each."""
     cells = []
     for r in rows.itertuples():
-        tar = fs._strip_protocol(pool_dir.join(r.tar)) if "://" not in r.tar else fs._strip_protocol(r.tar)
-        with fs.open(tar, "rb") as f:
-            f.seek(int(r.image_offset))
-            data = f.read(int(r.image_size))
+        fs, tar = open_storage(r.tar, storage_options)
+        data = fs.cat_file(tar, start=int(r.image_offset), end=int(r.image_offset) + int(r.image_size))
         mime = "image/png" if r.image.endswith(".png") else "image/jpeg"
         flag = " (corrupted)" if getattr(r, "corrupted", False) else ""
         cells.append(f'<figure><img src="data:{mime};base64,{base64.b64encode(data).decode()}" width="64" '
@@ -181,7 +180,6 @@ def build_report(run_url: str, storage_options: Optional[Dict[str, Any]] = None)
     import matplotlib
 
     matplotlib.use("Agg")
-    import pandas as pd
 
     fs, run = open_storage(run_url, storage_options)
     stages = _stages(fs, run)
@@ -199,7 +197,6 @@ def build_report(run_url: str, storage_options: Optional[Dict[str, Any]] = None)
             report[f"test_loss_{r}"] = evals[role[r]].get("test_loss")
     if "zero_shot_acc_vanilla" in report and "filtered" in role:
         report["zero_shot_acc_unfiltered"] = report["zero_shot_acc_vanilla"]
-        report["zero_shot_acc_filtered"] = report.get("zero_shot_acc_filtered")
     report["evaluations"] = {name: metrics for name, metrics in evals.items()}
     curves = {label: role[r] for r, label in (("vanilla", "vanilla"), ("mimic", "Grad-Mimic"), ("filtered", "filtered"))
               if r in role}
@@ -234,21 +231,15 @@ def build_report(run_url: str, storage_options: Optional[Dict[str, Any]] = None)
             figures["detection"] = _detection_plots(joined, det)
             report.update({k: v for k, v in det.items() if not k.startswith("_")})
             ranked = joined.sort_values("mean_score")
-            pool_dir_raw = StageDir(fs, pool_dir.path)
-            gallery = ("<h3>highest scored</h3>" + _gallery(pool_dir_raw, ranked.tail(8)[::-1], fs) +
-                       "<h3>lowest scored</h3>" + _gallery(pool_dir_raw, ranked.head(8), fs))
+            gallery = ("<h3>highest scored</h3>" + _gallery(ranked.tail(8)[::-1], storage_options) +
+                       "<h3>lowest scored</h3>" + _gallery(ranked.head(8), storage_options))
     if "filter" in role:
         report["filter"] = {k: stages[role["filter"]]["manifest"].get(k)
                             for k in ("rule", "kept_fraction", "kept_in_scope", "rejected", "reasons")}
     out = posixpath.join(run, REPORT_DIR)
-    fs.makedirs(out, exist_ok=True)
-    data_json = json.dumps(report, indent=2, sort_keys=True, default=float).encode()
-    with fs.open(posixpath.join(out, "report.json"), "wb") as f:
-        f.write(data_json)
-    with fs.open(posixpath.join(out, "report.html"), "wb") as f:
-        f.write(_html(report, figures, gallery).encode())
+    write_file(fs, posixpath.join(out, "report.json"), json.dumps(report, indent=2, sort_keys=True, default=float).encode())
+    write_file(fs, posixpath.join(out, "report.html"), _html(report, figures, gallery).encode())
     report["html"] = fs.unstrip_protocol(posixpath.join(out, "report.html"))
-    _ = pd
     return report
 
 

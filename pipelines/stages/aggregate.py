@@ -25,7 +25,6 @@ least ``min_vote``, and the mean score.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import posixpath
@@ -39,7 +38,7 @@ import pyarrow.parquet as pq
 
 from ..config import SpecError, doc, ref_name, require
 from ..score_log import buckets_of
-from ..storage import is_local, open_storage
+from ..storage import is_local, open_storage, parquet_schema, read_parquet, write_parquet
 
 BINARISERS = ("threshold", "kmeans", "gmm")
 OUTPUTS = ("mean_score", "mean_weight", "mean_loss", "last_weight")
@@ -122,22 +121,6 @@ def check_aggregate(cfg: AggregateConfig, spec) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-
-
-def read_parquet(fs, path: str, columns: Optional[List[str]] = None) -> pa.Table:
-    """One parquet file, single-threaded: tasks already run one per core, and for the many small files of a score
-    log a reader's thread pool costs more than it saves (about 3x here)."""
-    if is_local(fs):
-        return pq.ParquetFile(path, pre_buffer=False).read(columns=columns, use_threads=False)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(io.BytesIO(f.read()), pre_buffer=False).read(columns=columns, use_threads=False)
-
-
-def _schema(fs, path: str) -> pa.Schema:
-    if is_local(fs):
-        return pq.read_schema(path)
-    with fs.open(path, "rb") as f:
-        return pq.read_schema(io.BytesIO(f.read()))
 
 
 def _footer_span(fs, files: List[str]) -> Dict[str, int]:
@@ -328,7 +311,7 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
                   filt: LogFilter, fits: Dict[str, np.ndarray], check: bool = True) -> Dict[str, Any]:
     """One bucket's files -> its utility file; returns counters for the manifest.  ``check``: verify that every
     row belongs to the bucket (a log given by path, whose bucket count was inferred)."""
-    columns = cfg.log_columns("loss" in _schema(fs, files[0]).names)
+    columns = cfg.log_columns("loss" in parquet_schema(fs, files[0]).names)
     parts, pending, pending_rows, rows_in = [], [], 0, 0
     for i, path in enumerate(files):
         t = read_parquet(fs, path, columns)
@@ -343,12 +326,7 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
     merged = parts[0] if len(parts) == 1 else reduce_partials(pa.concat_tables(parts))
     table = utility_table(merged, cfg)
     rel = posixpath.join(OUT, f"bucket={bucket}", "part-00000.parquet")
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    path = posixpath.join(out_dir, rel)
-    out_fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with out_fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
+    write_parquet(out_fs, posixpath.join(out_dir, rel), table)
     stats = {"bucket": bucket, "file": rel, "rows_in": rows_in, "rows_used": int(merged["n"].to_numpy().sum()),
              "samples": table.num_rows, "score_sum": float(np.nansum(table["mean_score"].to_numpy()))
              if "mean_score" in cfg.outputs else 0.0}
@@ -426,7 +404,7 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     num_buckets = num_buckets or max(buckets) + 1
     needed = cfg.log_columns(has_loss=False)  # loss is optional: mean_loss is NaN without it
     first = next(iter(buckets.values()))[0]
-    have = _schema(fs, first).names
+    have = parquet_schema(fs, first).names
     missing = [c for c in needed if c not in have]
     if missing:
         raise SpecError(f"scores: {fs.unstrip_protocol(first)}: the score log has no column {missing[0]!r} "

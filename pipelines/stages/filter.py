@@ -31,12 +31,11 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import SpecError, doc, require
 from ..score_log import buckets_of
+from ..storage import parquet_schema, read_parquet, write_file, write_parquet
 from . import keep_rule as kr
-from .aggregate import read_parquet
 
 UNSCORED = "unscored"
 SUBSET = "subset.npy"
@@ -71,14 +70,6 @@ class FilterConfig:
 
 
 # ------------------------------------------------------------------------------------------------ files
-
-
-def write_parquet(fs, path: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
 
 
 def _read_dir(fs, path: str, columns=None) -> Optional[pa.Table]:
@@ -276,10 +267,7 @@ def _write_kept(fs, work: str, jobs: List[Tuple[int, int, int]], sources, group_
             images = fs.cat_ranges(tars, list(starts), list(starts + t["image_size"].to_numpy()))
             exts = [posixpath.splitext(m)[1].lstrip(".") for m in t["image"].to_pylist()]
             data, index = tar_records(list(zip(keys, exts, images, t["text"].to_pylist(), t["uid"].to_pylist())))
-            path = posixpath.join(out_dir, rel_tar)
-            fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            with fs.open(path, "wb") as f:
-                f.write(data)
+            write_file(fs, posixpath.join(out_dir, rel_tar), data)
             where = [index[k] for k in keys]
             for name, values, tp in (("tar", [rel_tar] * t.num_rows, pa.string()),
                                      ("image", [w[0] for w in where], pa.string()),
@@ -336,7 +324,7 @@ def run_filter(cfg: FilterConfig, ctx) -> Dict[str, Any]:
     if not shard_files:
         raise SpecError(f"data: stage {cfg.data!r} has no rows")
     shard_paths = [pool.join(f) for f in shard_files]
-    pool_cols = set(pq.read_schema(io.BytesIO(fs.cat_file(shard_paths[0]))).names)
+    pool_cols = set(parquet_schema(fs, shard_paths[0]).names)
     util_cols: set = set()
     util_paths: Dict[int, str] = {}
     parts = None
@@ -347,7 +335,7 @@ def run_filter(cfg: FilterConfig, ctx) -> Dict[str, Any]:
         for f in um["files"]:
             b = int(f.split("bucket=")[1].split("/")[0])
             util_paths[b] = util_stage.join(f)
-        util_cols = set(pq.read_schema(io.BytesIO(util_stage.fs.cat_file(next(iter(util_paths.values()))))).names)
+        util_cols = set(parquet_schema(util_stage.fs, next(iter(util_paths.values()))).names)
         util_cols -= {"uid", "uid_hi", "uid_lo"}
     for c in kr.columns(rule):
         if c not in pool_cols and c not in util_cols:

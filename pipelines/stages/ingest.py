@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import SpecError, doc, require
-from ..storage import open_storage
+from ..storage import open_storage, write_file
 
 RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "tar", "image",
             "image_offset", "image_size", "label", "true_label", "class_name")
@@ -450,9 +450,7 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
                 continue
             good.append((key, ext, image, text, uid))
     data, index = tar_records(good)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    write_file(fs, path, data)
     return rejects, index
 
 
