@@ -23,7 +23,8 @@ counted.  ``gradmimic_all_binarisers_rows_per_s`` (unless
 passes over the log for the per-step fits).  Every method first runs once, untimed, on a small log (25,600 rows),
 so that no timing includes starting Ray's worker processes and their imports; ``gradmimic_cold_s`` is the stage's
 time on that small log, almost all of it such fixed costs.  Machines are shared and noisy:
-``--repeats`` times each method that many times, alternating, and reports the median.
+``--repeats`` times each method that many times, alternating, and reports the median; each round starts once the
+CPUs are idle, and each later round first re-warms the stage (the Ray groupby's shuffle ends its idle workers).
 """
 
 from __future__ import annotations
@@ -117,6 +118,16 @@ def prefix_files(files: List[Tuple[str, int]], rows: int) -> List[Tuple[str, int
         if sum(n for _, n in out) >= rows:
             break
     return out
+
+
+def settle(timeout: float = 30.0, idle_percent: float = 25.0) -> None:
+    """Wait (at most ``timeout`` seconds) until the machine's CPUs are mostly idle: what one method leaves
+    running (Ray tearing down a shuffle's actors, idle workers exiting) must not be timed as the next one's."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and psutil.cpu_percent(interval=0.5) > idle_percent:
+        pass
 
 
 class PeakRSS:
@@ -256,9 +267,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                              "all": []}
             peak, peak_threshold, peak_all = 0, 0, 0
             for r in range(args.repeats):  # alternating, so a machine that slows down slows all alike
+                if r:  # the Ray groupby's shuffle ended the stage's idle workers: start and warm them again
+                    run_gradmimic(storage, warmup_dir, THRESHOLD, "warmup", True, r)
+                settle()
+                base_mb = max(base_mb, psutil.Process().memory_info().rss / 2**20)
                 s, p, *gm = run_gradmimic(storage, log_dir, MEAN_ONLY, "bench", args.json, r)
                 times["gradmimic"].append(s)
                 peak = max(peak, p)
+                s, *dd = run_duckdb(paths, cores)  # right after the stage: the ratio the goal is about
+                times["duckdb"].append(s)
                 s, p, *th = run_gradmimic(storage, log_dir, THRESHOLD, "bench_threshold", args.json, r)
                 times["threshold"].append(s)
                 peak_threshold = max(peak_threshold, p)
@@ -266,8 +283,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     s, p, *full = run_gradmimic(storage, log_dir, {}, "bench_all", args.json, r)
                     times["all"].append(s)
                     peak_all = max(peak_all, p)
-                s, *dd = run_duckdb(paths, cores)
-                times["duckdb"].append(s)
                 s, *rg = run_ray_groupby(ray_paths)
                 times["ray_groupby"].append(s)
             dd_subset = run_duckdb(ray_paths, cores)[1:] if args.ray_rows else dd

@@ -25,6 +25,7 @@ least ``min_vote``, and the mean score.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import posixpath
@@ -379,14 +380,23 @@ def _groups(buckets: Dict[int, List[str]], n: int) -> List[List[str]]:
     return [[p for k in keys[i::n] for p in buckets[k]] for i in range(min(n, len(keys)))]
 
 
-def quiet_ray_data() -> None:
-    """The stage prints its own progress line: no Ray Data progress bars or per-dataset log lines on the console."""
+@contextlib.contextmanager
+def single_map_context():
+    """Ray Data settings for a dataset that is one map over a list of work items: the stage prints its own
+    progress (no bars or per-dataset log lines), and no resources are held back for other operators (there are
+    none; on a small node the default reservation halves the tasks that run at once).  Restored on exit."""
     import logging
 
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # before: turning the bars off logs a warning
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    data = ray.data.DataContext.get_current()
+    saved = data.enable_progress_bars, data.op_resource_reservation_enabled
+    data.enable_progress_bars, data.op_resource_reservation_enabled = False, False
+    try:
+        yield
+    finally:
+        data.enable_progress_bars, data.op_resource_reservation_enabled = saved
 
 
 def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
@@ -409,7 +419,6 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     if missing:
         raise SpecError(f"scores: {fs.unstrip_protocol(first)}: the score log has no column {missing[0]!r} "
                         f"(expected {', '.join(needed)})")
-    quiet_ray_data()
     width = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
     groups = _groups(buckets, width)
     spans = []  # the log's last step and epoch, from the footers: only when an option needs them
@@ -425,15 +434,16 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     items = [{"buckets": json.dumps(keys[i:i + per_task]),
               "files": json.dumps({str(b): buckets[b] for b in keys[i:i + per_task]})}
              for i in range(0, len(keys), per_task)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-        reduce_buckets, num_cpus=cfg.cpus_per_task,
-        fn_kwargs={"fits_ref": fits_ref, "fs": fs, "num_buckets": num_buckets, "out_fs": ctx.out.fs,
-                   "out_dir": ctx.out.join(""), "cfg": cfg, "filt": filt, "check": check})
-    started, results = time.perf_counter(), []
-    for row in ds.iter_rows():
-        results.append(row)
-        ctx.progress.update(f"{ctx.label} buckets", len(results), len(keys),
-                            sum(r["rows_in"] for r in results), started)
+    with single_map_context():
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+            reduce_buckets, num_cpus=cfg.cpus_per_task,
+            fn_kwargs={"fits_ref": fits_ref, "fs": fs, "num_buckets": num_buckets, "out_fs": ctx.out.fs,
+                       "out_dir": ctx.out.join(""), "cfg": cfg, "filt": filt, "check": check})
+        started, results = time.perf_counter(), []
+        for row in ds.iter_rows():
+            results.append(row)
+            ctx.progress.update(f"{ctx.label} buckets", len(results), len(keys),
+                                sum(r["rows_in"] for r in results), started)
     results.sort(key=lambda r: r["bucket"])
     rows_in = sum(r["rows_in"] for r in results)
     if spans and rows_in != sum(s["rows"] for s in spans):
