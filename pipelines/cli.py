@@ -21,7 +21,7 @@ def _run(args: argparse.Namespace) -> None:
 
     spec = load_spec(args.spec, args.overrides)
     run_spec(spec, force=args.force)
-    if any(st.stage == "evaluate" for st in spec.stages):
+    if spec.writes_report:
         from .report import build_report
         from .storage import open_storage
 

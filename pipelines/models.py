@@ -1,5 +1,6 @@
 """Models the train stage builds, offline: open_clip CLIPs by architecture name or model-config JSON, and image
-classifiers (an open_clip visual tower or a torchvision model, with a linear head).
+classifiers (an open_clip visual tower, a torchvision model or a :mod:`pipelines.backbones` backbone, with a
+linear head).
 
 Everything here is built with random weights (``pretrained=None``); weights come from a previous stage, a local file
 (:func:`gradmimic.load_state_dict`) or an open_clip pretrained tag fetched once on the driver
@@ -114,21 +115,26 @@ class ModelSpec:
     """What to build: everything a worker (or a later stage) needs, as plain data (also saved as ``model.json``)."""
 
     task: str  # clip | classify
-    arch: str = "tiny-clip"  # open_clip architecture / config (clip, and classify without torchvision)
-    torchvision: Optional[str] = None
+    arch: str = "tiny-clip"  # open_clip architecture / config (clip, and classify without a backbone)
+    backbone: Optional[str] = None  # classify: a pipelines.backbones name or a torchvision model
     num_classes: int = 0
     image_size_override: Optional[int] = None
 
     def build(self, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
         if self.task == "clip":
             return build_clip(self.arch, seed, device)
-        if self.torchvision:
+        if self.backbone:
             import torchvision
+
+            from .backbones import BACKBONES
 
             torch.manual_seed(seed)
             with torch.device(device):
-                backbone = torchvision.models.get_model(self.torchvision, weights=None)
-                features = _strip_last_linear(backbone)
+                if self.backbone in BACKBONES:
+                    backbone, features = BACKBONES[self.backbone][0](), BACKBONES[self.backbone][1]
+                else:
+                    backbone = torchvision.models.get_model(self.backbone, weights=None)
+                    features = _strip_last_linear(backbone)
                 torch.manual_seed(seed + 1)
                 return ImageClassifier(backbone, features, self.num_classes)
         clip = build_clip(self.arch, seed, device)
@@ -138,14 +144,20 @@ class ModelSpec:
 
     @property
     def image_size(self) -> int:
-        if self.torchvision:
-            return self.image_size_override or 224
+        if self.backbone:
+            from .backbones import BACKBONES
+
+            return self.image_size_override or (BACKBONES[self.backbone][2] if self.backbone in BACKBONES else 224)
         size = clip_config(self.arch)["vision_cfg"]["image_size"]
         return int(size if isinstance(size, int) else size[0])
 
     @property
     def normalisation(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-        return (IMAGENET_MEAN, IMAGENET_STD) if self.torchvision else (OPENAI_MEAN, OPENAI_STD)
+        from .backbones import BACKBONES
+
+        if self.backbone in BACKBONES:
+            return BACKBONES[self.backbone][3]
+        return (IMAGENET_MEAN, IMAGENET_STD) if self.backbone else (OPENAI_MEAN, OPENAI_STD)
 
     @property
     def context_length(self) -> int:
@@ -157,9 +169,9 @@ class ModelSpec:
         return ["visual.proj"] if self.task == "clip" else ["head.weight"]
 
     def describe(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"task": self.task, "arch": self.arch, "torchvision": self.torchvision,
+        out: Dict[str, Any] = {"task": self.task, "arch": self.arch, "backbone": self.backbone,
                                "num_classes": self.num_classes, "image_size": self.image_size}
-        if not self.torchvision:
+        if not self.backbone:
             out["open_clip_config"] = clip_config(self.arch)
         mean, std = self.normalisation
         out.update(mean=list(mean), std=list(std))
@@ -189,6 +201,18 @@ def apply_trainable(model: nn.Module, trainable: Optional[Sequence[str]], freeze
     for n, p in model.named_parameters():
         p.requires_grad_(n in keep)
     return [n for n in names if n in keep]
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except that a submodule none of whose parameters train stays in eval mode: a frozen
+    backbone's BatchNorm keeps normalising with its pretrained statistics (and never updates them), as linear
+    probing needs."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+    return model
 
 
 def fit_state(model_shapes: Mapping[str, Tuple[int, ...]], state: Mapping[str, torch.Tensor],

@@ -1,8 +1,8 @@
 """The run report: ``<run>/report/report.json`` and a self-contained ``report.html`` (plots as embedded PNG).
 
 Built from a run's committed stages only (``gradmimic report RUN_DIR``, local or ``s3://``; ``gradmimic run`` writes
-it at the end of a run that evaluates).  Roles are read from the resolved spec: ``mimic`` is the first train stage
-with ``mode: mimic``; ``vanilla`` a plain train stage on the same data with the same initialisation; ``filtered``
+it at the end of a run that evaluates, or whose spec says ``report: true``).  Roles are read from the resolved spec: ``mimic`` is the first train stage
+with ``mode: mimic`` that an aggregate stage scores (else the first with ``mode: mimic``); ``vanilla`` a plain train stage on the same data with the same initialisation; ``filtered``
 a train stage on a filter stage's output; ``utility`` the aggregate of the mimic run; each evaluate stage is
 matched to its model.  Sections appear when their stages exist:
 
@@ -12,7 +12,11 @@ matched to its model.  Sections appear when their stages exist:
   detection ROC of ``mean_score`` (a low score flags a corrupted sample), and per binariser precision / recall /
   F1 for flagging the samples it does not keep (vote below ``min_vote``);
 - the quality estimate (the aggregate's binariser, named) next to the true clean fraction;
-- the evaluations side by side (filtered vs unfiltered); a gallery of the highest- and lowest-scored samples.
+- the evaluations side by side (filtered vs unfiltered); a gallery of the highest- and lowest-scored samples;
+- classifiers trained on noisy pools (the paper's Table 1): final test accuracy, mean and spread over seeds, per
+  mode and label-noise rate, and which mode is best at each rate; classifiers trained plainly on a filter stage
+  whose rule is one ``top`` clause: the data-efficiency curve, accuracy vs the kept fraction per ranking column
+  (a utility column vs the filter's virtual ``random``).
 
 ``steps_to_vanilla_final_loss_ratio``: the first step at which Grad-Mimic's held-out loss reaches vanilla's final
 one (linear interpolation between evaluations), over vanilla's steps; ``null`` if it never does.
@@ -51,7 +55,9 @@ def _stages(fs, run: str) -> Dict[str, Dict[str, Any]]:
 def roles(stages: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
     trains = {n: s for n, s in stages.items() if s["stage"] == "train"}
     out: Dict[str, str] = {}
-    mimic = next((n for n, s in trains.items() if s["config"].get("mode") == "mimic"), None)
+    scored = [s["config"].get("scores") for s in stages.values() if s["stage"] == "aggregate"]
+    mimic = next((n for n in scored if n in trains and trains[n]["config"].get("mode") == "mimic"), None)
+    mimic = mimic or next((n for n, s in trains.items() if s["config"].get("mode") == "mimic"), None)
     if mimic:
         out["mimic"] = mimic
         mc = trains[mimic]["config"]
@@ -70,6 +76,90 @@ def roles(stages: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
         out["filtered"] = filtered
         out["filter"] = trains[filtered]["config"]["data"]
     return out
+
+
+MODE_NAMES = {"plain": "plain", "grand": "GraND", "rho": "RHO-loss", "agra": "AGRA", "influence": "influence",
+              "mimic": "Grad-Mimic"}
+
+
+def _spread(values: List[float]) -> Dict[str, Any]:
+    a = np.asarray(values, float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a)),
+            "values": [float(v) for v in a]}
+
+
+def label_noise(stages: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Table 1 and the data-efficiency curve from the committed classify runs (see the module docstring)."""
+    from .stages.keep_rule import Clause, parse_rule
+
+    table: Dict[str, Dict[float, List[float]]] = {}
+    curve: Dict[str, Dict[float, List[float]]] = {}
+    for s in stages.values():
+        cfg, acc = s["config"], (s["manifest"].get("final") or {}).get("test_accuracy")
+        if s["stage"] != "train" or cfg.get("task") != "classify" or cfg.get("split", "train") != "train" \
+                or acc is None or cfg.get("data") not in stages:
+            continue
+        data = stages[cfg["data"]]
+        if data["stage"] == "ingest":
+            noise = data["config"].get("noise") or {}
+            rate = float(noise.get("rate", 0.0)) if noise.get("kind") == "label" else 0.0
+            table.setdefault(cfg.get("mode", "plain"), {}).setdefault(rate, []).append(acc)
+        elif data["stage"] == "filter" and cfg.get("mode", "plain") == "plain":
+            rule = parse_rule(data["config"].get("keep"))
+            if isinstance(rule, Clause) and rule.op == "top":
+                curve.setdefault(rule.column, {}).setdefault(rule.value, []).append(acc)
+    out: Dict[str, Any] = {}
+    if table:
+        rates = sorted({r for by in table.values() for r in by})
+        out["label_noise_accuracy"] = {m: {f"{r:g}": _spread(v) for r, v in sorted(by.items())}
+                                       for m, by in table.items()}
+        best = {f"{r:g}": max((m for m in table if r in table[m]), key=lambda m: np.mean(table[m][r]))
+                for r in rates}
+        out["label_noise_best_mode"] = best
+        if "mimic" in table and len(table) > 1:
+            out["mimic_best_at_every_noise"] = all(b == "mimic" for r, b in best.items() if float(r) > 0)
+    if curve:
+        out["data_efficiency"] = {c: {f"{p:g}": _spread(v) for p, v in sorted(by.items())} for c, by in curve.items()}
+        if "random" in curve and len(curve) > 1:
+            rnd = curve["random"]
+            wins = {c: all(np.mean(by[p]) > np.mean(rnd[p]) for p in by if p in rnd)
+                    for c, by in curve.items() if c != "random" and any(p in rnd for p in by)}
+            out["utility_top_beats_random_at_every_p"] = wins
+    return out
+
+
+def _label_noise_html(ln: Dict[str, Any]) -> str:
+    acc = ln.get("label_noise_accuracy")
+    if not acc:
+        return ""
+    rates = sorted({r for by in acc.values() for r in by}, key=float)
+    best = ln.get("label_noise_best_mode", {})
+    head = "<tr><th>mode</th>" + "".join(f"<th>noise {float(r) * 100:g}%</th>" for r in rates) + "</tr>"
+    body = ""
+    for mode in [m for m in MODE_NAMES if m in acc] + [m for m in acc if m not in MODE_NAMES]:
+        cells = ""
+        for r in rates:
+            c = acc[mode].get(r)
+            text = "n/a" if c is None else f"{c['mean'] * 100:.1f} &plusmn; {c['std'] * 100:.1f} (n={c['n']})"
+            cells += f"<td>{'<b>' + text + '</b>' if best.get(r) == mode else text}</td>"
+        body += f"<tr><th>{html.escape(MODE_NAMES.get(mode, mode))}</th>{cells}</tr>"
+    return ("<h2>label noise: test accuracy % (mean &plusmn; std over seeds; best in bold)</h2>"
+            f"<table>{head}{body}</table>")
+
+
+def _efficiency_plot(curves: Dict[str, Dict[str, Dict[str, Any]]]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for column, by in curves.items():
+        ps = sorted(by, key=float)
+        ax.errorbar([float(p) * 100 for p in ps], [by[p]["mean"] for p in ps], yerr=[by[p]["std"] for p in ps],
+                    marker="o", ms=4, capsize=3, label=f"{'random' if column == 'random' else 'top by ' + column} p%")
+    ax.set_xlabel("training samples kept (p %)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("data efficiency")
+    ax.legend(fontsize=7)
+    return _png(fig)
 
 
 def _png(fig) -> str:
@@ -233,6 +323,10 @@ def build_report(run_url: str, storage_options: Optional[Dict[str, Any]] = None)
             ranked = joined.sort_values("mean_score")
             gallery = ("<h3>highest scored</h3>" + _gallery(ranked.tail(8)[::-1], storage_options) +
                        "<h3>lowest scored</h3>" + _gallery(ranked.head(8), storage_options))
+    ln = label_noise(stages)
+    report.update(ln)
+    if "data_efficiency" in ln:
+        figures["data efficiency"] = _efficiency_plot(ln["data_efficiency"])
     if "filter" in role:
         report["filter"] = {k: stages[role["filter"]]["manifest"].get(k)
                             for k in ("rule", "kept_fraction", "kept_in_scope", "rejected", "reasons")}
@@ -250,6 +344,9 @@ def _html(report: Dict[str, Any], figures: Dict[str, str], gallery: str) -> str:
                                                                                                    "recall_")))
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(report.get(k)))}</td></tr>"
                    for k in keys if k in report)
+    rows += "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(report[k]))}</td></tr>"
+                    for k in ("label_noise_best_mode", "mimic_best_at_every_noise",
+                              "utility_top_beats_random_at_every_p") if k in report)
     metrics = sorted({k for m in report.get("evaluations", {}).values() for k in m})
     evals = "<tr><th>model</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in metrics) + "</tr>" + "".join(
         f"<tr><th>{html.escape(str(name))}</th>" + "".join(f"<td>{html.escape(_fmt(m.get(k)))}</td>" for k in metrics)
@@ -264,6 +361,7 @@ figure img{{image-rendering:pixelated;width:64px;height:64px}}</style></head>
 <body><h1>gradmimic report</h1><p>{html.escape(report.get("run", ""))}</p>
 <p>roles: {html.escape(json.dumps(report.get("roles", {})))}</p>
 <table>{rows}</table><h2>evaluations (clean test split)</h2><table>{evals}</table>
+{_label_noise_html(report)}
 {imgs}<h2>gallery</h2>{gallery}
 <script>window.addEventListener("load", () => {{  // for checks in a headless browser: images that decoded
   const all = Array.from(document.images);

@@ -8,6 +8,17 @@ stages:
   - {stage: ingest, name: pool, source: {kind: embedded}}
 ```
 
+A stage with ``matrix:`` stands for one stage per combination of its variables' values (the first variable
+outermost); ``{var}`` in its strings is replaced by the value (a string that is only ``{var}`` takes the value with
+its type), so names and references differ per copy.  A variable's values may be mappings, which vary together:
+``{var.key}`` is one of their entries::
+
+    - stage: train
+      matrix: {mode: [plain, mimic], seed: [0, 1, 2], level: [{pct: 40, rate: 0.4}, {pct: 60, rate: 0.6}]}
+      name: "{mode}_n{level.pct}_s{seed}"
+      mode: "{mode}"
+      seed: "{seed}"
+
 Strict: an unknown stage, key or reference, a wrong type, a missing field, is a :class:`SpecError` naming the
 file, the stage and the field.  ``key=value`` overrides (``stages.pool.shard_size=64``, ``storage=s3://b/p``)
 apply to the YAML before it is checked.
@@ -58,6 +69,11 @@ class Spec:
     ray: RayConfig = RayConfig()
     storage_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     source: str = "<spec>"
+    report: Optional[bool] = None  # write the run report at the end (null: when the spec has evaluate stages)
+
+    @property
+    def writes_report(self) -> bool:
+        return self.report if self.report is not None else any(st.stage == "evaluate" for st in self.stages)
 
     def stage(self, name: str) -> StageSpec:
         for st in self.stages:
@@ -72,11 +88,12 @@ class Spec:
             "storage": self.storage,
             "storage_options": dict(self.storage_options),
             "ray": to_plain(self.ray),
+            "report": self.report,
             "stages": [{"stage": s.stage, "name": s.name, **to_plain(s.config)} for s in self.stages],
         }
 
 
-TOP_KEYS = ("name", "storage", "storage_options", "ray", "stages")
+TOP_KEYS = ("name", "storage", "storage_options", "ray", "report", "stages")
 
 
 def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Spec:
@@ -111,6 +128,7 @@ def parse_spec(data: Any, overrides: Sequence[str] = (), label: str = "<spec>") 
         storage = build(str, data["storage"], "storage")
         ray_cfg = build_dataclass(RayConfig, _or_empty(data, "ray"), "ray")
         options = build(Dict[str, Any], _or_empty(data, "storage_options"), "storage_options")
+        report = build(Optional[bool], data.get("report"), "report")
     except SpecError as exc:
         raise SpecError(f"{label}: {exc}") from None
     if not _NAME.match(name):
@@ -123,10 +141,68 @@ def parse_spec(data: Any, overrides: Sequence[str] = (), label: str = "<spec>") 
         raise SpecError(f"{label}: stages: expected a non-empty list of stages")
     stages: List[StageSpec] = []
     produced: Dict[str, str] = {}
-    for i, entry in enumerate(raw_stages):
+    for i, entry in enumerate(expand_matrices(raw_stages, label)):
         stages.append(_parse_stage(entry, i, produced, label))
         produced[stages[-1].name] = STAGES[stages[-1].stage].produces
-    return Spec(name, storage, tuple(stages), ray_cfg, options, label)
+    return Spec(name, storage, tuple(stages), ray_cfg, options, label, report)
+
+
+_VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?\}")
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def expand_matrices(raw_stages: List[Any], label: str) -> List[Any]:
+    """Each stage with ``matrix:`` replaced by its copies, one per combination (see the module docstring)."""
+    import itertools
+
+    out: List[Any] = []
+    for i, entry in enumerate(raw_stages):
+        if not isinstance(entry, dict) or "matrix" not in entry:
+            out.append(entry)
+            continue
+        matrix, where = entry["matrix"], f"{label}: stages[{i}]: matrix"
+        if not isinstance(matrix, dict) or not matrix:
+            raise SpecError(f"{where}: expected a mapping of variable -> list of values")
+        for var, values in matrix.items():
+            if not isinstance(var, str) or not _VAR.fullmatch("{" + var + "}"):
+                raise SpecError(f"{where}: {var!r} is not a variable name (letters, digits, '_')")
+            ok = isinstance(values, list) and values and all(
+                isinstance(v, _SCALAR) or (isinstance(v, dict) and all(isinstance(x, _SCALAR) for x in v.values()))
+                for v in values)
+            if not ok:
+                raise SpecError(f"{where}.{var}: expected a non-empty list of scalars, or of mappings of scalars")
+        body = {k: v for k, v in entry.items() if k != "matrix"}
+        for combo in itertools.product(*matrix.values()):
+            try:
+                out.append(_substitute(body, dict(zip(matrix, combo))))
+            except SpecError as exc:
+                raise SpecError(f"{label}: stages[{i}]: {exc}") from None
+    return out
+
+
+def _substitute(value: Any, env: Dict[str, Any]) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, env) for v in value]
+    if isinstance(value, str):
+        whole = _VAR.fullmatch(value)
+        if whole and whole.group(1) in env:
+            return _lookup(whole, env)
+        return _VAR.sub(lambda m: str(_lookup(m, env)) if m.group(1) in env else m.group(0), value)
+    return value
+
+
+def _lookup(m: "re.Match[str]", env: Dict[str, Any]) -> Any:
+    var, key = m.group(1), m.group(2)
+    value = env[var]
+    if key is None:
+        if isinstance(value, dict):
+            raise SpecError(f"matrix: {{{var}}} is a mapping; name one of its keys ({', '.join(map(str, value))})")
+        return value
+    if not isinstance(value, dict) or key not in value:
+        raise SpecError(f"matrix: {{{var}.{key}}}: {var} has no key {key!r}")
+    return value[key]
 
 
 def _or_empty(data: Dict[str, Any], key: str) -> Any:

@@ -39,9 +39,9 @@ class EvaluateConfig:
 def model_spec_of(model_json: Dict[str, Any]):
     from ..models import ModelSpec
 
-    return ModelSpec(model_json["task"], model_json["arch"], model_json.get("torchvision"),
-                     int(model_json.get("num_classes") or 0),
-                     model_json["image_size"] if model_json.get("torchvision") else None)
+    backbone = model_json.get("backbone")
+    return ModelSpec(model_json["task"], model_json["arch"], backbone, int(model_json.get("num_classes") or 0),
+                     model_json["image_size"] if backbone else None)
 
 
 def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names, templates, batch_size: int,

@@ -56,6 +56,8 @@ class FilterConfig:
     rows_per_task: int = doc("pool rows per task", default=1_000_000)
     sample_rows: int = doc("uid-hash sample size that brackets each top / bottom cut-off", default=200_000)
     cpus_per_task: float = doc("CPUs per task", default=1.0)
+    seed: int = doc("seed of the rule's virtual column random (uniform in [0, 1) per uid): {random: {top: 0.7}} "
+                    "keeps a random 70%, the baseline for a utility's top 70%", default=0)
 
     def validate(self) -> None:
         kr.parse_rule(self.keep)
@@ -80,6 +82,17 @@ def _read_dir(fs, path: str, columns=None) -> Optional[pa.Table]:
         found = []
     tables = [read_parquet(fs, p, columns) for p in found]
     return pa.concat_tables(tables) if tables else None
+
+
+def uid_uniform(hi: np.ndarray, lo: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per uid, a deterministic function of the uid and the seed (the virtual
+    ``random`` column): the two halves and the seed mixed, then splitmix64's finaliser."""
+    with np.errstate(over="ignore"):
+        h = hi ^ (lo * _HASH) ^ (np.uint64(seed & (2**64 - 1)) * np.uint64(0xD1B54A32D192ED03))
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h = h ^ (h >> np.uint64(31))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def _sampled(hi: np.ndarray, lo: np.ndarray, rate: float) -> np.ndarray:
@@ -113,7 +126,7 @@ def _partition_keys(fs, shards: List[Tuple[int, str]], group: int, parts: int, p
 
 
 def _join(fs, part: int, util_fs, util_path: Optional[str], util_cols: List[str], rule_cols: List[str],
-          ranked: List[kr.Clause], apply_to: Tuple[str, ...], rate: float, work: str):
+          ranked: List[kr.Clause], apply_to: Tuple[str, ...], rate: float, work: str, seed: int = 0):
     """Join a partition's pool keys with its utility rows; write ``_work/joined/p=<p>``; return counts and samples."""
     import pandas as pd
 
@@ -145,7 +158,10 @@ def _join(fs, part: int, util_fs, util_path: Optional[str], util_cols: List[str]
             "uid_hi": left["uid_hi"].to_numpy(np.uint64), "uid_lo": left["uid_lo"].to_numpy(np.uint64),
             "in_scope": in_scope, "scored": scored}
     for c in rule_cols:
-        cols[f"v:{c}"] = pd.to_numeric(left[c], errors="coerce").to_numpy(np.float64) if n else np.zeros(0)
+        if c == kr.RANDOM and c not in left.columns:
+            cols[f"v:{c}"] = uid_uniform(cols["uid_hi"], cols["uid_lo"], seed)
+        else:
+            cols[f"v:{c}"] = pd.to_numeric(left[c], errors="coerce").to_numpy(np.float64) if n else np.zeros(0)
     write_parquet(fs, posixpath.join(work, "joined", f"p={part}.parquet"), pa.table(cols))
     sample = _sampled(cols["uid_hi"], cols["uid_lo"], rate)
     out = {"rows": n, "in_scope": int(in_scope.sum()), "unscored": int((in_scope & ~scored).sum()),
@@ -338,12 +354,12 @@ def run_filter(cfg: FilterConfig, ctx) -> Dict[str, Any]:
         util_cols = set(parquet_schema(util_stage.fs, next(iter(util_paths.values()))).names)
         util_cols -= {"uid", "uid_hi", "uid_lo"}
     for c in kr.columns(rule):
-        if c not in pool_cols and c not in util_cols:
+        if c not in pool_cols and c not in util_cols and c != kr.RANDOM:
             where = f"the pool (stage {cfg.data!r})" + (f" nor the utility (stage {cfg.utility!r})" if util_stage else "")
             raise SpecError(f"keep: no column {c!r} in {where}; the pool has {', '.join(sorted(pool_cols))}")
     rule_cols = kr.columns(rule)
     from_util = [c for c in rule_cols if c in util_cols]
-    from_pool = [c for c in rule_cols if c not in util_cols]
+    from_pool = [c for c in rule_cols if c not in util_cols and (c != kr.RANDOM or c in pool_cols)]
     rows_total = int(pm.get("rows_out", 0)) or len(shard_files)
     if parts is None:
         parts = max(1, math.ceil(rows_total / cfg.rows_per_task))
@@ -364,7 +380,7 @@ def run_filter(cfg: FilterConfig, ctx) -> Dict[str, Any]:
     ranked = [c for c in kr.clauses(rule) if c.ranked]
     rate = min(1.0, cfg.sample_rows / max(pool_rows, 1))
     joined = ctx.map(_join, [(fs, p, util_stage.fs if util_stage else None, util_paths.get(p),
-                              from_util, rule_cols, ranked, tuple(cfg.apply_to), rate, work)
+                              from_util, rule_cols, ranked, tuple(cfg.apply_to), rate, work, cfg.seed)
                              for p in range(parts)], unit="joins")
     unscored_rows = sum(j["unscored"] for j in joined)
     not_in_pool = sum(j["not_in_pool"] for j in joined)

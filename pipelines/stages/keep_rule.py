@@ -13,6 +13,10 @@ with ties broken by uid (ascending), so the count is exact and the result determ
 (null or NaN) never satisfies a clause.  Every fraction is over the whole population: in
 ``{minus: [{clip: {top: 0.3}}, {mean_score: {bottom: 0.2}}]}`` both fractions count every row.
 
+The virtual column ``random`` (unless the pool or the utility has a column of that name) is uniform in [0, 1) per
+uid, from the filter's ``seed``: ``{random: {top: 0.7}}`` keeps a random 70%, the baseline a utility's top 70% is
+compared with.
+
 Evaluation returns, per row, whether it is kept and else the reason: the clause that dropped it.
 """
 
@@ -26,6 +30,7 @@ import numpy as np
 from ..config import SpecError
 
 OPS = ("min", "max", "top", "bottom")
+RANDOM = "random"
 COMBINATORS = ("and", "or", "minus")
 
 

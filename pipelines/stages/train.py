@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
+from ..backbones import PACKAGED_WEIGHTS, packaged_weights_file
 from ..config import SpecError, doc, ref_name, require
 from ..models import (
     ModelSpec,
@@ -46,8 +47,8 @@ WEIGHTS_FILE = "model.safetensors"
 class Weights:
     stage: Optional[str] = doc("a previous train stage: its final weights", default=None)
     path: Optional[str] = doc("a .safetensors or weights-only torch file (local path or URL)", default=None)
-    pretrained: Optional[str] = doc("an open_clip pretrained tag, e.g. laion2b_s34b_b79k (needs the network)",
-                                     default=None)
+    pretrained: Optional[str] = doc("an open_clip pretrained tag, e.g. laion2b_s34b_b79k (needs the network), or "
+                                     "efficientnet-lite0 (ImageNet weights from an installed package)", default=None)
 
     def validate(self) -> None:
         given = [k for k in ("stage", "path", "pretrained") if getattr(self, k) is not None]
@@ -62,9 +63,9 @@ WeightsRef = Union[str, Weights]  # a bare string names a previous train stage
 class ModelConfig:
     arch: str = doc("open_clip architecture (e.g. ViT-B-32), the shipped 'tiny-clip', or a model-config .json",
                      default="tiny-clip")
-    torchvision: Optional[str] = doc("classify only: a torchvision model (e.g. resnet18) as the backbone instead of "
-                                      "the open_clip visual tower", default=None)
-    image_size: Optional[int] = doc("torchvision backbones: input size (open_clip: the architecture's)", default=None)
+    backbone: Optional[str] = doc("classify only: the image backbone instead of the open_clip visual tower: "
+                                   "efficientnet_lite0, or a torchvision model (e.g. resnet18)", default=None)
+    image_size: Optional[int] = doc("backbones: input size (open_clip: the architecture's)", default=None)
 
 
 @dataclass(frozen=True)
@@ -147,10 +148,10 @@ class TrainConfig:
                             "{path: ...} or {pretrained: ...})")
         if self.mode in ("agra", "influence") and self.comparison is None:
             raise SpecError(f"comparison: mode {self.mode!r} needs a comparison set ({{data: <dataset stage>, ...}})")
-        if self.model.torchvision and self.task != "classify":
-            raise SpecError("model.torchvision: only for task classify")
-        if self.model.image_size is not None and not self.model.torchvision:
-            raise SpecError("model.image_size: only for torchvision backbones (open_clip models have their own)")
+        if self.model.backbone and self.task != "classify":
+            raise SpecError("model.backbone: only for task classify")
+        if self.model.image_size is not None and not self.model.backbone:
+            raise SpecError("model.image_size: only for backbones (open_clip models have their own)")
         require(self, "batch_size checkpoint_every num_buckets eval_batch_size", 1)
         if self.steps is not None and self.epochs is not None:
             raise SpecError("steps: give steps or epochs, not both")
@@ -159,15 +160,16 @@ class TrainConfig:
         require(self, "max_failures", -1)
         for name in ("init", "reference"):
             w = getattr(self, name)
-            if isinstance(w, Weights) and w.pretrained and (self.task != "clip" and self.model.torchvision):
-                raise SpecError(f"{name}.pretrained: open_clip tags only (torchvision weights: give a path)")
+            if isinstance(w, Weights) and w.pretrained and self.model.backbone and w.pretrained not in PACKAGED_WEIGHTS:
+                raise SpecError(f"{name}.pretrained: {w.pretrained!r} is not a packaged tag for a backbone "
+                                f"({', '.join(PACKAGED_WEIGHTS)}; other weights: give a path)")
 
 
 # ------------------------------------------------------------------------------------------------ checks
 
 
 def model_spec(cfg: TrainConfig, num_classes: int = 2) -> ModelSpec:
-    return ModelSpec(cfg.task, cfg.model.arch, cfg.model.torchvision, num_classes, cfg.model.image_size)
+    return ModelSpec(cfg.task, cfg.model.arch, cfg.model.backbone, num_classes, cfg.model.image_size)
 
 
 def mimic_params(cfg: TrainConfig) -> Tuple[str, ...]:
@@ -184,7 +186,7 @@ def check_train(cfg: TrainConfig, spec) -> None:
     try:
         model = meta_model(model_spec(cfg))
     except (KeyError, FileNotFoundError, ValueError) as exc:
-        raise _spec_error("model.arch" if not cfg.model.torchvision else "model.torchvision", exc) from None
+        raise _spec_error("model.arch" if not cfg.model.backbone else "model.backbone", exc) from None
     names = [n for n, _ in model.named_parameters()]
     for field_name in ("reinit", "trainable", "freeze"):
         for pattern in getattr(cfg, field_name) or ():
@@ -205,7 +207,7 @@ def check_train(cfg: TrainConfig, spec) -> None:
             raise SpecError(f"{field_name}: stage {other!r} trains a {theirs.task} model, this stage a {cfg.task} one")
         wanted = list(shapes(model)) if (field_name == "init" or cfg.mode == "rho") else list(mimic_params(cfg))
         skip = set(match_names(names, cfg.reinit)) if field_name == "init" else set()
-        theirs_meta = dict(meta_model(model_spec(theirs)).named_parameters())  # shapes, no memory
+        theirs_meta = meta_model(model_spec(theirs)).state_dict()  # parameters and buffers: shapes, no memory
         mine = {n: s for n, s in shapes(model).items() if n in wanted and n not in skip}
         try:
             fit_state(mine, theirs_meta)
@@ -261,6 +263,8 @@ def load_weights_source(ctx, source: WeightsRef, arch: str, field_name: str):
                 return load(f.read())
         if source.path is not None:
             return _load_path(source.path, load_state_dict, ctx.storage_options)
+        if source.pretrained in PACKAGED_WEIGHTS:
+            return load_state_dict(packaged_weights_file(source.pretrained))
         return fetch_pretrained(arch, source.pretrained)
     except (OSError, ValueError, KeyError) as exc:
         sub = "stage" if name else ("path" if source.path is not None else "pretrained")

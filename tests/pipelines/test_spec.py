@@ -163,3 +163,30 @@ def test_cli_list_stages_shows_fields_and_defaults():
     assert "ingest: turn a source" in res.stdout
     assert "shard_size: an integer, default 1000" in res.stdout
     assert "kind: datacomp" in res.stdout and "path: a string, required" in res.stdout
+
+
+def test_matrix_expands_to_one_stage_per_combination():
+    s = parse_spec(spec(POOL, {
+        "stage": "train", "matrix": {"mode": ["plain", "grand"], "seed": [0, 1],
+                                     "cut": [{"pct": 50, "lr": 0.01}, {"pct": 90, "lr": 0.02}]},
+        "name": "{mode}_s{seed}_p{cut.pct}", "data": "pool", "mode": "{mode}", "seed": "{seed}",
+        "optimizer": {"lr": "{cut.lr}"}, "batch_size": 8}), label="s.yaml")
+    trains = s.stages[1:]
+    assert [t.name for t in trains] == [f"{m}_s{sd}_p{p}" for m in ("plain", "grand") for sd in (0, 1)
+                                        for p in (50, 90)]  # the first variable outermost
+    first, last = trains[0].config, trains[-1].config
+    assert (first.mode, first.seed, first.optimizer.lr) == ("plain", 0, 0.01)  # whole-string values keep their type
+    assert (last.mode, last.seed, last.optimizer.lr) == ("grand", 1, 0.02)
+    assert "matrix" not in s.to_plain()["stages"][1]
+
+
+@pytest.mark.parametrize("matrix, name, message", [
+    ([1, 2], "x{a}", "s.yaml: stages[1]: matrix: expected a mapping of variable -> list of values"),
+    ({"a": []}, "x{a}", "s.yaml: stages[1]: matrix.a: expected a non-empty list of scalars, or of mappings of scalars"),
+    ({"a": [[1]]}, "x{a}", "s.yaml: stages[1]: matrix.a: expected a non-empty list of scalars, or of mappings of scalars"),
+    ({"a": [{"k": 1}]}, "x{a.j}", "s.yaml: stages[1]: matrix: {a.j}: a has no key 'j'"),
+    ({"a": [{"k": 1}]}, "x{a}", "s.yaml: stages[1]: matrix: {a} is a mapping; name one of its keys (k)"),
+    ({"a": [1, 2]}, "same", "s.yaml: stage 'same': name: another stage is already named 'same'"),
+])
+def test_matrix_errors_are_one_line(matrix, name, message):
+    assert err(spec(POOL, {"stage": "train", "matrix": matrix, "name": name, "data": "pool"})) == message

@@ -89,7 +89,7 @@ def test_each_bad_config_names_its_stage_and_field(wide_config):
         (stages(ref(optimizer={"eps": 0})),
          "spec.yaml: stage 'ref' (train): optimizer.eps: must be > 0, got 0.0"),
         (stages(ref(model={"image_size": 64})),
-         "spec.yaml: stage 'ref' (train): model.image_size: only for torchvision backbones"),
+         "spec.yaml: stage 'ref' (train): model.image_size: only for backbones"),
         (stages(ref(), mimic(init="ref", reinit=["visual.transformer.nothing*"])),
          "spec.yaml: stage 'mimic' (train): reinit: no parameter matches 'visual.transformer.nothing*'"),
     ]
