@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage_dir", help="<storage>/<run>/<stage>")
     p.set_defaults(func=_show)
 
+    from . import submit
+
+    submit.add_arguments(sub)
+
     p = sub.add_parser("list-stages", help="every stage with its description and config fields")
     p.set_defaults(func=_list_stages)
 

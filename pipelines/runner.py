@@ -103,6 +103,19 @@ def init_ray(spec: Spec) -> None:
         ray.init(address=spec.ray.address, log_to_driver=False)
 
 
+def require_shared_storage(spec: Spec, fs) -> None:
+    """A local storage path only works where every task runs on this machine: refuse it on a multi-node cluster."""
+    import ray
+
+    from .storage import is_local
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if is_local(fs) and len(nodes) > 1:
+        raise SpecError(f"{spec.source}: storage: {spec.storage!r} is a local path, but the Ray cluster has "
+                        f"{len(nodes)} nodes and tasks on the others cannot reach it: give shared storage "
+                        "(an s3:// prefix)")
+
+
 def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr) -> Dict[str, Dict[str, Any]]:
     """Run every stage; returns each stage's manifest."""
     unknown = [f for f in force if f not in {s.name for s in spec.stages}]
@@ -110,6 +123,10 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         raise ValueError(f"--force {unknown[0]}: no stage of that name in {spec.source}")
     check_spec(spec)
     fs, root = open_storage(spec.storage, spec.storage_options)
+    ray_ready = spec.ray.address != "local"
+    if ray_ready:  # a cluster: before anything is written, make sure every node can reach the storage
+        init_ray(spec)
+        require_shared_storage(spec, fs)
     run_root = posixpath.join(root, spec.name)
     fs.makedirs(run_root, exist_ok=True)
     with fs.open(posixpath.join(run_root, "spec.resolved.yaml"), "wb") as f:
@@ -117,7 +134,6 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
     progress = Progress(stream)
     hashes: Dict[str, str] = {}
     manifests: Dict[str, Dict[str, Any]] = {}
-    ray_ready = False
     ran: set = set()  # stages (re)run by this invocation: whatever reads them must rerun too
     total_start = time.perf_counter()
     for n, stage in enumerate(spec.stages, 1):

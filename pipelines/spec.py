@@ -97,12 +97,19 @@ TOP_KEYS = ("name", "storage", "storage_options", "ray", "report", "stages")
 
 
 def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Spec:
-    """Read, override and check a spec file."""
+    """Read, override and check a spec file (a local path, or a URL such as s3://bucket/specs/run.yaml)."""
     path = os.fspath(path)
-    label = os.path.basename(path)
+    label = os.path.basename(path.rstrip("/"))
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        if "://" in path:
+            from .storage import open_storage
+
+            fs, p = open_storage(path)
+            with fs.open(p, "rb") as f:
+                data = yaml.safe_load(f.read().decode("utf-8"))
+        else:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such spec file") from None
     except yaml.YAMLError as exc:
