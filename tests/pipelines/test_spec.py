@@ -190,3 +190,16 @@ def test_matrix_expands_to_one_stage_per_combination():
 ])
 def test_matrix_errors_are_one_line(matrix, name, message):
     assert err(spec(POOL, {"stage": "train", "matrix": matrix, "name": name, "data": "pool"})) == message
+
+
+def test_a_spec_can_live_in_object_storage(s3_endpoint):
+    """``gradmimic run s3://bucket/specs/x.yaml`` (KubeRay's RayJob entrypoint): read through fsspec."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("specs-bucket")
+    fs.pipe("specs-bucket/specs/debug.yaml", (ROOT / "pipelines/configs/debug.yaml").read_bytes())
+    s = load_spec("s3://specs-bucket/specs/debug.yaml", ["stages.pool.shard_size=7"])
+    assert s.name == "debug" and s.source == "debug.yaml" and s.stage("pool").config.shard_size == 7
+    with pytest.raises(SpecError, match="s3://specs-bucket/specs/nope.yaml: no such spec file"):
+        load_spec("s3://specs-bucket/specs/nope.yaml")
