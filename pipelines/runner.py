@@ -97,7 +97,8 @@ def init_ray(spec: Spec) -> None:
     if ray.is_initialized():
         return
     if spec.ray.address == "local":
-        ray.init(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1",
+        # address="local": a new Ray here, even where `ray start` left a cluster to auto-connect to
+        ray.init(address="local", num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=spec.ray.address, log_to_driver=False)

@@ -46,12 +46,13 @@ _SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "a
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = field(default="local", metadata={"doc": "local (start Ray here) | auto | ray://host:10001"})
+    address: str = field(default="local", metadata={"doc": "local (start Ray here) | auto | host:6379 | ray://host:10001"})
     num_cpus: Optional[int] = field(default=None, metadata={"doc": "CPUs for a local Ray (default: all)"})
 
     def validate(self) -> None:
-        if not (self.address in ("local", "auto") or self.address.startswith("ray://")):
-            raise SpecError(f"address: expected local, auto or ray://host:port, got {self.address!r}")
+        if not (self.address in ("local", "auto") or self.address.startswith("ray://")
+                or re.fullmatch(r"[A-Za-z0-9.\-]+:\d+", self.address)):
+            raise SpecError(f"address: expected local, auto, host:port or ray://host:port, got {self.address!r}")
 
 
 @dataclass(frozen=True)

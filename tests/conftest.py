@@ -33,6 +33,6 @@ def ray_local(s3_endpoint):
     import ray
 
     # logical CPUs: two training workers plus Ray Data's decoding tasks, on however many cores there are
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

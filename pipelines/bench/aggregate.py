@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         ray_rows = sum(n for _, n in ray_files)
         ray_paths = [p for p, _ in ray_files]
 
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             if args.json:
                 ray.data.DataContext.get_current().enable_progress_bars = False

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         storage = os.path.join(tmp, "runs")
         # logical CPUs: the workers', their decoding actors' (half a CPU each) and one for the rest
-        ray.init(num_cpus=args.workers * cpus + (args.workers + 1) // 2 + 1, include_dashboard=False,
+        ray.init(address="local", num_cpus=args.workers * cpus + (args.workers + 1) // 2 + 1, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         try:
             for r in range(1, args.rounds + 1):

@@ -169,6 +169,8 @@ try:
 except SpecError as exc:
     print(exc)
 finally:
+    import ray
+    ray.shutdown()  # the driver first: the cluster will not remove the node it is connected to
     cluster.shutdown()
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -69,7 +69,7 @@ def test_defaults_and_types():
         (spec(POOL, POOL), "s.yaml: stage 'pool': name: another stage is already named 'pool'"),
         (spec(POOL, colour="red"), "s.yaml: colour: unknown key"),
         ({"name": "t", "stages": [POOL]}, "s.yaml: storage: missing required field"),
-        (spec(POOL, ray={"address": "yarn"}), "s.yaml: ray.address: expected local, auto or ray://host:port, got 'yarn'"),
+        (spec(POOL, ray={"address": "yarn"}), "s.yaml: ray.address: expected local, auto, host:port or ray://host:port, got 'yarn'"),
         (spec(POOL, storage_options={"secret": "x"}), "s.yaml: storage_options.secret: credentials belong in the environment"),
         (spec(POOL, storage_options={"client_kwargs": {"aws_secret_access_key": "x"}}),
          "s.yaml: storage_options.client_kwargs.aws_secret_access_key: credentials belong in the environment"),
