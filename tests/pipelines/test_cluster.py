@@ -76,7 +76,7 @@ def ray_head():
 
 def stop_group(proc: subprocess.Popen) -> None:
     """End ``ray start`` and everything it started (its own session: never a machine-wide ``ray stop``)."""
-    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 30)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
