@@ -10,7 +10,7 @@ features are the 1280 pooled channels.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +84,15 @@ class EfficientNetLite0(nn.Module):
         return x.mean(dim=(-2, -1))
 
 
-# name -> (builder, feature size, default input size, normalisation)
-BACKBONES: Dict[str, Tuple[type, int, int, Tuple[Tuple[float, ...], Tuple[float, ...]]]] = {
-    "efficientnet_lite0": (EfficientNetLite0, EfficientNetLite0.feature_dim, 224, (LITE_MEAN, LITE_STD)),
+class Backbone(NamedTuple):
+    build: Callable[[], nn.Module]
+    feature_dim: int
+    image_size: int  # the default input size
+    normalisation: Tuple[Tuple[float, ...], Tuple[float, ...]]  # (mean, std)
+
+
+BACKBONES: Dict[str, Backbone] = {
+    "efficientnet_lite0": Backbone(EfficientNetLite0, EfficientNetLite0.feature_dim, 224, (LITE_MEAN, LITE_STD)),
 }
 
 # pretrained tags served by an installed package: tag -> (module, attribute path to a function giving the file)

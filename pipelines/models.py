@@ -126,12 +126,10 @@ class ModelSpec:
         if self.backbone:
             import torchvision
 
-            from .backbones import BACKBONES
-
             torch.manual_seed(seed)
             with torch.device(device):
-                if self.backbone in BACKBONES:
-                    backbone, features = BACKBONES[self.backbone][0](), BACKBONES[self.backbone][1]
+                if self.packaged is not None:
+                    backbone, features = self.packaged.build(), self.packaged.feature_dim
                 else:
                     backbone = torchvision.models.get_model(self.backbone, weights=None)
                     features = _strip_last_linear(backbone)
@@ -143,20 +141,23 @@ class ModelSpec:
             return ImageClassifier(clip.visual, clip_config(self.arch)["embed_dim"], self.num_classes)
 
     @property
+    def packaged(self):
+        """The :mod:`pipelines.backbones` entry of this backbone (``None``: torchvision's, or no backbone)."""
+        from .backbones import BACKBONES
+
+        return BACKBONES.get(self.backbone) if self.backbone else None
+
+    @property
     def image_size(self) -> int:
         if self.backbone:
-            from .backbones import BACKBONES
-
-            return self.image_size_override or (BACKBONES[self.backbone][2] if self.backbone in BACKBONES else 224)
+            return self.image_size_override or (self.packaged.image_size if self.packaged else 224)
         size = clip_config(self.arch)["vision_cfg"]["image_size"]
         return int(size if isinstance(size, int) else size[0])
 
     @property
     def normalisation(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-        from .backbones import BACKBONES
-
-        if self.backbone in BACKBONES:
-            return BACKBONES[self.backbone][3]
+        if self.packaged is not None:
+            return self.packaged.normalisation
         return (IMAGENET_MEAN, IMAGENET_STD) if self.backbone else (OPENAI_MEAN, OPENAI_STD)
 
     @property

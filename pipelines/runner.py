@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 from .config import SpecError, config_refs, to_plain
 from .registry import STAGES
 from .spec import Spec, StageSpec, check_spec, dump_spec
-from .storage import StageDir, open_storage
+from .storage import StageDir, is_local, open_storage
 
 VERSION = "0.2.0"  # in every config hash: a release that changes what stages write reruns them
 
@@ -108,10 +108,10 @@ def require_shared_storage(spec: Spec, fs) -> None:
     """A local storage path only works where every task runs on this machine: refuse it on a multi-node cluster."""
     import ray
 
-    from .storage import is_local
-
+    if not is_local(fs):
+        return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if is_local(fs) and len(nodes) > 1:
+    if len(nodes) > 1:
         raise SpecError(f"{spec.source}: storage: {spec.storage!r} is a local path, but the Ray cluster has "
                         f"{len(nodes)} nodes and tasks on the others cannot reach it: give shared storage "
                         "(an s3:// prefix)")
