@@ -89,7 +89,8 @@ def global_softmax(
     if full.numel() != sum(sizes) or not 0 <= rank < len(sizes):
         raise ValueError(f"gather returned {full.numel()} scores for per-rank sizes {sizes} (rank {rank})")
     start = sum(sizes[:rank])
-    if not torch.equal(full[start : start + local.numel()], local):
+    mine = full[start : start + local.numel()]
+    if mine.shape != local.shape or not torch.allclose(mine, local, rtol=0, atol=0, equal_nan=True):  # NaN == NaN here
         raise ValueError(f"rank={rank} does not match this process's place in the gather order")
     return torch.softmax(full / temperature, dim=0)[start : start + local.numel()]
 

@@ -9,7 +9,7 @@ here, and report ``alignment`` each step (cosine of ``T`` with the mean negative
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -19,28 +19,48 @@ Reference = Union[str, os.PathLike, nn.Module, Mapping[str, torch.Tensor]]
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` file or a torch checkpoint, without unpickling code.
+def load_state_dict(source: Union[str, os.PathLike, bytes], flat: bool = True,
+                    name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a torch checkpoint (a path or the file's bytes), never running code.
 
-    Accepts a bare state dict or one nested under ``state_dict`` / ``model``; strips DDP / compile prefixes.
+    The one loader for weights.  The format is read from the content, not the name: safetensors holds no code,
+    and torch files are opened with ``weights_only=True``, which refuses any pickle that would build an object
+    other than tensors and plain containers (``ValueError`` naming the file).  With ``flat`` (the default) the
+    result is a mapping of tensors: a bare state dict, or one nested under ``state_dict`` / ``model``, with DDP /
+    compile prefixes stripped; ``flat=False`` returns a torch file's object as loaded (an optimiser's state).
+    ``name``: how errors call bytes (their URL, say).
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path, device="cpu")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), name or "<bytes>"
     else:
+        name = os.fspath(source)
+        if not os.path.exists(name):
+            raise FileNotFoundError(f"weights file not found: {name}")
+        with open(name, "rb") as f:
+            data = f.read()
+    if _is_safetensors(data):
+        from safetensors.torch import load
+
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load(data)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"{path}: not a weights-only torch checkpoint ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"{name}: not a readable safetensors file ({exc})") from None
+    else:
+        import io
+
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ValueError(f"{name}: refused: not a safetensors file nor a weights-only torch checkpoint "
+                             f"({type(exc).__name__}: {first})") from None
+    if not flat:
+        return state
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a mapping of tensors, found {type(state).__name__}")
+        raise ValueError(f"{name}: expected a mapping of tensors, found {type(state).__name__}")
     out = {}
     for k, v in state.items():
         for p in _PREFIXES:
@@ -49,6 +69,14 @@ def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
         if isinstance(v, torch.Tensor):
             out[k] = v
     return out
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of a JSON object."""
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
 
 
 def reference_tensors(

@@ -1,6 +1,8 @@
 """The ``gradmimic`` command: one CLI, subcommands that grow as stages land.
 
-Errors in what the user gave (a spec, a flag, a file) print one line and exit 2; ``--debug`` shows the traceback.
+Errors in what the user gave (a spec, a flag, a file) print one line and exit 2; a run that failed for another
+reason (storage unreachable or full) prints one line and exits 1 (:mod:`pipelines.faults`); ``--debug`` shows
+the traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import typing
 from typing import Optional, Sequence
 
-from .config import SpecError, to_plain, type_name
+from .config import to_plain, type_name
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print the numbers issues ask for")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from .bench import aggregate, overhead, train
+    from .bench import aggregate, filter as filter_bench, overhead, train
 
     p = bench_sub.add_parser("overhead", help="cost of an exact Grad-Mimic step vs a plain step and vmap")
     overhead.add_arguments(p)
@@ -128,20 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("aggregate", help="aggregate-stage throughput vs DuckDB and Ray Data's groupby")
     aggregate.add_arguments(p)
     p.set_defaults(func=aggregate.run)
+    p = bench_sub.add_parser("filter", help="filter-stage throughput (the paper's combined rule) vs DuckDB")
+    filter_bench.add_arguments(p)
+    p.set_defaults(func=filter_bench.run)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import os
+
+    # a failed stage's other tasks are cancelled and the failure reported once, as one line: not again by Ray
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (SpecError, ValueError, KeyError, FileNotFoundError, TypeError) as exc:
-        if args.debug:
+    except Exception as exc:  # noqa: BLE001 - classified: one line and an exit code, or re-raised (a bug)
+        from .faults import classify
+
+        verdict = None if args.debug else classify(exc)
+        if verdict is None:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"gradmimic: error: {msg}", file=sys.stderr)
-        return 2
+        code, line = verdict
+        print(f"gradmimic: error: {line}", file=sys.stderr)
+        return code
     return 0
 
 

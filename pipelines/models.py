@@ -262,12 +262,16 @@ def fetch_pretrained(arch: str, tag: str) -> Dict[str, torch.Tensor]:
     if host and not _reachable(host):
         raise ConnectionError(f"pretrained {name}/{tag} must be downloaded from {host}, which is not reachable "
                               "(no network?); download it elsewhere and give its file as a path")
-    try:
+    from gradmimic import load_state_dict
+
+    try:  # open_clip downloads the file; reading it is ours (safetensors or weights-only, never code)
         with _quiet():
-            model = open_clip.create_model(name, pretrained=tag, device="cpu")
-    except RuntimeError as exc:
+            path = open_clip.download_pretrained(cfg, prefer_hf_hub=True)
+    except (RuntimeError, OSError) as exc:
         raise ConnectionError(f"could not fetch pretrained {name}/{tag}: {str(exc).splitlines()[0][:300]}") from None
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    if not path:
+        raise ConnectionError(f"could not fetch pretrained {name}/{tag}: open_clip found no file for it")
+    return load_state_dict(path)
 
 
 def _weights_host(cfg: Mapping[str, Any]) -> Optional[str]:

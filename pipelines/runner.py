@@ -7,6 +7,7 @@ in the same invocation (``force`` reruns named stages, so their readers too).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
+from . import faults
 from .config import SpecError, config_refs, to_plain
 from .registry import STAGES
 from .spec import Spec, StageSpec, check_spec, dump_spec
@@ -63,6 +65,7 @@ class StageContext:
     progress: Progress
     storage_options: Dict[str, Any] = field(default_factory=dict)
     ray_address: str = "local"
+    name: str = ""  # the stage's name (failpoints)
 
     def map(self, fn: Callable, tasks: Sequence[tuple], unit: str = "tasks", rows: Optional[Sequence[int]] = None,
             combine: Optional[Callable[[Any, Any], Any]] = None) -> Any:
@@ -71,8 +74,11 @@ class StageContext:
         the fold is kept."""
         import ray
 
-        remote = ray.remote(fn)
-        refs = [remote.remote(*args) for args in tasks]
+        # a killed worker's task is rerun by Ray; a transient error (a dropped connection) is retried; bad data is not
+        remote = ray.remote(faults.run_task).options(max_retries=faults.TASK_RETRIES,
+                                                     retry_exceptions=list(faults.TRANSIENT))
+        point = f"task:{fn.__name__}"
+        refs = [remote.remote(point, fn, *args) for args in tasks]
         index = {r: i for i, r in enumerate(refs)}
         results: List[Any] = [None] * len(refs)
         started, done, done_rows, acc = time.perf_counter(), 0, 0, None
@@ -81,13 +87,20 @@ class StageContext:
             ready, pending = ray.wait(pending, num_returns=1)
             for r in ready:
                 i = index[r]
+                try:
+                    value = ray.get(r)
+                except Exception:
+                    for ref in pending:  # the stage has failed: stop the rest of its work
+                        ray.cancel(ref, force=True)
+                    raise
                 if combine is None:
-                    results[i] = ray.get(r)
+                    results[i] = value
                 else:
-                    acc = combine(acc, ray.get(r))
+                    acc = combine(acc, value)
                 done += 1
                 done_rows += rows[i] if rows else 0
             self.progress.update(f"{self.label} {unit}", done, len(refs), done_rows, started)
+            faults.hit(f"stage:{self.name}")
         return results if combine is None else acc
 
 
@@ -158,13 +171,18 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
             stream.write(f"{label}: continuing the unfinished attempt {out.attempt}\n")
         started, t0 = time.time(), time.perf_counter()
         ctx = StageContext(out, {name: StageDir(fs, posixpath.join(run_root, name)) for name in inputs}, label, progress,
-                           dict(spec.storage_options), spec.ray.address)
+                           dict(spec.storage_options), spec.ray.address, stage.name)
         try:
             result = definition.run(stage.config, ctx)
         except SpecError as exc:  # a problem only the inputs reveal: still the user's, still one line
             if not reopened:
                 out.abandon()  # checks run before anything is written: leave no attempt behind
             raise SpecError(f"{spec.source}: stage {stage.name!r} ({stage.stage}): {exc}") from None
+        except Exception:
+            if not definition.resumable:  # nothing in it a rerun could use: free the space (a full disk) if we can
+                with contextlib.suppress(Exception):
+                    out.abandon()
+            raise
         seconds = time.perf_counter() - t0
         if "rejected" in result and result["rows_in"] != result["rows_out"] + result["rejected"]:
             raise RuntimeError(f"{label}: row counts do not add up: {result}")  # a bug, never user error
@@ -173,6 +191,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
             "inputs": {name: hashes[name] for name in inputs}, "version": VERSION,
             "timings": {"started": started, "seconds": round(seconds, 3)}, **result,
         }
+        faults.hit(f"commit:{stage.name}")
         manifests[stage.name] = manifest = out.commit(manifest)
         ran.add(stage.name)
         rate = result["rows_in"] / max(seconds, 1e-9)

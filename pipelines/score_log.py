@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import atomic_write, is_local
+from .storage import atomic_write, is_local, read_parquet
 
 SCHEMA = pa.schema([
     ("uid_hi", pa.uint64()), ("uid_lo", pa.uint64()), ("step", pa.int64()), ("epoch", pa.int32()),
@@ -125,6 +125,5 @@ def read_score_log(fs, root: str, columns: Optional[List[str]] = None) -> pa.Tab
     """The whole log as one table (tests and small runs; the aggregate stage reads it per bucket on Ray Data)."""
     tables = []
     for path in list_parts(fs, root):
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read()), columns=columns))
+        tables.append(read_parquet(fs, path, columns))
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()

@@ -7,6 +7,7 @@ replaced: a rerun's files sit in a new attempt until its manifest lands, then ol
 Object stores have no atomic directory rename, which is why the manifest, not a rename, is the commit.
 """
 
+import contextlib
 import io
 import json
 import posixpath
@@ -120,9 +121,14 @@ class StageDir:
 
 
 def write_file(fs, path: str, data: bytes) -> None:
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    try:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, fs.unstrip_protocol(path)) from None  # the error names the file
 
 
 def write_parquet(fs, path: str, table: pa.Table) -> None:
@@ -131,20 +137,37 @@ def write_parquet(fs, path: str, table: pa.Table) -> None:
     write_file(fs, path, buf.getvalue())
 
 
+@contextlib.contextmanager
+def _naming(fs, path: str):
+    """A file that is not parquet (or is cut short) is bad input: a ValueError naming it, never retried."""
+    try:
+        yield
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{fs.unstrip_protocol(path)}: not a readable parquet file ({str(exc).splitlines()[0]})") \
+            from None
+
+
 def read_parquet(fs, path: str, columns=None) -> pa.Table:
     """One parquet file, single-threaded: stage tasks already run one per core, and for many small files (a score
     log's) a reader's thread pool costs more than it saves (about 3x here)."""
-    if is_local(fs):
-        return pq.ParquetFile(path, pre_buffer=False).read(columns=columns, use_threads=False)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(io.BytesIO(f.read()), pre_buffer=False).read(columns=columns, use_threads=False)
+    with _naming(fs, path):
+        if is_local(fs):
+            return pq.ParquetFile(path, pre_buffer=False).read(columns=columns, use_threads=False)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(io.BytesIO(f.read()), pre_buffer=False).read(columns=columns, use_threads=False)
+
+
+def parquet_metadata(fs, path: str) -> pq.FileMetaData:
+    """A parquet file's footer only."""
+    with _naming(fs, path):
+        if is_local(fs):
+            return pq.read_metadata(path)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata
 
 
 def parquet_schema(fs, path: str) -> pa.Schema:
-    if is_local(fs):
-        return pq.read_schema(path)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).schema_arrow  # the footer only
+    return parquet_metadata(fs, path).schema.to_arrow_schema()
 
 
 def is_local(fs) -> bool:
@@ -159,8 +182,12 @@ def atomic_write(fs, path: str, data: bytes) -> None:
         parent, name = posixpath.split(path)
         fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
+        try:
+            write_file(fs, tmp, data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                fs.rm(tmp)
+            raise
         fs.mv(tmp, path)
     else:
         with fs.open(path, "wb") as f:

@@ -2,12 +2,13 @@
 
 The spec is checked here first (a wrong spec never reaches the cluster), then travels with the job: its resolved
 form (overrides applied, every default filled in) is the only file of the job's working directory, and the
-entrypoint is ``python -m pipelines.cli run spec.yaml`` with ``ray.address`` set to ``auto`` (the job's driver
+entrypoint is ``python -m pipelines.cli run spec.yaml`` (through :mod:`pipelines.jobenv`) with ``ray.address`` set to ``auto`` (the job's driver
 joins the cluster it runs on).  The package itself is either installed on the cluster's image (the default) or
 shipped with ``--ship-package`` (the local ``gradmimic`` and ``pipelines`` sources as ``py_modules``; their
 dependencies must still be on the image).  ``--runtime-env FILE`` merges a runtime-env YAML (``pip``,
 ``env_vars``, ...).  ``--env NAME`` passes an environment variable of this shell to the job by name: its value
-goes into the job's runtime environment only, and is never printed, written to the spec or to a manifest.
+travels in a private file of the job's working directory (:mod:`pipelines.jobenv`), and is never printed, written
+to the spec, a manifest or the job's metadata.
 """
 
 from __future__ import annotations
@@ -88,8 +89,13 @@ def job_runtime_env(args: argparse.Namespace, working_dir: str) -> Dict[str, Any
     missing = [name for name in args.env if name not in os.environ]
     if missing:
         raise SpecError(f"--env {missing[0]}: not set in this environment")
-    if args.env:
-        env["env_vars"] = {**(env.get("env_vars") or {}), **{name: os.environ[name] for name in args.env}}
+    if args.env:  # values in a private file of the working dir, never in the job's (visible) runtime env
+        from .jobenv import HOOK, write
+
+        write(working_dir, {name: os.environ[name] for name in args.env})
+        if env.get("worker_process_setup_hook"):
+            raise SpecError(f"--runtime-env {args.runtime_env}: worker_process_setup_hook is taken by --env")
+        env["worker_process_setup_hook"] = HOOK
     return env
 
 
@@ -107,7 +113,7 @@ def submit(args: argparse.Namespace) -> None:
         with open(os.path.join(tmp, SPEC_FILE), "w", encoding="utf-8") as f:
             f.write(dump_spec(spec))
         force = "".join(f" --force {name}" for name in args.force)
-        job_id = jobs.submit_job(entrypoint=f"python -m pipelines.cli run {SPEC_FILE}{force}",
+        job_id = jobs.submit_job(entrypoint=f"python -m pipelines.jobenv python -m pipelines.cli run {SPEC_FILE}{force}",
                                  runtime_env=job_runtime_env(args, tmp),
                                  metadata={"gradmimic_spec": spec.name, "gradmimic_source": os.path.basename(args.spec)})
     print(f"submitted {job_id} ({spec.name}) to {args.address}", file=sys.stderr)

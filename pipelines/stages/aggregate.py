@@ -35,11 +35,10 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import SpecError, doc, ref_name, require
 from ..score_log import buckets_of
-from ..storage import is_local, open_storage, parquet_schema, read_parquet, write_parquet
+from ..storage import open_storage, parquet_metadata, parquet_schema, read_parquet, write_parquet
 
 BINARISERS = ("threshold", "kmeans", "gmm")
 OUTPUTS = ("mean_score", "mean_weight", "mean_loss", "last_weight")
@@ -128,11 +127,7 @@ def _footer_span(fs, files: List[str]) -> Dict[str, int]:
     """Rows, last step and last epoch of some files, from their parquet footers only."""
     out = {"rows": 0, "max_step": 0, "max_epoch": 0}
     for path in files:
-        if is_local(fs):
-            meta = pq.read_metadata(path)
-        else:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
+        meta = parquet_metadata(fs, path)
         names = meta.schema.names
         out["rows"] += meta.num_rows
         for i in range(meta.num_row_groups):
@@ -319,6 +314,9 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
         rows_in += t.num_rows
         if check and np.any(buckets_of(t["uid_lo"].to_numpy(), num_buckets) != bucket):
             raise ValueError(f"{path}: holds uids of another bucket than {bucket} (of {num_buckets})")
+        for col in ("score", "weight"):  # the train stage never logs them; a log from elsewhere might
+            if col in t.column_names and not np.isfinite(t[col].to_numpy()).all():
+                raise ValueError(f"{path}: the score log has non-finite values (NaN or inf) in column {col!r}")
         pending.append(t)
         pending_rows += t.num_rows
         if pending_rows >= cfg.chunk_rows or i == len(files) - 1:
@@ -341,6 +339,9 @@ def reduce_buckets(item: Dict[str, Any], fits_ref, **kw) -> List[Dict[str, Any]]
     """A task's group of buckets, one after another (Ray Data ``flat_map``: a stats row per bucket)."""
     import ray
 
+    from .. import faults
+
+    faults.hit("task:reduce_buckets")
     fits = ray.get(fits_ref) if isinstance(fits_ref, ray.ObjectRef) else fits_ref
     files = json.loads(item["files"])
     return [reduce_bucket(int(b), files[str(b)], fits=fits, **kw) for b in json.loads(item["buckets"])]
@@ -405,6 +406,8 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     import ray
     import ray.data
 
+    from .. import faults
+
     fs, root, num_buckets = _open_log(cfg, ctx)
     url = fs.unstrip_protocol(root)
     buckets = list_buckets(fs, root)
@@ -436,7 +439,8 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
              for i in range(0, len(keys), per_task)]
     with single_map_context():
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            reduce_buckets, num_cpus=cfg.cpus_per_task,
+            reduce_buckets, num_cpus=cfg.cpus_per_task, max_retries=faults.TASK_RETRIES,
+            retry_exceptions=list(faults.TRANSIENT),
             fn_kwargs={"fits_ref": fits_ref, "fs": fs, "num_buckets": num_buckets, "out_fs": ctx.out.fs,
                        "out_dir": ctx.out.join(""), "cfg": cfg, "filt": filt, "check": check})
         started, results = time.perf_counter(), []
@@ -444,6 +448,7 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
             results.append(row)
             ctx.progress.update(f"{ctx.label} buckets", len(results), len(keys),
                                 sum(r["rows_in"] for r in results), started)
+            faults.hit(f"stage:{ctx.name}")
     results.sort(key=lambda r: r["bucket"])
     rows_in = sum(r["rows_in"] for r in results)
     if spans and rows_in != sum(s["rows"] for s in spans):

@@ -48,9 +48,7 @@ def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names
                    use_gpu: bool, storage_options) -> Dict[str, float]:
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import load
-
-    from gradmimic import clip_per_sample_loss
+    from gradmimic import clip_per_sample_loss, load_state_dict
 
     from ..evaluation import retrieval_recall, zero_shot_classifier
     from ..models import load_weights
@@ -60,7 +58,7 @@ def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names
     spec = model_spec_of(model_json)
     device = torch.device("cuda" if use_gpu else "cpu")
     model = spec.build(0, device)
-    load_weights(model, load(weights))
+    load_weights(model, load_state_dict(weights))
     model.eval()
     clip = spec.task == "clip"
     labelled = "label" in rows.column_names

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import SpecError, doc, require
-from ..storage import open_storage, write_file
+from ..storage import open_storage, read_parquet, write_file
 
 RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "tar", "image",
             "image_offset", "image_size", "label", "true_label", "class_name")
@@ -233,6 +233,10 @@ def scan_tar(fs, tar_path: str) -> Dict[str, Dict[str, Any]]:
     members: Dict[str, Dict[str, Any]] = {}
     with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
         for m in tf:
+            unsafe = unsafe_member(m)
+            if unsafe:  # never followed nor used as a name: recorded as a reject of its own
+                members.setdefault(f"{m.name}\0unsafe", {})["unsafe"] = unsafe
+                continue
             if not m.isfile():
                 continue
             key, ext = posixpath.splitext(m.name)
@@ -247,8 +251,19 @@ def scan_tar(fs, tar_path: str) -> Dict[str, Dict[str, Any]]:
     return members
 
 
+def unsafe_member(m: tarfile.TarInfo) -> Optional[str]:
+    """Why a tar member must not be read (a link, or a name that would leave a directory it were extracted to)."""
+    if m.issym() or m.islnk():
+        return f"link member {m.name!r} -> {m.linkname!r}"
+    parts = m.name.replace("\\", "/").split("/")
+    if m.name.startswith(("/", "\\")) or ".." in parts or "\0" in m.name or (parts[0][1:2] == ":"):
+        return f"unsafe member name {m.name!r}"
+    if not (m.isfile() or m.isdir()):
+        return f"special member {m.name!r}"
+    return None
+
+
 def list_datacomp(src: DataCompSource, ctx) -> Listing:
-    import pyarrow.parquet as pq
 
     fs, root = open_storage(src.path)
     meta_files = sorted(p for p in fs.find(posixpath.join(root, src.metadata)) if p.endswith(".parquet"))
@@ -259,8 +274,7 @@ def list_datacomp(src: DataCompSource, ctx) -> Listing:
         raise FileNotFoundError(f"datacomp source {src.path}: no .tar under {src.shards}/")
     tables = []
     for p in meta_files:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read())))
+        tables.append(read_parquet(fs, p))
     meta = pa.concat_tables(tables, promote_options="default")
     for col in ("uid", "text"):
         if col not in meta.column_names:
@@ -279,10 +293,12 @@ def list_datacomp(src: DataCompSource, ctx) -> Listing:
         for key in sorted(members):
             entry = members[key]
             uid = entry.get("uid")
-            source = f"{posixpath.basename(tar_path)}/{key}"
+            source = f"{posixpath.basename(tar_path)}/{key.split(chr(0))[0]}"
             row = rows.get(uid)
-            reason = None
-            if not _is_uid(uid):
+            reason = entry.get("unsafe")
+            if reason:
+                uid = uid_of(f"datacomp:{source}")
+            elif not _is_uid(uid):
                 reason, uid = "no uid in json", uid_of(f"datacomp:{source}")
             elif "image" not in entry:
                 reason = "no image in tar"

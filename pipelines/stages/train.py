@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import posixpath
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
@@ -138,6 +139,9 @@ class TrainConfig:
     eval_samples: Optional[int] = doc("evaluate on at most this many test rows", default=None)
     checkpoint_every: int = doc("checkpoint (and make the score log durable) every this many steps", default=100)
     max_failures: int = doc("worker-group restarts from the last checkpoint before giving up (-1: unlimited)", default=3)
+    max_nonfinite_steps: int = doc(
+        "a step whose loss, scores, weights or gradients are not finite (NaN, inf) is skipped: no update and no "
+        "score rows, counted in the metrics (nonfinite_steps); this many in a row stop the stage", default=5)
     resources: ResourcesConfig = doc("workers and devices", default=ResourcesConfig())
     num_buckets: int = doc("score-log partitions: bucket = uid_lo % num_buckets", default=64)
     seed: int = doc("model init and data order", default=0)
@@ -158,6 +162,7 @@ class TrainConfig:
         require(self, "steps epochs eval_samples", 1, allow_none=True)
         require(self, "eval_every", 0)
         require(self, "max_failures", -1)
+        require(self, "max_nonfinite_steps", 1)
         for name in ("init", "reference"):
             w = getattr(self, name)
             if isinstance(w, Weights) and w.pretrained and self.model.backbone and w.pretrained not in PACKAGED_WEIGHTS:
@@ -257,12 +262,10 @@ def load_weights_source(ctx, source: WeightsRef, arch: str, field_name: str):
     try:
         if name is not None:
             stage = ctx.inputs[name]
-            from safetensors.torch import load
-
             with stage.fs.open(stage.join(WEIGHTS_FILE), "rb") as f:
-                return load(f.read())
+                return load_state_dict(f.read(), name=stage.url + "/" + WEIGHTS_FILE)
         if source.path is not None:
-            return _load_path(source.path, load_state_dict, ctx.storage_options)
+            return _load_path(source.path, ctx.storage_options)
         if source.pretrained in PACKAGED_WEIGHTS:
             return load_state_dict(packaged_weights_file(source.pretrained))
         return fetch_pretrained(arch, source.pretrained)
@@ -271,21 +274,17 @@ def load_weights_source(ctx, source: WeightsRef, arch: str, field_name: str):
         raise _spec_error(f"{field_name}.{sub}", exc) from None
 
 
-def _load_path(path: str, loader, options):
-    import os
-    import tempfile
+def _load_path(path: str, options):
+    from gradmimic import load_state_dict
 
     from ..storage import open_storage
 
     if "://" not in path or path.startswith("file://"):
-        return loader(path.replace("file://", ""))
+        return load_state_dict(path.replace("file://", ""))
     fs, p = open_storage(path, options)
     if not fs.exists(p):
         raise FileNotFoundError(f"weights not found: {path}")
-    suffix = os.path.splitext(p)[1]
-    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
-        fs.get(p, tmp.name)
-        return loader(tmp.name)
+    return load_state_dict(fs.cat_file(p), name=path)
 
 
 def _pool_columns(stage_manifest: Dict[str, Any]) -> List[str]:
@@ -433,6 +432,7 @@ def run_train(cfg: TrainConfig, ctx) -> Dict[str, Any]:
         eval_every=cfg.eval_every, eval_chunks=eval_chunks,
         zero_shot=(tuple(pool.class_names), pool.templates) if cfg.task == "clip" and pool.class_names else None,
         checkpoint_every=cfg.checkpoint_every, num_buckets=cfg.num_buckets, seed=cfg.seed,
+        max_nonfinite=cfg.max_nonfinite_steps,
         threads=max(1, int(cfg.resources.cpus_per_worker)), progress=board_name,
     )
     resumed = first_step()
@@ -440,11 +440,16 @@ def run_train(cfg: TrainConfig, ctx) -> Dict[str, Any]:
         ctx.progress.stream.write(f"  {ctx.label}: resuming from the checkpoint at step {resumed}/{total}\n")
     try:
         result = _fit(job, cfg, datasets, storage_path, storage_fs, board, ctx)
-        restarts = max(ray.get(board.get.remote())["starts"] - 1, 0)
+        seen = ray.get(board.get.remote())
     finally:
         ray.kill(board)
+    if seen["stopped"]:  # the workers gave up together (non-finite steps): not a failure a restart would fix
+        from ..faults import RunFailed
+
+        raise RunFailed(f"{ctx.label}: {seen['stopped']}")
     out = _finish(cfg, ctx, spec, result, plan, pool, resumed)
-    return {**out, "restarts": restarts}
+    # the last worker group's spread over Ray nodes (1 on one machine; a multi-node cluster shows its placement)
+    return {**out, "restarts": max(seen["starts"] - 1, 0), "worker_nodes": len(set(seen["nodes"].values()))}
 
 
 def progress_board_name(stage_path: str) -> str:
@@ -530,16 +535,24 @@ def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, 
 def _print_progress(board, ctx, done: threading.Event) -> None:
     import ray
 
+    from .. import faults
+
     stream = ctx.progress.stream
     live = ctx.progress.live
-    last = ""
-    while not done.wait(1.0 if live else 10.0):
+    last, printed, step = "", 0.0, 0
+    while not done.wait(1.0):
         try:
             state = ray.get(board.get.remote(), timeout=5)["state"]
         except Exception:  # noqa: BLE001 - progress is best effort
             continue
         if not state:
             continue
+        if state["step"] > step:
+            step = state["step"]
+            faults.hit(f"stage:{ctx.name}")
+        if not live and time.monotonic() - printed < 10.0:  # a log file: a line every 10 s
+            continue
+        printed = time.monotonic()
         rate = state["samples_per_s"]
         left = (state["total"] - state["step"]) * state["batch_size"] / max(rate, 1e-9)
         line = (f"  {ctx.label}: step {state['step']}/{state['total']} | {rate:,.0f} samples/s | ETA {left:,.0f}s | "
@@ -584,5 +597,6 @@ def _finish(cfg, ctx, spec: ModelSpec, result, plan, pool: _Pool, resumed: int):
         "samples_per_s": round(seen / max(state["train_seconds"], 1e-9), 1),
         "train_rows": pool.train.num_rows, "test_rows": pool.test.num_rows, "workers": plan.world,
         "resumed_from_step": resumed, "final": final, "mode": cfg.mode, "task": cfg.task,
+        "nonfinite_steps": int(history[-1].get("nonfinite_steps", 0)) if history else 0,
         "class_names": pool.class_names,
     }

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -268,13 +267,12 @@ def steps_dataset(plan: StepPlan, rank: int, pool_ref, decoder: Decoder, first_s
     up to ``actors`` actors of ``cpus`` CPUs each."""
 
     def build():
-        import ray.data
         from ray.data import ActorPoolStrategy
 
         first = first_step() + 1
         n = max(plan.total_steps - first + 1, 1)  # an empty range is not a dataset; steps past the end decode to nothing
         per_task = max(1, SAMPLES_PER_TASK // max(plan.local_sizes[rank], 1))
-        ds = ray.data.range(n, override_num_blocks=math.ceil(n / per_task))
+        ds = _ids_dataset(np.arange(n), per_task)
         return ds.map_batches(StepDecoder, batch_size=per_task, batch_format="numpy", num_cpus=cpus,
                               compute=ActorPoolStrategy(min_size=1, max_size=actors),
                               fn_constructor_kwargs=dict(plan=plan, rank=rank, first=first, pool_ref=pool_ref,
@@ -288,15 +286,21 @@ def chunks_dataset(total: int, chunk_rows: int, chunks: Sequence[int], pool_ref,
     Read once per worker (evaluation keeps what fits in memory), so tasks of ``cpus`` CPUs decode them."""
 
     def build():
-        import ray.data
-
-        ds = ray.data.from_items([{"id": c} for c in chunks] or [{"id": -1}])
-        ds = ds.filter(lambda row: row["id"] >= 0)
-        return ds.map_batches(_decode_chunks, batch_size=max(1, SAMPLES_PER_TASK // chunk_rows), batch_format="numpy",
-                              num_cpus=cpus,
+        per_task = max(1, SAMPLES_PER_TASK // chunk_rows)
+        ds = _ids_dataset(np.asarray(chunks, dtype=np.int64), per_task)
+        return ds.map_batches(_decode_chunks, batch_size=per_task, batch_format="numpy", num_cpus=cpus,
                               fn_kwargs=dict(chunk_rows=chunk_rows, total=total, pool_ref=pool_ref, decoder=decoder))
 
     return build
+
+
+def _ids_dataset(ids: np.ndarray, per_block: int):
+    """An ``id`` column in blocks of ``per_block`` made here, with no read tasks: ``ray.data.range``'s reads ask for a
+    whole CPU each, which a cluster whose CPUs are all held by training workers and decoders never has free."""
+    import ray.data
+
+    blocks = [ids[i:i + per_block] for i in range(0, len(ids), per_block)] or [ids]
+    return ray.data.from_arrow([pa.table({"id": pa.array(b, pa.int64())}) for b in blocks])
 
 
 def grouped(batches: Iterator[Dict[str, np.ndarray]], key: str) -> Iterator[Dict[str, np.ndarray]]:

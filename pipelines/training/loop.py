@@ -38,6 +38,7 @@ from gradmimic import (
     clip_per_sample_loss,
 )
 
+from .. import faults
 from ..config import SpecError, doc, require
 from ..models import ModelSpec, apply_trainable, load_weights, train_mode
 from ..score_log import ScoreLogWriter, discard_after
@@ -99,6 +100,7 @@ class Job:
     seed: int = 0
     threads: int = 0
     progress: Optional[str] = None  # name of the ProgressBoard actor
+    max_nonfinite: int = 5  # non-finite steps in a row before the workers stop
 
 
 # ------------------------------------------------------------------------------------------------ optimiser
@@ -194,22 +196,30 @@ class Replayable:
 
 
 class ProgressBoard:
-    """A tiny actor the driver polls for the progress line (and a test for worker pids)."""
+    """A tiny actor the driver polls for the progress line, the workers' nodes (for the manifest) and their pids
+    (for the fault tests)."""
 
     def __init__(self) -> None:
         self.state: Dict[str, Any] = {}
         self.pids: Dict[int, int] = {}
+        self.nodes: Dict[int, str] = {}
         self.starts = 0  # worker-group starts: 1 + the restarts after failures
+        self.stopped = ""  # why the workers stopped early, together (non-finite steps)
 
     def update(self, state: Dict[str, Any]) -> None:
         self.state = state
 
-    def register(self, rank: int, pid: int) -> None:
+    def register(self, rank: int, pid: int, node: str = "") -> None:
         self.pids[rank] = pid
+        self.nodes[rank] = node
         self.starts += rank == 0
 
+    def stop(self, reason: str) -> None:
+        self.stopped = reason
+
     def get(self) -> Dict[str, Any]:
-        return {"state": self.state, "pids": dict(self.pids), "starts": self.starts}
+        return {"state": self.state, "pids": dict(self.pids), "nodes": dict(self.nodes), "starts": self.starts,
+                "stopped": self.stopped}
 
 
 # ------------------------------------------------------------------------------------------------ the worker
@@ -229,6 +239,7 @@ class Worker:
             self.mimic, self.warm = self._weightings()
         self.step = 0
         self.samples = 0
+        self.nonfinite = 0  # steps skipped for a non-finite value (checkpointed)
         self.train_seconds = 0.0
         self.history: List[Dict[str, Any]] = []
         self.comparison: List[Dict[str, np.ndarray]] = []
@@ -318,10 +329,14 @@ class Worker:
         self.mimic.set_direction(direction)
         self.warm.set_direction(direction)
 
-    def train_step(self, batch: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    def train_step(self, batch: Dict[str, np.ndarray], step: int = 0) -> Dict[str, Any]:
+        """One step; ``finite`` is False (on every rank alike) when it was skipped for a non-finite loss, score,
+        weight or gradient on any rank: no update, and the caller logs no score rows for it."""
         job = self.job
         self.opt.zero_grad(set_to_none=True)
         loss_B, sites, sqnorms, sizes = self.forward(batch)
+        if faults.hit(f"nonfinite:step{step}"):
+            loss_B = loss_B * float("nan")
         global_b = sum(sizes)
         stats: Dict[str, Any] = {}
         if self.mimic is None:
@@ -341,16 +356,26 @@ class Worker:
                              rank=self.comm.rank, sizes=sizes, **dist)
             scores, weights = out.scores, out.weights
             stats.update(direction_norm=out.direction_norm, alignment=out.alignment)
-        if job.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], job.optim.grad_clip)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # the gradient norm (clipping if asked): one reduction that is non-finite if any gradient entry is
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, job.optim.grad_clip or float("inf"))
+        ok = torch.isfinite(grad_norm.to(self.device))
+        for t in (loss_B.detach(), scores, weights):
+            ok = ok & torch.isfinite(t).all()
+        bad = self.comm.all_sum((~ok).to(torch.float64).reshape(1))  # one exchange: any rank's verdict is all's
         lr = self.opt.param_groups[0]["lr"]
+        if float(bad[0]) > 0:
+            self.opt.zero_grad(set_to_none=True)
+            nan = float("nan")
+            stats.update(loss=nan, weight_entropy=nan, lr=lr, batch_size=global_b)
+            return {"stats": stats, "finite": False}
         self.opt.step()
         self.sched.step()
         w = weights.double()
         sums = self.comm.all_sum(torch.stack([loss_B.detach().double().sum(), -(w * w.clamp_min(1e-300).log()).sum()]))
         stats.update(loss=float(sums[0]) / global_b, weight_entropy=float(sums[1]), lr=lr, batch_size=global_b)
         return {"stats": stats, "scores": scores.float().cpu().numpy(), "weights": weights.float().cpu().numpy(),
-                "losses": loss_B.detach().float().cpu().numpy()}
+                "losses": loss_B.detach().float().cpu().numpy(), "finite": True}
 
     # -------------------------------------------------------------------------------------------- evaluation
 
@@ -411,14 +436,15 @@ class Worker:
                     "direction": direction, "direction_step": self.direction_step},
                    os.path.join(directory, "trainer.pt"))
         with open(os.path.join(directory, "state.json"), "w") as f:
-            json.dump({"step": self.step, "samples_seen": self.samples, "train_seconds": self.train_seconds,
+            json.dump({"step": self.step, "samples_seen": self.samples, "nonfinite_steps": self.nonfinite,
+                       "train_seconds": self.train_seconds,
                        "world_size": self.comm.world, "metrics": self.history}, f)
 
     def restore(self, directory: str) -> None:
-        from safetensors.torch import load_file
+        from gradmimic import load_state_dict
 
-        load_weights(self.model, load_file(os.path.join(directory, "model.safetensors")))
-        saved = torch.load(os.path.join(directory, "trainer.pt"), map_location="cpu", weights_only=True)
+        load_weights(self.model, load_state_dict(os.path.join(directory, "model.safetensors")))
+        saved = load_state_dict(os.path.join(directory, "trainer.pt"), flat=False)
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"]["cpu"])
@@ -429,6 +455,7 @@ class Worker:
         with open(os.path.join(directory, "state.json")) as f:
             state = json.load(f)
         self.step, self.samples = state["step"], state["samples_seen"]
+        self.nonfinite = state.get("nonfinite_steps", 0)
         self.train_seconds, self.history = state["train_seconds"], state["metrics"]
 
 
@@ -461,7 +488,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     torch.manual_seed(job.seed)
     board = ray.get_actor(job.progress) if job.progress else None
     if board is not None:
-        board.register.remote(comm.rank, os.getpid())
+        board.register.remote(comm.rank, os.getpid(), ray.get_runtime_context().get_node_id())
     worker = Worker(job, comm, device)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -482,13 +509,27 @@ def train_worker(config: Dict[str, Any]) -> None:
     t_prev, cpu_prev = time.perf_counter(), time.process_time()
     last_report = 0.0
     batches = step_batches(stream, worker.step + 1) if worker.step < plan.total_steps else iter(())
+    in_a_row = 0
     for step, batch in batches:
-        out = worker.train_step(batch)
+        out = worker.train_step(batch, step)
         worker.step = step
         stats = out["stats"]
-        worker.samples += stats["batch_size"]
-        writer.add(step, plan.epoch(step), batch["uid_hi"], batch["uid_lo"], out["scores"], out["weights"],
-                   out["losses"], stats["batch_size"])
+        if not out["finite"]:  # skipped on every rank alike: nothing trained, nothing logged
+            worker.nonfinite += 1
+            in_a_row += 1
+            if in_a_row >= job.max_nonfinite:
+                if board is not None and comm.rank == 0:
+                    ray.get(board.stop.remote(
+                        f"{in_a_row} training steps in a row had a non-finite loss, score, weight or gradient "
+                        f"(steps {step - in_a_row + 1}-{step}); each was skipped; lower the learning rate or check "
+                        f"the data and the reference (max_nonfinite_steps: {job.max_nonfinite})"))
+                return
+        else:
+            in_a_row = 0
+            worker.samples += stats["batch_size"]
+            writer.add(step, plan.epoch(step), batch["uid_hi"], batch["uid_lo"], out["scores"], out["weights"],
+                       out["losses"], stats["batch_size"])
+        stats["nonfinite_steps"] = worker.nonfinite
         now = time.perf_counter()
         seconds, t_prev = now - t_prev, now  # data wait + compute: what the stage delivers
         cpu = time.process_time() - cpu_prev  # this process's CPU (all threads): robust to a busy machine

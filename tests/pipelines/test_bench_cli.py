@@ -84,3 +84,17 @@ def test_bench_aggregate_compare():
     assert log_shape(20_000_000) == (199_936, 100)  # 781 batches of 256 uids, 100 epochs: 19,993,600 rows
     files = [(f"bucket={b}/part-s{s:09d}-{s + 9:09d}-r0000.parquet", 100) for s in (1, 11, 21) for b in range(4)]
     assert prefix_files(sorted(files, key=lambda f: f[0].split("/")[1]), 500) == files[:8]  # whole segments
+
+
+@pytest.mark.slow
+def test_bench_filter_json_agrees_with_duckdb():
+    res = gradmimic("bench", "filter", "--rows", "30000", "--shard-rows", "7000", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1, res.stdout[-2000:]
+    out = json.loads(lines[0])
+    assert out["agree"] is True  # the same kept uids as one DuckDB query of the rule
+    assert out["rows"] == 30000 == out["kept"] + out["rejected"] and out["shards"] == 5
+    # the paper's rule on train rows (99%): top 30% by CLIP score, less the mimic bottom 20% among them (~ 30% x 80%)
+    assert 0.2 < out["kept"] / out["rows"] < 0.3
+    assert out["gradmimic_rows_per_core_s"] == pytest.approx(out["gradmimic_rows_per_s"] / out["cores"], rel=1e-3)

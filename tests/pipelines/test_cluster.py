@@ -49,7 +49,9 @@ def ray_head():
     with open(token, "w") as f:
         f.write(secrets.token_hex(32))
     os.chmod(token, 0o600)
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    # no storage credentials on the cluster itself: a job gets them from its submitter (--env) or not at all
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token}
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -68,7 +70,7 @@ def ray_head():
                 break
             assert time.monotonic() < deadline, f"the Ray head's job server did not answer: {res.stderr[-500:]}"
             time.sleep(2)
-        yield url, env
+        yield url, env, temp
     finally:
         stop_group(head)
         shutil.rmtree(temp, ignore_errors=True)
@@ -103,7 +105,7 @@ def debug_spec(tmp_path, **stages_override):
 
 def test_submit_runs_the_spec_as_a_job_and_exits_with_its_status(ray_head, tmp_path):
     spec = debug_spec(tmp_path)
-    url, env = ray_head
+    url, env, _ = ray_head
     res = cli("submit", str(spec), "--address", url, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     assert "SUCCEEDED" in res.stderr.splitlines()[-1]
@@ -122,7 +124,7 @@ def test_a_failing_job_is_failed_and_exits_non_zero(ray_head, tmp_path):
             "stages": [{"stage": "aggregate", "name": "agg", "scores": {"path": str(tmp_path / "nothing")}}]}
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump(data))
-    url, env = ray_head
+    url, env, _ = ray_head
     res = cli("submit", str(spec), "--address", url, "--no-wait", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     job_id = res.stdout.strip()
@@ -137,7 +139,7 @@ def test_a_failing_job_is_failed_and_exits_non_zero(ray_head, tmp_path):
 
 def test_bad_submissions_are_one_line_before_anything_is_sent(ray_head, tmp_path):
     spec = debug_spec(tmp_path)
-    url, env = ray_head
+    url, env, _ = ray_head
     env = {k: v for k, v in env.items() if k != "GM_NOT_SET"}
     res = cli("submit", str(spec), "--address", url, "--env", "GM_NOT_SET", env=env)
     assert res.returncode == 2 and res.stderr.strip() == "gradmimic: error: --env GM_NOT_SET: not set in this environment"
@@ -179,3 +181,92 @@ finally:
         f"t.yaml: storage: {str(tmp_path / 'runs')!r} is a local path, but the Ray cluster has 2 nodes and tasks on "
         "the others cannot reach it: give shared storage (an s3:// prefix)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_two_workers_on_two_nodes_write_a_complete_score_log_to_s3(s3_endpoint, tmp_path):
+    """Three one-CPU nodes (``ray.cluster_utils.Cluster``): the two training workers cannot share a node, storage
+    is the S3 server on 127.0.0.1, and the score log has every sample of every step exactly once."""
+    from pipelines.storage import open_storage
+    from tests.pipelines.test_train import POOL, assert_exactly_once, reference_file, score_log
+
+    fs, _ = open_storage("s3://gm-two")
+    fs.mkdir("gm-two")
+    storage = "s3://gm-two/runs"
+    ref = reference_file(tmp_path / "ref.safetensors", "clip")
+    stages = [POOL, {"stage": "train", "name": "mimic", "data": "pool", "mode": "mimic", "reference": {"path": ref},
+                     "batch_size": 16, "steps": 4, "checkpoint_every": 2, "optimizer": {"lr": 1e-3},
+                     "resources": {"num_workers": 2, "cpus_per_worker": 1, "cpus_per_decoder": 0.25}}]
+    code = f"""
+import json, ray
+from ray.cluster_utils import Cluster
+from pipelines.runner import run_spec
+from pipelines.spec import parse_spec
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+for _ in range(2):
+    cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+try:
+    spec = parse_spec({{"name": "t", "storage": {storage!r}, "ray": {{"address": cluster.address}},
+                       "stages": {stages!r}}}, label="t.yaml")
+    print(json.dumps(run_spec(spec)["mimic"]))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads(res.stdout.strip().splitlines()[-1])
+    assert manifest["workers"] == 2 and manifest["worker_nodes"] == 2
+    assert manifest["steps"] == 4 and manifest["score_rows"] == 64
+    assert_exactly_once(score_log(storage, "mimic"), 16, 4, sizes=[8])
+    assert fs.exists("gm-two/runs/t/mimic/_MANIFEST.json")
+
+
+def test_credentials_reach_the_job_and_no_output(ray_head, s3_endpoint, tmp_path):
+    """A secret passed with --env: the job's tasks reach S3 with it (the head has no credentials of its own), and
+    it is in no output: the CLI's, the job's logs and metadata, every object the run wrote, Ray's log files."""
+    import secrets
+
+
+    from pipelines.storage import open_storage
+
+    url, env, temp = ray_head
+    secret = "gmsecret" + secrets.token_hex(16)
+    fs, _ = open_storage("s3://gm-secret")
+    fs.mkdir("gm-secret")
+    data = {"name": "sec", "storage": "s3://gm-secret/runs", "stages": [
+        {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 60}, "shard_size": 20},
+        {"stage": "filter", "name": "kept", "data": "pool", "keep": {"random": {"top": 0.5}}}]}
+    spec = tmp_path / "sec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    client_env = {**env, "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                  "AWS_SECRET_ACCESS_KEY": secret}
+    res = cli("submit", str(spec), "--address", url, "--env", "AWS_ENDPOINT_URL", "--env", "AWS_ACCESS_KEY_ID",
+              "--env", "AWS_SECRET_ACCESS_KEY", env=client_env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    kept = json.loads(fs.cat_file("gm-secret/runs/sec/kept/_MANIFEST.json"))
+    assert kept["rows_in"] == 60 and kept["rows_out"] + kept["rejected"] == 60
+    job_id = res.stderr.split("submitted ")[1].split()[0]
+    dump = f"""
+import dataclasses, json
+from ray.job_submission import JobSubmissionClient
+jobs = JobSubmissionClient({url!r})
+plain = lambda j: j.dict() if hasattr(j, "dict") else dataclasses.asdict(j)
+print(json.dumps({{"info": plain(jobs.get_job_info({job_id!r})), "list": [plain(j) for j in jobs.list_jobs()],
+                  "logs": jobs.get_job_logs({job_id!r})}}, default=str))
+"""
+    seen = subprocess.run([sys.executable, "-c", dump], capture_output=True, text=True, timeout=120, env=env)
+    assert seen.returncode == 0, seen.stderr[-2000:]
+    job = json.loads(seen.stdout.strip().splitlines()[-1])
+    assert job["info"]["runtime_env"]["worker_process_setup_hook"] == "pipelines.jobenv.load"
+    assert "done: 2 stages" in job["logs"]
+    outputs = {"cli": res.stdout + res.stderr, "job": seen.stdout}
+    for path in fs.find("gm-secret/runs"):
+        outputs[path] = fs.cat_file(path).decode("latin-1")
+    for path in pathlib.Path(temp).rglob("*"):
+        if path.is_file() and "runtime_resources" not in path.parts and not path.is_socket():
+            outputs[str(path)] = path.read_bytes().decode("latin-1")
+    assert len(outputs) > 20
+    leaked = [where for where, text in outputs.items() if secret in text]
+    assert leaked == []
+

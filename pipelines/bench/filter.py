@@ -1,0 +1,221 @@
+"""``gradmimic bench filter``: the filter stage next to DuckDB, on a DataComp-shaped metadata pool.
+
+One run writes, in a separate process (so the generator's memory is not the driver's):
+
+- a committed pool of ``--rows`` rows in parquet shards of ``--shard-rows`` (``uid``, ``uid_hi``, ``uid_lo``,
+  ``text``, ``key``, ``shard``, ``split`` (1% test), ``url``, ``clip_b32_similarity_score``, ``original_width``,
+  ``original_height``; metadata only, no tars: the resharding of images is I/O and scales with their bytes);
+- a committed utility over the pool's train rows in 64 buckets (``mean_score``, ``vote_threshold``), as the
+  aggregate stage writes it.
+
+Both carry the config hashes the runner computes for the spec below, so the runner takes them as committed and
+runs only the filter.  The rule is the paper's combination, ``clip_b32_similarity_score`` top 30% minus
+``mean_score`` bottom 20% (exact ranks, uid tie-break), and the stage writes everything it writes in a real run:
+the kept shards, the rejects with reasons, ``subset.npy``.  ``duckdb`` is the same decision in one SQL query (a
+join on uid, two window ranks) writing the kept rows to parquet with a thread per core.  Both kept uid sets must
+be equal, or the command prints the numbers and exits 1.  ``--repeats``: each method that many times, alternating
+(median); every timing starts once the CPUs are idle; the stage runs once on a small pool first, untimed, so no
+timing includes starting Ray's workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+from . import print_result
+from .aggregate import PeakRSS, settle
+
+BUCKETS = 64
+KEEP = {"minus": [{"clip_b32_similarity_score": {"top": 0.3}}, {"mean_score": {"bottom": 0.2}}]}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, default=2_000_000, help="pool rows")
+    p.add_argument("--shard-rows", type=int, default=100_000, help="pool rows per parquet shard")
+    p.add_argument("--repeats", type=int, default=1, help="time each method this many times (median)")
+    p.add_argument("--dir", default=None, help="write the pool and the outputs here and keep them "
+                                                "(default: a temporary directory, removed at the end)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+
+
+def bench_spec(storage: str, name: str):
+    from ..spec import parse_spec
+
+    return parse_spec({"name": name, "storage": storage, "stages": [
+        {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}},  # stands for the committed pool
+        {"stage": "aggregate", "name": "utility", "scores": {"path": "generated"}},  # and for the utility
+        {"stage": "filter", "name": "kept", "data": "pool", "utility": "utility", "keep": KEEP,
+         "shard_size": 10_000}]}, label="bench filter")
+
+
+def write_inputs(storage: str, name: str, rows: int, shard_rows: int, seed: int = 0) -> None:
+    """The committed pool and utility of run ``name`` (runs in a child process)."""
+    import pyarrow as pa
+
+    from ..runner import config_hash
+    from ..score_log import buckets_of
+    from ..stages.aggregate import uid_hex
+    from ..storage import StageDir, open_storage
+    from .scorelog import synthetic_uids
+
+    spec = bench_spec(storage, name)
+    fs, root = open_storage(storage)
+    hi, lo = synthetic_uids(rows, seed)
+    rng = np.random.default_rng(seed)
+    test = rng.random(rows) < 0.01
+    pool = StageDir(fs, f"{root}/{name}/pool")
+    pool.begin()
+    files = []
+    for s, first in enumerate(range(0, rows, shard_rows)):
+        sl = slice(first, min(rows, first + shard_rows))
+        n = sl.stop - sl.start
+        keys = np.char.zfill(np.arange(sl.start, sl.stop).astype(str), 9)
+        table = pa.table({
+            "uid": uid_hex(hi[sl], lo[sl]), "uid_hi": hi[sl], "uid_lo": lo[sl],
+            "text": np.char.add("a photo of sample number ", keys), "key": keys,
+            "shard": np.full(n, s, np.int64), "split": np.where(test[sl], "test", "train"),
+            "url": np.char.add("https://images.example.com/", np.char.add(keys, ".jpg")),
+            "clip_b32_similarity_score": np.round(rng.normal(0.3, 0.05, n), 4).astype(np.float32),
+            "original_width": rng.integers(64, 4096, n), "original_height": rng.integers(64, 4096, n),
+        })
+        rel = f"shards/shard-{s:05d}.parquet"
+        pool.write_table(rel, table)
+        files.append(rel)
+    pool.commit({"config_hash": config_hash(spec.stages[0], {}), "files": files, "rows_out": rows})
+    util = StageDir(fs, f"{root}/{name}/utility")
+    util.begin()
+    train = np.flatnonzero(~test)
+    bucket = buckets_of(lo[train], BUCKETS)
+    files = []
+    for b in range(BUCKETS):
+        sel = train[bucket == b]
+        rel = f"utility/bucket={b}/part-00000.parquet"
+        util.write_table(rel, pa.table({"uid_hi": hi[sel], "uid_lo": lo[sel],
+                                        "mean_score": rng.normal(0, 1, len(sel)).astype(np.float32),
+                                        "vote_threshold": rng.integers(0, 9, len(sel)) / 8}))
+        files.append(rel)
+    util.commit({"config_hash": config_hash(spec.stages[1], {}), "files": files, "num_buckets": BUCKETS,
+                 "rows_out": len(train)})
+
+
+def run_stage(storage: str, name: str, quiet: bool, repeat: int):
+    from ..runner import committed_stage, run_spec
+    from ..storage import read_parquet
+
+    spec = bench_spec(storage, name)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        run_spec(spec, force=["kept"] if repeat else (), stream=io.StringIO() if quiet else sys.stderr)
+        seconds = time.perf_counter() - t0
+    kept = committed_stage(spec, "kept")
+    shards = [f for f in kept.manifest()["files"] if f.startswith("shards/")]
+    uids = np.concatenate([read_parquet(kept.fs, kept.join(f), ["uid"])["uid"].to_numpy(zero_copy_only=False)
+                           for f in shards]) if shards else np.array([], object)
+    return seconds, rss.peak, uids
+
+
+def run_duckdb(storage: str, name: str, out: str, threads: int):
+    import duckdb
+
+    pool = os.path.join(storage, name, "pool", "*", "shards", "*.parquet")
+    util = os.path.join(storage, name, "utility", "*", "utility", "*", "*.parquet")
+    query = f"""
+        COPY (
+          WITH j AS (SELECT p.*, u.mean_score FROM read_parquet('{pool}') p
+                     LEFT JOIN read_parquet('{util}') u USING (uid_hi, uid_lo)),
+          t AS (SELECT *,
+                  row_number() OVER (ORDER BY clip_b32_similarity_score DESC, uid_hi, uid_lo) AS r_clip,
+                  count(clip_b32_similarity_score) OVER () AS n_clip,
+                  row_number() OVER (ORDER BY mean_score ASC, uid_hi, uid_lo) AS r_mimic,
+                  count(mean_score) OVER () AS n_mimic
+                FROM j WHERE split = 'train')
+          SELECT * EXCLUDE (r_clip, n_clip, r_mimic, n_mimic) FROM t
+          WHERE clip_b32_similarity_score IS NOT NULL AND r_clip <= floor(0.3 * n_clip + 0.5)
+            AND NOT (mean_score IS NOT NULL AND r_mimic <= floor(0.2 * n_mimic + 0.5))
+          UNION ALL
+          SELECT *, NULL::FLOAT AS mean_score FROM read_parquet('{pool}') WHERE split <> 'train'
+        ) TO '{out}' (FORMAT parquet)"""
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET threads = {int(threads)}")
+        t0 = time.perf_counter()
+        con.execute(query)
+        seconds = time.perf_counter() - t0
+        uids = np.array(con.execute(f"SELECT uid FROM read_parquet('{out}')").fetchnumpy()["uid"], dtype=object)
+    finally:
+        con.close()
+    return seconds, uids
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    import psutil
+    import ray
+
+    if args.rows < 1000 or args.shard_rows < 1 or args.repeats < 1:
+        raise ValueError("--rows must be >= 1000, --shard-rows and --repeats >= 1")
+    cores = os.cpu_count() or 1
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout), \
+            tempfile.TemporaryDirectory() as tmp:
+        work = os.path.abspath(args.dir) if args.dir else tmp
+        storage = os.path.join(work, "runs")
+        if os.path.exists(storage):
+            raise ValueError(f"--dir {args.dir}: has a bench pool already (give an empty or new directory)")
+        t0 = time.perf_counter()
+        spawn = multiprocessing.get_context("spawn")
+        with spawn.Pool(1) as pool:
+            pool.apply(write_inputs, (storage, "warmup", 20_000, 5_000, 1))
+            pool.apply(write_inputs, (storage, "bench", args.rows, args.shard_rows))
+        generate_s = time.perf_counter() - t0
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        times: Dict[str, List[float]] = {"gradmimic": [], "duckdb": []}
+        try:
+            run_stage(storage, "warmup", True, 0)
+            run_duckdb(storage, "warmup", os.path.join(work, "warmup-duckdb.parquet"), cores)
+            base_mb = psutil.Process().memory_info().rss / 2**20
+            peak = 0
+            for r in range(args.repeats):
+                settle()
+                s, p, gm = run_stage(storage, "bench", args.json, r)
+                times["gradmimic"].append(s)
+                peak = max(peak, p)
+                settle()
+                s, dd = run_duckdb(storage, "bench", os.path.join(work, f"duckdb-{r}.parquet"), cores)
+                times["duckdb"].append(s)
+        finally:
+            ray.shutdown()
+        from ..runner import committed_stage
+
+        m = committed_stage(bench_spec(storage, "bench"), "kept").manifest()
+    same = len(gm) == len(dd) and np.array_equal(np.sort(gm.astype(str)), np.sort(dd.astype(str)))
+    sec = {k: statistics.median(v) for k, v in times.items()}
+    rate = args.rows / sec["gradmimic"]
+    result = {
+        "rows": args.rows, "shards": -(-args.rows // args.shard_rows), "cores": cores, "rule": m["rule"],
+        "kept": m["rows_out"], "rejected": m["rejected"],
+        "gradmimic_rows_per_s": round(rate, 1), "gradmimic_rows_per_core_s": round(rate / cores, 1),
+        "duckdb_rows_per_s": round(args.rows / sec["duckdb"], 1),
+        "ratio_vs_duckdb": round(sec["duckdb"] / sec["gradmimic"], 3),
+        "gradmimic_s": round(sec["gradmimic"], 3), "duckdb_s": round(sec["duckdb"], 3),
+        "driver_peak_mb": round(peak / 2**20, 1), "driver_base_mb": round(base_mb, 1),
+        "agree": bool(same), "repeats": args.repeats, "generate_s": round(generate_s, 1),
+    }
+    if not args.json:
+        print(f"filter {args.rows:,} pool rows ({result['shards']} parquet shards, metadata only) by {m['rule']}, "
+              f"{cores} cores; gradmimic = the filter stage (kept shards, rejects, subset.npy), duckdb = one query "
+              f"writing the kept rows")
+    print_result(result, args.json)
+    if not same:
+        raise SystemExit(f"gradmimic bench filter: the kept sets disagree ({len(gm)} vs {len(dd)} rows)")
+    return result
