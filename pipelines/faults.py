@@ -119,7 +119,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def classify(exc: BaseException) -> Optional[Tuple[int, str]]:
-    """``(exit code, one line)`` for a failure the CLI reports without a traceback, else ``None`` (a bug)."""
+    """``(exit code, one line)`` for a failure the CLI reports without a traceback, else ``None`` (a bug).  The
+    line starts with the stage it happened in, where the runner recorded it."""
+    verdict = _classify(exc)
+    where = getattr(exc, "gradmimic_where", None)
+    if verdict is None or not where or verdict[1].startswith(where):
+        return verdict
+    return verdict[0], f"{where}: {verdict[1]}"
+
+
+def _classify(exc: BaseException) -> Optional[Tuple[int, str]]:
     from .config import SpecError
 
     chain = list(_chain(exc))

@@ -114,7 +114,21 @@ def init_ray(spec: Spec) -> None:
         ray.init(address="local", num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1",
                  log_to_driver=False, configure_logging=False)
     else:
-        ray.init(address=spec.ray.address, log_to_driver=False)
+        address = spec.ray.address
+        hostport = address.split("://", 1)[-1]
+        if address != "auto":  # a wrong address fails in seconds here, not after Ray's minute of retries
+            import socket
+
+            host, _, port = hostport.rpartition(":")
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except OSError as exc:
+                raise SpecError(f"{spec.source}: ray.address: nothing answers at {address} ({exc.strerror or exc}); "
+                                "is the cluster up, and is this its head's address?") from None
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise SpecError(f"{spec.source}: ray.address: {address}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def require_shared_storage(spec: Spec, fs) -> None:
@@ -178,10 +192,12 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
             if not reopened:
                 out.abandon()  # checks run before anything is written: leave no attempt behind
             raise SpecError(f"{spec.source}: stage {stage.name!r} ({stage.stage}): {exc}") from None
-        except Exception:
+        except Exception as exc:
             if not definition.resumable:  # nothing in it a rerun could use: free the space (a full disk) if we can
                 with contextlib.suppress(Exception):
                     out.abandon()
+            with contextlib.suppress(AttributeError):  # where it happened, for the CLI's one line
+                exc.gradmimic_where = f"{spec.source}: stage {stage.name!r} ({stage.stage})"
             raise
         seconds = time.perf_counter() - t0
         if "rejected" in result and result["rows_in"] != result["rows_out"] + result["rejected"]:

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import SpecError, doc, ref_name, require
-from ..score_log import buckets_of
+from ..score_log import DIR, buckets_of
 from ..storage import open_storage, parquet_metadata, parquet_schema, read_parquet, write_parquet
 
 BINARISERS = ("threshold", "kmeans", "gmm")
@@ -364,6 +364,20 @@ def _open_log(cfg: AggregateConfig, ctx):
     return fs, root, None
 
 
+def _check_listed(cfg: AggregateConfig, ctx, fs, buckets: Dict[int, List[str]]) -> None:
+    """A train stage's log must be exactly the files its manifest lists: none lost, none added since."""
+    name = ref_name(cfg.scores)
+    if name is None:
+        return
+    stage = ctx.inputs[name]
+    listed = {fs._strip_protocol(stage.join(f)) for f in stage.manifest()["files"] if f.startswith(DIR + "/")}
+    found = {fs._strip_protocol(p) for files in buckets.values() for p in files}
+    for missing, what in ((listed - found, "is missing"), (found - listed, "has files its manifest does not list")):
+        if missing:
+            raise SpecError(f"scores: the score log of stage {name!r} {what}: {len(missing)} file(s), e.g. "
+                            f"{fs.unstrip_protocol(sorted(missing)[0])} (rerun that stage)")
+
+
 def list_buckets(fs, root: str) -> Dict[int, List[str]]:
     from ..score_log import list_parts
 
@@ -384,20 +398,25 @@ def _groups(buckets: Dict[int, List[str]], n: int) -> List[List[str]]:
 @contextlib.contextmanager
 def single_map_context():
     """Ray Data settings for a dataset that is one map over a list of work items: the stage prints its own
-    progress (no bars or per-dataset log lines), and no resources are held back for other operators (there are
-    none; on a small node the default reservation halves the tasks that run at once).  Restored on exit."""
+    progress (no bars or per-dataset log lines), no resources are held back for other operators (there are
+    none; on a small node the default reservation halves the tasks that run at once), and a task's exception is
+    raised as itself.  Restored on exit."""
     import logging
 
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # before: turning the bars off logs a warning
     data = ray.data.DataContext.get_current()
-    saved = data.enable_progress_bars, data.op_resource_reservation_enabled
-    data.enable_progress_bars, data.op_resource_reservation_enabled = False, False
+    names = ("enable_progress_bars", "op_resource_reservation_enabled", "raise_original_map_exception")
+    saved = [getattr(data, n) for n in names]
+    # and a task's own exception reaches the driver (a bad file's ValueError naming it, not a generic wrapper)
+    for n, v in zip(names, (False, False, True)):
+        setattr(data, n, v)
     try:
         yield
     finally:
-        data.enable_progress_bars, data.op_resource_reservation_enabled = saved
+        for n, v in zip(names, saved):
+            setattr(data, n, v)
 
 
 def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
@@ -413,6 +432,7 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     buckets = list_buckets(fs, root)
     if not buckets:
         raise SpecError(f"scores: no score-log files (scores/bucket=<b>/*.parquet) under {url}")
+    _check_listed(cfg, ctx, fs, buckets)
     check = num_buckets is None
     num_buckets = num_buckets or max(buckets) + 1
     needed = cfg.log_columns(has_loss=False)  # loss is optional: mean_loss is NaN without it

@@ -275,11 +275,18 @@ def list_datacomp(src: DataCompSource, ctx) -> Listing:
     tables = []
     for p in meta_files:
         tables.append(read_parquet(fs, p))
+        for col in ("uid", "text"):
+            if col not in tables[-1].column_names:
+                raise ValueError(f"datacomp metadata {fs.unstrip_protocol(p)}: missing column {col!r}")
     meta = pa.concat_tables(tables, promote_options="default")
-    for col in ("uid", "text"):
-        if col not in meta.column_names:
-            raise ValueError(f"datacomp metadata {meta_files[0]}: missing column {col!r}")
-    rows = {u: i for i, u in enumerate(meta.column("uid").to_pylist())}
+    rows: Dict[Any, int] = {}
+    file_of = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
+    for i, u in enumerate(meta.column("uid").to_pylist()):
+        if u in rows:  # which sample would a score belong to? refuse, naming both places
+            first, again = meta_files[file_of[rows[u]]], meta_files[file_of[i]]
+            raise ValueError(f"datacomp metadata {fs.unstrip_protocol(again)}: uid {u!r} appears twice (also in "
+                             f"{posixpath.basename(first)}); a pool's uids must be unique")
+        rows[u] = i
     extra_cols = [c for c in meta.column_names if c not in ("uid", "text", "key", "shard")]
     # metadata columns keep their data but never shadow a column ingest computes
     extra_data = {(f"metadata_{c}" if c in RESERVED else c): meta.column(c).to_pylist() for c in extra_cols}

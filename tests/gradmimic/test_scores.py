@@ -73,3 +73,14 @@ def test_global_softmax_over_ranks_equals_single_process():
 def test_errors_say_what_is_wrong(call, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+def test_a_non_finite_score_propagates_instead_of_failing_the_gather_check():
+    """NaN != NaN: the check that a rank's scores sit at its place in the gathered batch must not mistake a NaN
+    score for a misplaced rank (the training loop then skips the step)."""
+    scores = torch.tensor([0.5, float("nan"), -1.0])
+    other = torch.tensor([2.0, 1.0])
+    w = global_softmax(scores, 1.0, gather=lambda t: torch.cat([other, t]), rank=1, sizes=[2, 3])
+    assert w.shape == (3,) and torch.isnan(w).all()
+    with pytest.raises(ValueError, match="place in the gather order"):  # a real misplacement is still caught
+        global_softmax(scores, 1.0, gather=lambda t: torch.cat([t, other]), rank=1, sizes=[2, 3])

@@ -145,3 +145,27 @@ def test_tar_members_that_would_escape_are_rejected_and_recorded(tmp_path, ray_l
     created = {p for p in tmp_path.rglob("*")} - before
     assert all(str(p).startswith(str(tmp_path / "runs")) for p in created), sorted(created)[:5]
     assert not (tmp_path / "escaped.jpg").exists() and not pathlib.Path("/abs").exists()
+
+
+def test_a_local_ray_serves_its_dashboard_and_job_api_on_loopback_only():
+    import subprocess
+    import sys
+
+    code = """
+import json, time, psutil, ray
+from pipelines.runner import init_ray
+from pipelines.spec import parse_spec
+init_ray(parse_spec({"name": "l", "storage": "/tmp/x", "ray": {"num_cpus": 1},
+                     "stages": [{"stage": "ingest", "name": "p", "source": {"kind": "embedded"}}]}))
+port = int(ray._private.worker.global_worker.node.address_info["webui_url"].rsplit(":", 1)[1])
+time.sleep(2)
+me = psutil.Process()
+listen = sorted({c.laddr.ip for p in [me] + me.children(recursive=True) for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
+print(json.dumps({"port": port, "listen": listen}))
+ray.shutdown()
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    assert out["listen"] == ["127.0.0.1"], out  # the dashboard, which also serves the job submission API
