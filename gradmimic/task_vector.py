@@ -51,9 +51,13 @@ def load_state_dict(source: Union[str, os.PathLike, bytes], flat: bool = True,
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            import pickle
+
+            why = ("it holds objects other than tensors, which only unpickling code could build"
+                   if isinstance(exc, pickle.UnpicklingError) else
+                   f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
             raise ValueError(f"{name}: refused: not a safetensors file nor a weights-only torch checkpoint "
-                             f"({type(exc).__name__}: {first})") from None
+                             f"({why})") from None
     if not flat:
         return state
     for key in ("state_dict", "model"):

@@ -186,29 +186,23 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         started, t0 = time.time(), time.perf_counter()
         ctx = StageContext(out, {name: StageDir(fs, posixpath.join(run_root, name)) for name in inputs}, label, progress,
                            dict(spec.storage_options), spec.ray.address, stage.name)
-        try:
-            result = definition.run(stage.config, ctx)
-        except SpecError as exc:  # a problem only the inputs reveal: still the user's, still one line
-            if not reopened:
-                out.abandon()  # checks run before anything is written: leave no attempt behind
-            raise SpecError(f"{spec.source}: stage {stage.name!r} ({stage.stage}): {exc}") from None
-        except Exception as exc:
-            if not definition.resumable:  # nothing in it a rerun could use: free the space (a full disk) if we can
-                with contextlib.suppress(Exception):
-                    out.abandon()
-            with contextlib.suppress(AttributeError):  # where it happened, for the CLI's one line
-                exc.gradmimic_where = f"{spec.source}: stage {stage.name!r} ({stage.stage})"
-            raise
-        seconds = time.perf_counter() - t0
-        if "rejected" in result and result["rows_in"] != result["rows_out"] + result["rejected"]:
-            raise RuntimeError(f"{label}: row counts do not add up: {result}")  # a bug, never user error
-        manifest = {
-            "stage": stage.stage, "name": stage.name, "config_hash": h, "config": to_plain(stage.config),
-            "inputs": {name: hashes[name] for name in inputs}, "version": VERSION,
-            "timings": {"started": started, "seconds": round(seconds, 3)}, **result,
-        }
-        faults.hit(f"commit:{stage.name}")
-        manifests[stage.name] = manifest = out.commit(manifest)
+        with _stage_failure(spec, stage, out, definition.resumable):
+            try:
+                result = definition.run(stage.config, ctx)
+            except SpecError as exc:  # a problem only the inputs reveal: still the user's, still one line
+                if not reopened:
+                    out.abandon()  # checks run before anything is written: leave no attempt behind
+                raise SpecError(f"{spec.source}: stage {stage.name!r} ({stage.stage}): {exc}") from None
+            seconds = time.perf_counter() - t0
+            if "rejected" in result and result["rows_in"] != result["rows_out"] + result["rejected"]:
+                raise RuntimeError(f"{label}: row counts do not add up: {result}")  # a bug, never user error
+            manifest = {
+                "stage": stage.stage, "name": stage.name, "config_hash": h, "config": to_plain(stage.config),
+                "inputs": {name: hashes[name] for name in inputs}, "version": VERSION,
+                "timings": {"started": started, "seconds": round(seconds, 3)}, **result,
+            }
+            faults.hit(f"commit:{stage.name}")
+            manifests[stage.name] = manifest = out.commit(manifest)
         ran.add(stage.name)
         rate = result["rows_in"] / max(seconds, 1e-9)
         rejected = f"{result['rejected']} rejected" if "rejected" in result else f"from {result['rows_in']} rows in"
@@ -217,6 +211,24 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
     stream.write(f"done: {len(spec.stages)} stages in {time.perf_counter() - total_start:.1f}s, run {spec.name} "
                  f"in {fs.unstrip_protocol(run_root)}\n")
     return manifests
+
+
+@contextlib.contextmanager
+def _stage_failure(spec: Spec, stage: StageSpec, out: StageDir, resumable: bool):
+    """A stage that fails (not for its spec): its attempt is removed unless a rerun can resume it (which frees
+    the space on a full disk), and the error learns where it happened, for the CLI's one line."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except Exception as exc:
+        if not resumable:
+            with contextlib.suppress(Exception):
+                if (out.manifest() or {}).get("attempt") != out.attempt:  # never one its manifest names
+                    out.abandon()
+        with contextlib.suppress(AttributeError):
+            exc.gradmimic_where = f"{spec.source}: stage {stage.name!r} ({stage.stage})"
+        raise
 
 
 def committed_stage(spec: Spec, name: str) -> Optional[StageDir]:

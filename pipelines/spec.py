@@ -111,8 +111,10 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Spec:
         else:
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise SpecError(f"{path}: no such spec file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the spec ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

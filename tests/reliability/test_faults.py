@@ -40,7 +40,17 @@ def cli_run(spec: dict, tmp_path, failpoints: str = "", wait: bool = True, extra
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(path)]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res.points = env.get("GRADMIMIC_FAILPOINTS_DIR")
+    return res
+
+
+def fired_and_rerun(res, point: str) -> bool:
+    """Whether ``point=action@n`` fired (its n-th hit happened) and the work ran again after it (hit n + 1)."""
+    name, _, action = point.partition("=")
+    n = int(action.partition("@")[2] or 1)
+    stem = pathlib.Path(res.points) / name.replace(":", "_")
+    return pathlib.Path(f"{stem}.hit{n}").exists() and pathlib.Path(f"{stem}.hit{n + 1}").exists()
 
 
 def stage(storage: str, run: str, name: str) -> StageDir:
@@ -140,11 +150,13 @@ def test_killed_and_failing_tasks_are_retried_to_the_same_outputs(tmp_path):
     write_score_log(fs, log, uids=256, epochs=3, batch_size=32, num_buckets=8, seed=2)
     res = cli_run(offline_spec(str(tmp_path / "clean"), log), tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    # a worker killed (Ray reruns the task) or a dropped connection (retried) in ingest, aggregate and filter
-    points = ";".join(["task:write_shard=kill@2", "task:reduce_buckets=transient@1", "task:_join=transient@1",
-                       "task:_write_kept=kill@1", "task:_partition_keys=transient@1"])
+    # a worker killed (Ray reruns the task) or a dropped connection (retried) in ingest, aggregate (its Ray Data
+    # reduction and a task of its per-step fits) and filter
+    points = ";".join(["task:write_shard=kill@2", "task:_step_summary=transient@1", "task:reduce_buckets=kill@2",
+                       "task:_join=transient@1", "task:_write_kept=kill@1", "task:_partition_keys=transient@1"])
     res = cli_run(offline_spec(str(tmp_path / "faulty"), log), tmp_path, points)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert [p for p in points.split(";") if not fired_and_rerun(res, p)] == []
     for name in ("pool", "utility", "kept"):
         assert_same_outputs(outputs(str(tmp_path / "faulty"), "o", name), outputs(str(tmp_path / "clean"), "o", name))
 
@@ -207,7 +219,7 @@ def test_object_storage_lost_mid_write_then_back(tmp_path):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 1, err[-3000:]
         last = err.strip().splitlines()[-1]
-        assert last.startswith("gradmimic: error: storage or cluster unreachable: "), last
+        assert last.startswith("gradmimic: error: s.yaml: stage 'pool' (ingest): storage or cluster unreachable: "), last
         assert "Traceback" not in err
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
         server.start()
@@ -241,7 +253,8 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_committed(tmp_path):
         res = cli_run(spec, tmp_path)
         assert res.returncode == 1, res.stderr[-3000:]
         last = res.stderr.strip().splitlines()[-1]
-        assert last.startswith("gradmimic: error: storage full: [Errno 28] No space left on device"), last
+        assert last.startswith("gradmimic: error: d.yaml: stage 'pool' (ingest): storage full: [Errno 28] No space "
+                               f"left on device: 'file://{mount}/runs/d/pool/_attempt-"), last
         assert "Traceback" not in res.stderr
         assert not committed(str(mount / "runs"), "d", "pool")
         assert not list((mount / "runs" / "d" / "pool").glob("_attempt-*"))  # the failed attempt freed its space
@@ -288,7 +301,8 @@ def test_non_finite_steps_in_a_row_stop_the_stage_with_one_line(tmp_path):
                   ";".join(f"nonfinite:step{k}=flag" for k in range(3, 9)))
     assert res.returncode == 1, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last == ("gradmimic: error: [2/2] train mimic: 3 training steps in a row had a non-finite loss, score, "
+    assert last == ("gradmimic: error: n.yaml: stage 'mimic' (train): 3 training steps in a row had a non-finite "
+                    "loss, score, "
                     "weight or gradient (steps 3-5); each was skipped; lower the learning rate or check the data "
                     "and the reference (max_nonfinite_steps: 3)"), last
     assert not committed(storage, "n", "mimic")
