@@ -446,7 +446,7 @@ def run_train(cfg: TrainConfig, ctx) -> Dict[str, Any]:
     if seen["stopped"]:  # the workers gave up together (non-finite steps): not a failure a restart would fix
         from ..faults import RunFailed
 
-        raise RunFailed(f"{ctx.label}: {seen['stopped']}")
+        raise RunFailed(seen["stopped"])  # the runner adds the file and the stage
     out = _finish(cfg, ctx, spec, result, plan, pool, resumed)
     # the last worker group's spread over Ray nodes (1 on one machine; a multi-node cluster shows its placement)
     return {**out, "restarts": max(seen["starts"] - 1, 0), "worker_nodes": len(set(seen["nodes"].values()))}
