@@ -90,8 +90,10 @@ class StageContext:
                 try:
                     value = ray.get(r)
                 except Exception:
-                    for ref in pending:  # the stage has failed: stop the rest of its work
-                        ray.cancel(ref, force=True)
+                    for ref in pending:  # the stage has failed: stop the rest of its work, and let it stop
+                        ray.cancel(ref, force=True)  # before the attempt is removed (no late writes into it)
+                    if pending:
+                        ray.wait(pending, num_returns=len(pending), timeout=30)
                     raise
                 if combine is None:
                     results[i] = value
@@ -104,12 +106,23 @@ class StageContext:
         return results if combine is None else acc
 
 
+def local_ray_defaults() -> None:
+    """Settings for a Ray on one machine, before it starts (its processes inherit them; a user's value wins): no
+    node can be preempted, so no preemption watcher (one actor process fewer per train stage), and Ray Train's
+    controller polls its workers every 0.5 s instead of 2 s (a short stage ends sooner)."""
+    import os
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 def init_ray(spec: Spec) -> None:
     import ray
 
     if ray.is_initialized():
         return
     if spec.ray.address == "local":
+        local_ray_defaults()
         # address="local": a new Ray here, even where `ray start` left a cluster to auto-connect to
         ray.init(address="local", num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1",
                  log_to_driver=False, configure_logging=False)

@@ -32,6 +32,9 @@ def ray_local(s3_endpoint):
     """A local Ray, started after the S3 environment so its workers inherit it."""
     import ray
 
+    from pipelines.runner import local_ray_defaults
+
+    local_ray_defaults()
     # logical CPUs: two training workers plus Ray Data's decoding tasks, on however many cores there are
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield

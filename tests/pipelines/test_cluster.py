@@ -97,7 +97,6 @@ def debug_spec(tmp_path, **stages_override):
     pool["source"]["limit"] = 100
     for st in (ref, mimic):
         st.update(batch_size=16, epochs=1)
-    mimic["resources"] = {"num_workers": 1}
     path = tmp_path / "debug.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -110,10 +109,21 @@ def test_submit_runs_the_spec_as_a_job_and_exits_with_its_status(ray_head, tmp_p
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     assert "SUCCEEDED" in res.stderr.splitlines()[-1]
     assert "done: 5 stages" in res.stdout  # the job's own log, streamed
-    for stage in ("pool", "ref", "mimic", "utility", "kept"):
-        assert (tmp_path / "runs/debug" / stage / "_MANIFEST.json").exists(), stage
+    # the debug spec (README), shrunk: ingest, a plain reference, Grad-Mimic on 2 workers, aggregate, filter
+    assert "ingest pool: 100 rows out, 0 rejected" in res.stdout
+    assert "train ref: 80 rows out" in res.stdout and "train mimic: 80 rows out" in res.stdout
+    from tests.pipelines.test_train import assert_exactly_once, score_log
+
+    log = score_log(str(tmp_path / "runs"), "mimic", "debug")
+    assert_exactly_once(log, 16, 5, sizes=[8])
+    manifest = json.loads((tmp_path / "runs/debug/mimic/_MANIFEST.json").read_text())
+    assert manifest["workers"] == 2 and {"test_loss", "test_accuracy"} <= set(manifest["final"])
+    utility = json.loads((tmp_path / "runs/debug/utility/_MANIFEST.json").read_text())
+    assert utility["rows_in"] == len(log) and utility["samples"] == log.groupby(["uid_hi", "uid_lo"]).ngroups
     kept = json.loads((tmp_path / "runs/debug/kept/_MANIFEST.json").read_text())
-    assert kept["rows_in"] == 100 == kept["rows_out"] + kept["rejected"]
+    assert kept["rows_in"] == 100 == kept["rows_out"] + kept["rejected"] and kept["passed_through"] == 20
+    assert 0 < kept["kept_in_scope"] < 80 and kept["unscored"]["pool_rows"] == 0
+    assert f"filter kept: {kept['rows_out']} rows out, {kept['rejected']} rejected" in res.stdout
     resolved = yaml.safe_load((tmp_path / "runs/debug/spec.resolved.yaml").read_text())
     assert resolved["ray"]["address"] == "auto"  # the job's driver joined the cluster it ran on
 

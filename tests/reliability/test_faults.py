@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -109,13 +110,22 @@ def test_a_run_killed_in_each_stage_reruns_to_the_same_outputs(tmp_path):
     clean, broken = str(tmp_path / "clean"), str(tmp_path / "broken")
     res = cli_run({"name": "r", "storage": clean, "stages": stages}, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    # ingest killed, alone (a pool is all it needs)
+    res = cli_run({"name": "r", "storage": broken, "stages": [POOL]}, tmp_path, "stage:pool=kill@2")
+    assert killed(res), res.stderr[-2000:]
+    assert not committed(broken, "r", "pool") and list((tmp_path / "broken/r/pool").glob("_attempt-*"))
+    assert cli_run({"name": "r", "storage": broken, "stages": [POOL]}, tmp_path).returncode == 0
+    assert_same_outputs(outputs(broken, "r", "pool"), outputs(clean, "r", "pool"))
+    # the offline stages and evaluate killed in turn, each rerun picking up what the last one committed; the
+    # trained model is the clean run's, copied (the train stage's own kills: test_train.py)
+    shutil.copytree(tmp_path / "clean/r/mimic", tmp_path / "broken/r/mimic")
     spec = {"name": "r", "storage": broken, "stages": stages}
-    for point, victim, before in [("stage:pool=kill@2", "pool", []),
-                                  ("stage:utility=kill@1", "utility", ["pool", "mimic"]),
+    for point, victim, before in [("stage:utility=kill@1", "utility", ["pool", "mimic"]),
                                   ("stage:kept=kill@3", "kept", ["pool", "mimic", "utility"]),
                                   ("commit:eval=kill", "eval", ["pool", "mimic", "utility", "kept"])]:
         res = cli_run(spec, tmp_path, point)
         assert killed(res), f"{point}: {res.returncode} {res.stderr[-2000:]}"
+        assert "train mimic: committed, skipped" in res.stderr
         assert not committed(broken, "r", victim), point
         assert all(committed(broken, "r", name) for name in before), point
         d = stage(broken, "r", victim)
@@ -128,8 +138,6 @@ def test_a_run_killed_in_each_stage_reruns_to_the_same_outputs(tmp_path):
     for name in ("pool", "mimic", "utility", "kept", "eval"):  # what a reader finds: one attempt, committed
         d = stage(broken, "r", name)
         assert sorted(p.rsplit("/", 1)[1] for p in d.fs.ls(d.path)) == sorted(["_MANIFEST.json", d.manifest()["attempt"]])
-    a, b = outputs(broken, "r", "mimic"), outputs(clean, "r", "mimic")
-    assert a["model.safetensors"] == b["model.safetensors"]  # one worker, same seeds: bit for bit
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -265,17 +273,26 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_committed(tmp_path):
 # ------------------------------------------------------------------------------------------------ non-finite
 
 
-def test_non_finite_steps_are_skipped_counted_and_never_logged(tmp_path):
+def test_non_finite_steps_are_skipped_counted_never_logged_and_stop_a_stage_when_in_a_row(tmp_path):
+    """One run, two stages: ``skips`` meets a NaN loss at steps 2 and 5 (on one rank of two: both skip), ``stops``
+    at every step from 7 with ``max_nonfinite_steps: 3``."""
     from tests.pipelines.test_train import reference_file
 
     ref = reference_file(tmp_path / "ref.safetensors", "clip")
-    train = {"stage": "train", "name": "mimic", "data": "pool", "mode": "mimic", "reference": {"path": ref},
-             "batch_size": 16, "steps": 6, "checkpoint_every": 3, "resources": {"num_workers": 2}}
+    common = {"stage": "train", "data": "pool", "mode": "mimic", "reference": {"path": ref}, "batch_size": 16}
+    skips = {**common, "name": "skips", "steps": 6, "checkpoint_every": 3, "resources": {"num_workers": 2}}
+    stops = {**common, "name": "stops", "steps": 12, "checkpoint_every": 2, "max_nonfinite_steps": 3,
+             "resources": {"num_workers": 1}}
     storage = str(tmp_path / "runs")
-    res = cli_run({"name": "n", "storage": storage, "stages": [POOL, train]}, tmp_path,
-                  "nonfinite:step2=flag;nonfinite:step5=flag")
-    assert res.returncode == 0, res.stderr[-3000:]
-    d = stage(storage, "n", "mimic")
+    res = cli_run({"name": "n", "storage": storage, "stages": [POOL, skips, stops]}, tmp_path,
+                  ";".join(f"nonfinite:step{k}=flag" for k in (2, 5, *range(7, 13))))
+    assert res.returncode == 1, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == ("gradmimic: error: n.yaml: stage 'stops' (train): 3 training steps in a row had a non-finite "
+                    "loss, score, weight or gradient (steps 7-9); each was skipped; lower the learning rate or check "
+                    "the data and the reference (max_nonfinite_steps: 3)"), last
+    assert not committed(storage, "n", "stops")
+    d = stage(storage, "n", "skips")
     m = d.manifest()
     assert m["nonfinite_steps"] == 2 and m["steps"] == 6 and m["score_rows"] == 4 * 16
     from pipelines.score_log import read_score_log
@@ -287,22 +304,3 @@ def test_non_finite_steps_are_skipped_counted_and_never_logged(tmp_path):
     metrics = d.read_table("metrics.parquet").to_pandas()
     assert metrics.nonfinite_steps.tolist() == [0, 1, 1, 1, 2, 2]
     assert metrics.loss.isna().tolist() == [False, True, False, False, True, False]
-
-
-def test_non_finite_steps_in_a_row_stop_the_stage_with_one_line(tmp_path):
-    from tests.pipelines.test_train import reference_file
-
-    ref = reference_file(tmp_path / "ref.safetensors", "clip")
-    train = {"stage": "train", "name": "mimic", "data": "pool", "mode": "mimic", "reference": {"path": ref},
-             "batch_size": 16, "steps": 8, "checkpoint_every": 2, "max_nonfinite_steps": 3,
-             "resources": {"num_workers": 1}}
-    storage = str(tmp_path / "runs")
-    res = cli_run({"name": "n", "storage": storage, "stages": [POOL, train]}, tmp_path,
-                  ";".join(f"nonfinite:step{k}=flag" for k in range(3, 9)))
-    assert res.returncode == 1, res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
-    assert last == ("gradmimic: error: n.yaml: stage 'mimic' (train): 3 training steps in a row had a non-finite "
-                    "loss, score, "
-                    "weight or gradient (steps 3-5); each was skipped; lower the learning rate or check the data "
-                    "and the reference (max_nonfinite_steps: 3)"), last
-    assert not committed(storage, "n", "mimic")
