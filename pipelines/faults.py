@@ -140,8 +140,11 @@ def _classify(exc: BaseException) -> Optional[Tuple[int, str]]:
             return 1, _first_line(e)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return 1, f"storage full: {_first_line(e)}"
-        if isinstance(e, PermissionError) or type(e).__name__ in ("NoCredentialsError", "ClientError") and \
-                any(s in str(e) for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
+        if isinstance(e, PermissionError) and getattr(e, "filename", None):  # a local file this user may not use
+            return 2, f"permission denied: {_first_line(e)}"
+        refused = any(s in str(e) for s in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"))
+        if isinstance(e, PermissionError) or type(e).__name__ == "NoCredentialsError" or \
+                (refused and type(e).__name__ == "ClientError"):  # object storage refused the request
             return 2, f"storage: access denied ({_first_line(e)}): check the credentials"
     for e in chain:
         if isinstance(e, TRANSIENT) or type(e).__name__ in ("EndpointConnectionError", "ConnectTimeoutError"):
