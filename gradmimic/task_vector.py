@@ -30,26 +30,28 @@ def load_state_dict(source: Union[str, os.PathLike, bytes], flat: bool = True,
     compile prefixes stripped; ``flat=False`` returns a torch file's object as loaded (an optimiser's state).
     ``name``: how errors call bytes (their URL, say).
     """
+    import io
+
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data, name = bytes(source), name or "<bytes>"
-    else:
+        data = bytes(source)
+        name, head, size, opened = name or "<bytes>", data[:9], len(data), io.BytesIO(data)
+    else:  # a path is read by the library itself (safetensors maps it), never copied into memory first
         name = os.fspath(source)
         if not os.path.exists(name):
             raise FileNotFoundError(f"weights file not found: {name}")
         with open(name, "rb") as f:
-            data = f.read()
-    if _is_safetensors(data):
-        from safetensors.torch import load
+            head = f.read(9)
+        size, opened = os.path.getsize(name), name
+    if _is_safetensors(head, size):
+        from safetensors.torch import load, load_file
 
         try:
-            state = load(data)
+            state = load(data) if isinstance(opened, io.BytesIO) else load_file(name, device="cpu")
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named
             raise ValueError(f"{name}: not a readable safetensors file ({exc})") from None
     else:
-        import io
-
         try:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            state = torch.load(opened, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named
             import pickle
 
@@ -75,12 +77,13 @@ def load_state_dict(source: Union[str, os.PathLike, bytes], flat: bool = True,
     return out
 
 
-def _is_safetensors(data: bytes) -> bool:
-    """A safetensors file: an 8-byte little-endian header length, then that many bytes of a JSON object."""
-    if len(data) < 10:
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file (``head``: its first 9 bytes, ``size``: its length): an 8-byte little-endian header
+    length, then that many bytes of a JSON object."""
+    if size < 10 or len(head) < 9:
         return False
-    n = int.from_bytes(data[:8], "little")
-    return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
 
 
 def reference_tensors(

@@ -52,9 +52,8 @@ def hit(point: str) -> bool:
     if action is None:
         return False
     action, _, nth = action.partition("@")
-    directory = os.environ[DIR_ENV]
-    count = _count(directory, point)
-    if count != int(nth or 1):
+    stem = _stem(point)
+    if _count(stem) != int(nth or 1):
         return False
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -63,7 +62,6 @@ def hit(point: str) -> bool:
     elif action == "flag":
         return True
     elif action == "pause":
-        stem = os.path.join(directory, point.replace("/", "_").replace(":", "_"))
         open(stem + ".paused", "w").close()
         deadline = time.monotonic() + 120
         while not os.path.exists(stem + ".resume") and time.monotonic() < deadline:
@@ -73,9 +71,13 @@ def hit(point: str) -> bool:
     return False
 
 
-def _count(directory: str, point: str) -> int:
+def _stem(point: str) -> str:
+    """Where a point's files live: ``<dir>/<point with '/' and ':' as '_'>``."""
+    return os.path.join(os.environ[DIR_ENV], point.replace("/", "_").replace(":", "_"))
+
+
+def _count(stem: str) -> int:
     """This hit's number, counted over every process (one file created per hit, exclusively)."""
-    stem = os.path.join(directory, point.replace("/", "_").replace(":", "_"))
     n = 1
     while True:
         try:

@@ -597,6 +597,6 @@ def _finish(cfg, ctx, spec: ModelSpec, result, plan, pool: _Pool, resumed: int):
         "samples_per_s": round(seen / max(state["train_seconds"], 1e-9), 1),
         "train_rows": pool.train.num_rows, "test_rows": pool.test.num_rows, "workers": plan.world,
         "resumed_from_step": resumed, "final": final, "mode": cfg.mode, "task": cfg.task,
-        "nonfinite_steps": int(history[-1].get("nonfinite_steps", 0)) if history else 0,
+        "nonfinite_steps": int(state.get("nonfinite_steps", 0)),
         "class_names": pool.class_names,
     }

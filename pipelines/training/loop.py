@@ -233,6 +233,7 @@ class Worker:
         module = ClipSites(self.model) if self.clip else self.model
         self.net = maybe_ddp(module, comm, device)
         self.opt, self.sched = make_optimizer(self.model, job.optim, job.plan.total_steps)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # fixed once the model is prepared
         self.mimic = self.warm = None
         self.ref_model = None
         if job.mode != "plain":
@@ -356,9 +357,8 @@ class Worker:
                              rank=self.comm.rank, sizes=sizes, **dist)
             scores, weights = out.scores, out.weights
             stats.update(direction_norm=out.direction_norm, alignment=out.alignment)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         # the gradient norm (clipping if asked): one reduction that is non-finite if any gradient entry is
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, job.optim.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, job.optim.grad_clip or float("inf"))
         ok = torch.isfinite(grad_norm.to(self.device))
         for t in (loss_B.detach(), scores, weights):
             ok = ok & torch.isfinite(t).all()
