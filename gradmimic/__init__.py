@@ -5,8 +5,24 @@ first use (PEP 562), so numpy-only parts such as :mod:`gradmimic.binarize` do no
 """
 
 import importlib
+import importlib.metadata
+import os
 
-__version__ = "0.2.0"
+VERSION_ENV = "GRADMIMIC_VERSION"  # set by `gradmimic submit --ship-package`, where the job's nodes run the source
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml), or the submitting machine's for shipped source."""
+    try:
+        return importlib.metadata.version("gradmimic")
+    except importlib.metadata.PackageNotFoundError:
+        if os.environ.get(VERSION_ENV):
+            return os.environ[VERSION_ENV]
+        raise RuntimeError(f"gradmimic is not installed here and {VERSION_ENV} is not set: install it "
+                           "(pip install), or submit with --ship-package") from None
+
+
+__version__ = _version()  # read once
 
 _WHERE = {
     "clip_per_sample_loss": "clip_loss", "projection_sqnorms": "clip_loss",

@@ -44,10 +44,18 @@ class LinearSite:
     def batch_size(self) -> int:
         return self.inputs.shape[0]
 
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """The precision of per-sample statistics: the inputs' dtype, at least float32 (bf16 / fp16 under autocast)."""
+        return torch.promote_types(self.inputs.dtype, torch.float32)
+
     def tangent(self, t: torch.Tensor) -> torch.Tensor:
-        """``dZ``: how the outputs move when the parameter moves along ``t`` (same shape as the parameter)."""
-        t = t.to(self.inputs.dtype)
-        return self.inputs @ (t.T if self.layout == "linear" else t)
+        """``dZ``: how the outputs move when the parameter moves along ``t`` (same shape as the parameter).
+
+        In at least float32: ``t`` is a small difference of weights, and ``dZ`` only feeds the per-sample dots.
+        """
+        x, t = self.inputs.to(self.acc_dtype), t.to(self.acc_dtype)
+        return x @ (t.T if self.layout == "linear" else t)
 
     def param_grad(self, grad_outputs: torch.Tensor) -> torch.Tensor:
         """The parameter's gradient given ``dLoss/dZ``: ``sum_i X_i^T G_i``, in the parameter's layout."""
@@ -60,9 +68,9 @@ class LinearSite:
 
         2-D: ``|x_i|^2 |d_i|^2``.  Sequences: ``sum_{s,t} (x_is . x_it)(d_is . d_it)`` (the Gram form, cost
         ``S^2 (in + out)``) or the materialised ``|X_i^T D_i|^2`` (cost ``S in out``), whichever is cheaper
-        unless ``gram`` forces one.
+        unless ``gram`` forces one.  In at least float32 (the Gram form's sum cancels).
         """
-        x, d = self.inputs, grad_outputs_B.to(self.inputs.dtype)
+        x, d = self.inputs.to(self.acc_dtype), grad_outputs_B.to(self.acc_dtype)
         if x.dim() == 2:
             return x.pow(2).sum(-1) * d.pow(2).sum(-1)
         s, n_in, n_out = x.shape[1], x.shape[2], d.shape[2]

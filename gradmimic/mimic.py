@@ -173,13 +173,7 @@ class GradMimic:
         ``all_sum``, a sum over ranks (an all-reduce) for the ``alignment`` diagnostic instead of a gather.  With
         both, ``gather`` only ever receives per-sample vectors of this rank's batch, so it may rely on ``sizes``.
         """
-        if loss_B.dim() != 1:
-            raise ValueError(f"loss_B must be the per-sample loss vector (B,), got shape {tuple(loss_B.shape)}")
-        site_list = self._sites(sites)
-        for s in site_list:
-            # a coupled loss's sites may hold more samples than it scores (the global batch under DDP)
-            if s.batch_size != loss_B.shape[0] and not (coupled and s.batch_size > loss_B.shape[0]):
-                raise ValueError(f"site {s.name!r} has batch {s.batch_size} but loss_B has {loss_B.shape[0]}")
+        site_list = self._checked_sites(loss_B, sites, coupled)
         outs = [s.outputs for s in site_list]
         rule = self.weighting
         direction = self.direction()
@@ -187,24 +181,11 @@ class GradMimic:
         sizes = list(sizes) if sizes is not None else rank_sizes(loss_B, gather)
         if len(sizes) > 1 and gather is None:
             raise ValueError(f"sizes for {len(sizes)} ranks need a gather")
-        world_size = len(sizes)
         uniform = torch.full_like(loss_B.detach(), 1.0 / sum(sizes))
         if backward and self.reweight == "param" and not any(p.requires_grad for p in self.params.values()):
             raise ValueError("the mimic parameters do not require grad, so reweight='param' would change nothing; "
                              "use reweight='all' or backward=False")
-        dots = sq = None
-        grads_B = grads_u = None
-        if not coupled:
-            grads_B = torch.autograd.grad(loss_B.sum(), outs, retain_graph=True)
-            if tangents is not None:
-                dots = sum(_flat_dot(g, t) for g, t in zip(grads_B, tangents))
-            if rule.needs_grad_norms:
-                sq = sum(s.ghost_sqnorms(g) for s, g in zip(site_list, grads_B))
-        else:
-            if tangents is not None:
-                dots, grads_u = jvp_dots(loss_B, site_list, tangents, base=uniform)
-            if rule.needs_grad_norms:
-                sq = sqnorms_fn() if sqnorms_fn is not None else jacobian_sqnorms(loss_B, site_list)
+        grads_B, grads_u, dots, sq = self._per_sample(loss_B, site_list, tangents, uniform, coupled, sqnorms_fn)
         acc = torch.promote_types(loss_B.dtype, torch.float32)  # scores in at least float32, also under fp16
         gnorms = sq.to(acc).clamp_min(0).sqrt() if sq is not None else None
         dots = dots.to(acc) if dots is not None else None
@@ -221,26 +202,65 @@ class GradMimic:
         alignment = None
         if direction is not None:
             mean_g = [s.param_grad(g) for s, g in zip(site_list, grads_u or out_grads(uniform))]
-            if gather is not None:
-                mean_g = [all_sum(m) if all_sum is not None else _all_sum(m, gather) for m in mean_g]
-            num = -sum((m * direction[s.name]).sum() for s, m in zip(site_list, mean_g))
-            den = global_norm(mean_g) * global_norm(list(direction.values()))
-            alignment = float(num / den) if den > 0 else 0.0
+            alignment = _alignment(mean_g, site_list, direction, gather, all_sum)
         if backward:
-            if self.reweight == "all":
-                total = world_size * (weights * loss_B).sum()
-            else:
-                total = world_size * (uniform * loss_B).sum()
-                delta = out_grads(weights - uniform)
-                for s, g in zip(site_list, delta):
-                    # a linear term whose gradient moves P's grad from the mean to the weighted sum
-                    total = total + (self.params[s.name] * (world_size * s.param_grad(g)).detach()).sum()
-            total.backward()
+            self._backward(loss_B, site_list, weights, uniform, len(sizes), out_grads)
         return StepResult(
             loss=loss_B.detach(), scores=scores.detach(), weights=weights.detach(),
             dots=None if dots is None else dots.detach(), grad_norms=None if gnorms is None else gnorms.detach(),
             direction_norm=None if dnorm is None else float(dnorm), alignment=alignment,
         )
+
+    def _checked_sites(self, loss_B: torch.Tensor, sites: Mapping[str, LinearSite], coupled: bool) -> list:
+        if loss_B.dim() != 1:
+            raise ValueError(f"loss_B must be the per-sample loss vector (B,), got shape {tuple(loss_B.shape)}")
+        site_list = self._sites(sites)
+        for s in site_list:
+            # a coupled loss's sites may hold more samples than it scores (the global batch under DDP)
+            if s.batch_size != loss_B.shape[0] and not (coupled and s.batch_size > loss_B.shape[0]):
+                raise ValueError(f"site {s.name!r} has batch {s.batch_size} but loss_B has {loss_B.shape[0]}")
+        return site_list
+
+    def _per_sample(self, loss_B, site_list, tangents, uniform, coupled: bool, sqnorms_fn):
+        """``(grads_B, grads_u, dots, sqnorms)``: the outputs' gradients of ``sum(l)`` (decoupled losses) or of
+        the uniform mean (a by-product of the JVP for coupled ones), ``<grad l_i, D>`` and ``|grad l_i|^2`` as the
+        rule needs them."""
+        outs = [s.outputs for s in site_list]
+        dots = sq = grads_B = grads_u = None
+        if not coupled:
+            grads_B = torch.autograd.grad(loss_B.sum(), outs, retain_graph=True)
+            if tangents is not None:
+                dots = sum(_flat_dot(g, t) for g, t in zip(grads_B, tangents))
+            if self.weighting.needs_grad_norms:
+                sq = sum(s.ghost_sqnorms(g) for s, g in zip(site_list, grads_B))
+        else:
+            if tangents is not None:
+                dots, grads_u = jvp_dots(loss_B, site_list, tangents, base=uniform)
+            if self.weighting.needs_grad_norms:
+                sq = sqnorms_fn() if sqnorms_fn is not None else jacobian_sqnorms(loss_B, site_list)
+        return grads_B, grads_u, dots, sq
+
+    def _backward(self, loss_B, site_list, weights, uniform, world_size: int, out_grads) -> None:
+        """The one backward: ``sum_i w_i grad l_i`` on the mimic parameters (on all of them with ``reweight="all"``),
+        scaled by the ranks so that DDP's average is the single-process update on the global batch."""
+        if self.reweight == "all":
+            total = world_size * (weights * loss_B).sum()
+        else:
+            total = world_size * (uniform * loss_B).sum()
+            delta = out_grads(weights - uniform)
+            for s, g in zip(site_list, delta):
+                # a linear term whose gradient moves P's grad from the mean to the weighted sum
+                total = total + (self.params[s.name] * (world_size * s.param_grad(g)).detach()).sum()
+        total.backward()
+
+
+def _alignment(mean_g, site_list, direction, gather, all_sum) -> float:
+    """cos(D, mean negative gradient) over the global batch."""
+    if gather is not None:
+        mean_g = [all_sum(m) if all_sum is not None else _all_sum(m, gather) for m in mean_g]
+    num = -sum((m * direction[s.name]).sum() for s, m in zip(site_list, mean_g))
+    den = global_norm(mean_g) * global_norm(list(direction.values()))
+    return float(num / den) if den > 0 else 0.0
 
 
 def _follow(tensors: Dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -79,9 +79,13 @@ class ClipBatch:
 
 
 def _project(name: str, proj, x: torch.Tensor) -> LinearSite:
+    # the embeddings in at least float32: under autocast the projection runs in bf16, but the loss head (float32,
+    # see clip_per_sample_loss) then hands the sites float32 gradients, which the per-sample dots use unrounded
     if isinstance(proj, nn.Linear):
-        return LinearSite(f"{name}.weight", x, F.linear(x, proj.weight, proj.bias), "linear")
-    return LinearSite(name, x, x @ proj, "matmul")
+        name, z, layout = f"{name}.weight", F.linear(x, proj.weight, proj.bias), "linear"
+    else:
+        z, layout = x @ proj, "matmul"
+    return LinearSite(name, x, z.to(torch.promote_types(z.dtype, torch.float32)), layout)
 
 
 def projection_params(model: nn.Module) -> Dict[str, str]:

@@ -12,7 +12,6 @@ import torch
 from torch.func import jacrev
 
 
-
 def per_sample_grads(
     loss_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], params: Mapping[str, torch.Tensor]
 ) -> Dict[str, torch.Tensor]:

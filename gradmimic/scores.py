@@ -49,7 +49,7 @@ def mimic_scores(
     """Raw score of each sample: ``proj`` or ``cos`` of ``-g_i`` against ``T`` (``normed_*`` use the same raw score).
 
     A zero task vector (the model sits on the reference) or a zero gradient gives a score of 0, not NaN.
-    Scores are computed in at least float32, whatever the training precision.
+    Scores are computed in at least float32, whatever the training precision; cosines lie in ``[-1, 1]``.
     """
     check_method(method)
     dots_B = dots_B.to(torch.promote_types(dots_B.dtype, torch.float32))
@@ -61,7 +61,8 @@ def mimic_scores(
         raise ValueError(f"method {method!r} needs per-sample gradient norms (gnorms_B)")
     if gnorms_B.shape != dots_B.shape:
         raise ValueError(f"gnorms_B has shape {tuple(gnorms_B.shape)} but dots_B has {tuple(dots_B.shape)}")
-    return proj_B / gnorms_B.to(dots_B.dtype).clamp_min(_EPS)
+    # |<g, T>| <= |g| |T| holds exactly; dots and norms come from different computations, so clamp their rounding
+    return (proj_B / gnorms_B.to(dots_B.dtype).clamp_min(_EPS)).clamp(-1.0, 1.0)
 
 
 def global_softmax(

@@ -101,7 +101,7 @@ def test_reference_files_load_without_unpickling(tmp_path):
 def test_open_clip_sites_match_the_model_and_the_full_model_oracle():
     pytest.importorskip("open_clip")
     from pipelines.bench.overhead import make_batch
-    from pipelines.models import tiny_clip
+    from pipelines.models.build import tiny_clip
 
     model = tiny_clip(seed=1).double()
     images, texts = make_batch(model, 5, seed=2)
