@@ -32,7 +32,7 @@ def ray_local(s3_endpoint):
     """A local Ray, started after the S3 environment so its workers inherit it."""
     import ray
 
-    from pipelines.runner import local_ray_defaults
+    from pipelines.run.runner import local_ray_defaults
 
     local_ray_defaults()
     # logical CPUs: two training workers plus Ray Data's decoding tasks, on however many cores there are

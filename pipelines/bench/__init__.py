@@ -1,4 +1,5 @@
-"""Benchmarks that print the numbers the issues ask for."""
+"""Benchmarks: each measures a stage (or an exact Grad-Mimic step) against its baselines side by side in one run
+and prints ratios, since a shared machine drifts between runs."""
 
 import json
 from typing import Any, Dict

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import multiprocessing
 import os
@@ -43,7 +44,9 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from . import print_result
+from pipelines.bench import print_result
+from pipelines.formats import score_log
+from pipelines.run.errors import InputError
 
 BATCH_SIZE = 256
 TOLERANCE = 1e-6
@@ -75,8 +78,8 @@ WARMUP_UIDS, WARMUP_EPOCHS = 2 * BATCH_SIZE, 50  # 25,600 rows
 
 def _write_logs(log_dir: str, warmup_dir: str, uids: int, epochs: int, steps_per_file: int) -> int:
     """Runs in a child process: the generator's arrays never enter the driver's memory."""
-    from ..storage import open_storage
-    from .scorelog import write_score_log
+    from pipelines.bench.scorelog import write_score_log
+    from pipelines.run.storage import open_storage
 
     fs, root = open_storage(warmup_dir)
     write_score_log(fs, root, WARMUP_UIDS, WARMUP_EPOCHS, BATCH_SIZE, seed=1)
@@ -98,8 +101,8 @@ def log_files(log_dir: str) -> List[Tuple[str, int]]:
     """Every file of the log with its row count, in step order (segment by segment), from the footers."""
     import pyarrow.parquet as pq
 
-    from ..score_log import list_parts
-    from ..storage import open_storage
+    from pipelines.formats.score_log import list_parts
+    from pipelines.run.storage import open_storage
 
     fs, root = open_storage(log_dir)
     paths = list_parts(fs, root)
@@ -165,9 +168,9 @@ THRESHOLD = {"binarisers": ["threshold"]}
 
 
 def run_gradmimic(storage: str, log_dir: str, options: Dict[str, Any], name: str, quiet: bool, repeat: int):
-    from ..runner import committed_stage, run_spec
-    from ..spec import parse_spec
-    from ..stages.aggregate import read_utility
+    from pipelines.formats.utility import read_utility
+    from pipelines.run.runner import committed_stage, run_spec
+    from pipelines.run.spec import parse_spec
 
     stage: Dict[str, Any] = {"stage": "aggregate", "name": "agg", "scores": {"path": log_dir}, **options}
     spec = parse_spec({"name": name, "storage": storage, "stages": [stage]}, label="bench aggregate")
@@ -224,111 +227,154 @@ def _rate(rows: int, seconds: float) -> float:
     return round(rows / seconds, 1)
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+@dataclasses.dataclass
+class Log:
+    """The generated score log: its files, and the prefix the Ray groupby reads."""
+
+    shape: Dict[str, int]
+    files: List[Tuple[str, int]]
+    ray_files: List[Tuple[str, int]]
+    generate_s: float
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.files)
+
+    @property
+    def paths(self) -> List[str]:
+        return [p for p, _ in self.files]
+
+    @property
+    def ray_rows(self) -> int:
+        return sum(n for _, n in self.ray_files)
+
+    @property
+    def ray_paths(self) -> List[str]:
+        return [p for p, _ in self.ray_files]
+
+
+def _generate(args: argparse.Namespace, log_dir: str, warmup_dir: str) -> Log:
+    if os.path.exists(log_dir) or os.path.exists(warmup_dir):
+        raise InputError(f"--dir {args.dir}: has a score log already (give an empty or new directory)")
+    t0 = time.perf_counter()
+    shape = write_logs(log_dir, warmup_dir, args.rows, args.segment_rows)
+    generate_s = time.perf_counter() - t0
+    files = log_files(log_dir)
+    log = Log(shape, files, prefix_files(files, args.ray_rows) if args.ray_rows else files, generate_s)
+    if log.rows != shape["rows"]:
+        raise RuntimeError(f"the log holds {log.rows} rows, the generator wrote {shape['rows']}")
+    return log
+
+
+def _measure(args: argparse.Namespace, log: Log, storage: str, log_dir: str, warmup_dir: str, cores: int):
+    """Every method's times over the rounds, peaks, and each method's last result (on a local Ray it starts)."""
     import psutil
     import ray
     import ray.data
 
-    if args.rows < BATCH_SIZE or args.repeats < 1 or args.ray_rows < 0 or args.segment_rows < BATCH_SIZE:
-        raise ValueError(f"--rows and --segment-rows must be >= {BATCH_SIZE}, --repeats >= 1, --ray-rows >= 0")
-    cores = os.cpu_count() or 1
-    # --json: stdout holds the one result line; what Ray prints meanwhile (raylet warnings) goes to stderr
-    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout), \
-            tempfile.TemporaryDirectory() as tmp:
-        work = os.path.abspath(args.dir) if args.dir else tmp
-        log_dir, storage = os.path.join(work, "scores"), os.path.join(work, "runs")
-        warmup_dir = os.path.join(work, "warmup-scores")
-        if os.path.exists(log_dir) or os.path.exists(warmup_dir):
-            raise ValueError(f"--dir {args.dir}: has a score log already (give an empty or new directory)")
-        t0 = time.perf_counter()
-        shape = write_logs(log_dir, warmup_dir, args.rows, args.segment_rows)
-        generate_s = time.perf_counter() - t0
-        files = log_files(log_dir)
-        rows = sum(n for _, n in files)
-        if rows != shape["rows"]:
-            raise RuntimeError(f"the log holds {rows} rows, the generator wrote {shape['rows']}")
-        paths = [p for p, _ in files]
-        ray_files = prefix_files(files, args.ray_rows) if args.ray_rows else files
-        ray_rows = sum(n for _, n in ray_files)
-        ray_paths = [p for p, _ in ray_files]
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        if args.json:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+        # each method once, untimed, on a small log: Ray's worker processes and their imports, DuckDB's set-up;
+        # the stage last, so that its workers (which import torch) are the ones Ray keeps for its timed run
+        warmup = [p for p, _ in log_files(warmup_dir)]
+        run_ray_groupby(warmup)
+        run_duckdb(warmup, cores)
+        m: Dict[str, Any] = {"cold_s": run_gradmimic(storage, warmup_dir, THRESHOLD, "warmup", True, 0)[0],
+                             "base_mb": psutil.Process().memory_info().rss / 2**20,
+                             "times": {"gradmimic": [], "threshold": [], "duckdb": [], "ray_groupby": [], "all": []},
+                             "peak": 0, "peak_threshold": 0, "peak_all": 0, "out": {}}
+        times, out = m["times"], m["out"]
+        for r in range(args.repeats):  # alternating, so a machine that slows down slows all alike
+            if r:  # the Ray groupby's shuffle ended the stage's idle workers: start and warm them again
+                run_gradmimic(storage, warmup_dir, THRESHOLD, "warmup", True, r)
+            settle()
+            m["base_mb"] = max(m["base_mb"], psutil.Process().memory_info().rss / 2**20)
+            for key, options, name, peak in (("gradmimic", MEAN_ONLY, "bench", "peak"),
+                                             ("duckdb", None, None, None),  # right after the stage: the ratio
+                                             ("threshold", THRESHOLD, "bench_threshold", "peak_threshold"),
+                                             ("all", {}, "bench_all", "peak_all"),
+                                             ("ray_groupby", None, None, None)):
+                if key == "all" and args.no_all_binarisers:
+                    continue
+                if key == "duckdb":
+                    s, *out[key] = run_duckdb(log.paths, cores)
+                elif key == "ray_groupby":
+                    s, *out[key] = run_ray_groupby(log.ray_paths)
+                else:
+                    s, p, *out[key] = run_gradmimic(storage, log_dir, options, name, args.json, r)
+                    m[peak] = max(m[peak], p)
+                times[key].append(s)
+        out["duckdb_subset"] = run_duckdb(log.ray_paths, cores)[1:] if args.ray_rows else out["duckdb"]
+    finally:
+        ray.shutdown()
+    return m
 
-        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        try:
-            if args.json:
-                ray.data.DataContext.get_current().enable_progress_bars = False
-            # each method once, untimed, on a small log: Ray's worker processes and their imports, DuckDB's set-up;
-            # the stage last, so that its workers (which import torch) are the ones Ray keeps for its timed run
-            warmup = [p for p, _ in log_files(warmup_dir)]
-            run_ray_groupby(warmup)
-            run_duckdb(warmup, cores)
-            cold_s = run_gradmimic(storage, warmup_dir, THRESHOLD, "warmup", True, 0)[0]
-            base_mb = psutil.Process().memory_info().rss / 2**20
-            times: Dict[str, List[float]] = {"gradmimic": [], "threshold": [], "duckdb": [], "ray_groupby": [],
-                                             "all": []}
-            peak, peak_threshold, peak_all = 0, 0, 0
-            for r in range(args.repeats):  # alternating, so a machine that slows down slows all alike
-                if r:  # the Ray groupby's shuffle ended the stage's idle workers: start and warm them again
-                    run_gradmimic(storage, warmup_dir, THRESHOLD, "warmup", True, r)
-                settle()
-                base_mb = max(base_mb, psutil.Process().memory_info().rss / 2**20)
-                s, p, *gm = run_gradmimic(storage, log_dir, MEAN_ONLY, "bench", args.json, r)
-                times["gradmimic"].append(s)
-                peak = max(peak, p)
-                s, *dd = run_duckdb(paths, cores)  # right after the stage: the ratio the goal is about
-                times["duckdb"].append(s)
-                s, p, *th = run_gradmimic(storage, log_dir, THRESHOLD, "bench_threshold", args.json, r)
-                times["threshold"].append(s)
-                peak_threshold = max(peak_threshold, p)
-                if not args.no_all_binarisers:
-                    s, p, *full = run_gradmimic(storage, log_dir, {}, "bench_all", args.json, r)
-                    times["all"].append(s)
-                    peak_all = max(peak_all, p)
-                s, *rg = run_ray_groupby(ray_paths)
-                times["ray_groupby"].append(s)
-            dd_subset = run_duckdb(ray_paths, cores)[1:] if args.ray_rows else dd
-        finally:
-            ray.shutdown()
 
-    checks = {"duckdb": compare(tuple(gm), tuple(dd)), "ray_groupby": compare(tuple(rg), tuple(dd_subset))}
-    checks["gradmimic_threshold"] = compare(tuple(th), tuple(gm))
+def _checks(args: argparse.Namespace, out: Dict[str, Any]) -> Dict[str, Tuple[bool, float, str]]:
+    gm, dd = tuple(out["gradmimic"]), tuple(out["duckdb"])
+    checks = {"duckdb": compare(gm, dd), "ray_groupby": compare(tuple(out["ray_groupby"]), tuple(out["duckdb_subset"]))}
+    checks["gradmimic_threshold"] = compare(tuple(out["threshold"]), gm)
     if not args.no_all_binarisers:
-        checks["gradmimic_all_binarisers"] = compare(tuple(full), tuple(gm))
-    agree = all(ok for ok, _, _ in checks.values())
-    sec = {k: statistics.median(v) for k, v in times.items() if v}
+        checks["gradmimic_all_binarisers"] = compare(tuple(out["all"]), gm)
+    return checks
+
+
+def _result(args: argparse.Namespace, log: Log, m: Dict[str, Any], checks, cores: int) -> Dict[str, Any]:
+    rows, ray_rows = log.rows, log.ray_rows
+    sec = {k: statistics.median(v) for k, v in m["times"].items() if v}
     result: Dict[str, Any] = {
-        "rows": rows, "uids": shape["uids"], "epochs": shape["epochs"], "buckets": 64, "files": len(files),
-        "cores": cores, "stage_options": MEAN_ONLY,
+        "rows": rows, "uids": log.shape["uids"], "epochs": log.shape["epochs"], "buckets": 64,
+        "files": len(log.files), "cores": cores, "stage_options": MEAN_ONLY,
         "gradmimic_rows_per_s": _rate(rows, sec["gradmimic"]),
         "duckdb_rows_per_s": _rate(rows, sec["duckdb"]),
         "ray_groupby_rows_per_s": _rate(ray_rows, sec["ray_groupby"]),
         "ratio_vs_duckdb": round(sec["duckdb"] / sec["gradmimic"], 3),
         "ratio_vs_ray_groupby": round(rows / sec["gradmimic"] / (ray_rows / sec["ray_groupby"]), 3),
         "ray_groupby_rows": ray_rows,
-        "driver_peak_mb": round(peak / 2**20, 1), "driver_base_mb": round(base_mb, 1),
-        "gradmimic_cold_s": round(cold_s, 3),
+        "driver_peak_mb": round(m["peak"] / 2**20, 1), "driver_base_mb": round(m["base_mb"], 1),
+        "gradmimic_cold_s": round(m["cold_s"], 3),
         "gradmimic_threshold_rows_per_s": _rate(rows, sec["threshold"]),
         "gradmimic_threshold_s": round(sec["threshold"], 3),
-        "driver_peak_threshold_mb": round(peak_threshold / 2**20, 1),
+        "driver_peak_threshold_mb": round(m["peak_threshold"] / 2**20, 1),
         "gradmimic_s": round(sec["gradmimic"], 3), "duckdb_s": round(sec["duckdb"], 3),
         "ray_groupby_s": round(sec["ray_groupby"], 3),
     }
     if "all" in sec:
         result["gradmimic_all_binarisers_rows_per_s"] = _rate(rows, sec["all"])
         result["gradmimic_all_binarisers_s"] = round(sec["all"], 3)
-        result["driver_peak_all_binarisers_mb"] = round(peak_all / 2**20, 1)
+        result["driver_peak_all_binarisers_mb"] = round(m["peak_all"] / 2**20, 1)
     result.update({
-        "agree": agree, "max_abs_diff_vs_duckdb": checks["duckdb"][1],
+        "agree": all(ok for ok, _, _ in checks.values()), "max_abs_diff_vs_duckdb": checks["duckdb"][1],
         "max_abs_diff_ray_vs_duckdb": checks["ray_groupby"][1],
-        "repeats": args.repeats, "generate_s": round(generate_s, 1),
+        "repeats": args.repeats, "generate_s": round(log.generate_s, 1),
     })
+    return result
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.rows < BATCH_SIZE or args.repeats < 1 or args.ray_rows < 0 or args.segment_rows < BATCH_SIZE:
+        raise InputError(f"--rows and --segment-rows must be >= {BATCH_SIZE}, --repeats >= 1, --ray-rows >= 0")
+    cores = os.cpu_count() or 1
+    # --json: stdout holds the one result line; what Ray prints meanwhile (raylet warnings) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout), \
+            tempfile.TemporaryDirectory() as tmp:
+        work = os.path.abspath(args.dir) if args.dir else tmp
+        log_dir, storage = os.path.join(work, score_log.DIR), os.path.join(work, "runs")
+        warmup_dir = os.path.join(work, "warmup-scores")
+        log = _generate(args, log_dir, warmup_dir)
+        m = _measure(args, log, storage, log_dir, warmup_dir, cores)
+    checks = _checks(args, m["out"])
+    result = _result(args, log, m, checks, cores)
     if not args.json:
-        print(f"mean score per uid over {rows:,} score-log rows ({shape['uids']:,} uids, 64 buckets, {len(files)} "
-              f"parquet files), {cores} cores; gradmimic = the aggregate stage asked for the mean score only "
-              f"(outputs [mean_score], no binarisers), as the others compute" + (f"; Ray groupby on the first {ray_rows:,} rows only"
-                                                        if args.ray_rows else "") +
+        print(f"mean score per uid over {log.rows:,} score-log rows ({log.shape['uids']:,} uids, 64 buckets, "
+              f"{len(log.files)} parquet files), {cores} cores; gradmimic = the aggregate stage asked for the mean "
+              f"score only (outputs [mean_score], no binarisers), as the others compute" +
+              (f"; Ray groupby on the first {log.ray_rows:,} rows only" if args.ray_rows else "") +
               "; driver_peak_mb: the driver process's resident set only")
     print_result(result, args.json)
-    if not agree:
+    if not result["agree"]:
         bad = "; ".join(f"{k}: {why}" for k, (ok, _, why) in checks.items() if not ok)
         raise SystemExit(f"gradmimic bench aggregate: the results disagree: {bad}")
     return result

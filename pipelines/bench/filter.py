@@ -33,8 +33,9 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from . import print_result
-from .aggregate import PeakRSS, settle
+from pipelines.bench import print_result
+from pipelines.bench.aggregate import PeakRSS, settle
+from pipelines.run.errors import InputError
 
 BUCKETS = 64
 KEEP = {"minus": [{"clip_b32_similarity_score": {"top": 0.3}}, {"mean_score": {"bottom": 0.2}}]}
@@ -50,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_spec(storage: str, name: str):
-    from ..spec import parse_spec
+    from pipelines.run.spec import parse_spec
 
     return parse_spec({"name": name, "storage": storage, "stages": [
         {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}},  # stands for the committed pool
@@ -63,11 +64,13 @@ def write_inputs(storage: str, name: str, rows: int, shard_rows: int, seed: int 
     """The committed pool and utility of run ``name`` (runs in a child process)."""
     import pyarrow as pa
 
-    from ..runner import config_hash
-    from ..score_log import buckets_of
-    from ..stages.aggregate import uid_hex
-    from ..storage import StageDir, open_storage
-    from .scorelog import synthetic_uids
+    from pipelines.bench.scorelog import synthetic_uids
+    from pipelines.formats import utility
+    from pipelines.formats.manifest import DatasetManifest, UtilityManifest
+    from pipelines.formats.pool import shard_parquet, uid_hex
+    from pipelines.formats.score_log import buckets_of
+    from pipelines.run.runner import config_hash
+    from pipelines.run.storage import StageDir, open_storage
 
     spec = bench_spec(storage, name)
     fs, root = open_storage(storage)
@@ -89,10 +92,10 @@ def write_inputs(storage: str, name: str, rows: int, shard_rows: int, seed: int 
             "clip_b32_similarity_score": np.round(rng.normal(0.3, 0.05, n), 4).astype(np.float32),
             "original_width": rng.integers(64, 4096, n), "original_height": rng.integers(64, 4096, n),
         })
-        rel = f"shards/shard-{s:05d}.parquet"
+        rel = shard_parquet(s)
         pool.write_table(rel, table)
         files.append(rel)
-    pool.commit({"config_hash": config_hash(spec.stages[0], {}), "files": files, "rows_out": rows})
+    pool.commit(DatasetManifest(config_hash=config_hash(spec.stages[0], {}), files=files, rows_out=rows).to_json())
     util = StageDir(fs, f"{root}/{name}/utility")
     util.begin()
     train = np.flatnonzero(~test)
@@ -100,18 +103,20 @@ def write_inputs(storage: str, name: str, rows: int, shard_rows: int, seed: int 
     files = []
     for b in range(BUCKETS):
         sel = train[bucket == b]
-        rel = f"utility/bucket={b}/part-00000.parquet"
+        rel = utility.part_path(b)
         util.write_table(rel, pa.table({"uid_hi": hi[sel], "uid_lo": lo[sel],
                                         "mean_score": rng.normal(0, 1, len(sel)).astype(np.float32),
-                                        "vote_threshold": rng.integers(0, 9, len(sel)) / 8}))
+                                        utility.vote("threshold"): rng.integers(0, 9, len(sel)) / 8}))
         files.append(rel)
-    util.commit({"config_hash": config_hash(spec.stages[1], {}), "files": files, "num_buckets": BUCKETS,
-                 "rows_out": len(train)})
+    util.commit(UtilityManifest(config_hash=config_hash(spec.stages[1], {}), files=files, num_buckets=BUCKETS,
+                                rows_out=len(train)).to_json())
 
 
 def run_stage(storage: str, name: str, quiet: bool, repeat: int):
-    from ..runner import committed_stage, run_spec
-    from ..storage import read_parquet
+    from pipelines.formats.manifest import DatasetManifest
+    from pipelines.formats.pool import shard_parquets
+    from pipelines.run.runner import committed_stage, run_spec
+    from pipelines.run.storage import read_parquet
 
     spec = bench_spec(storage, name)
     with PeakRSS() as rss:
@@ -119,7 +124,7 @@ def run_stage(storage: str, name: str, quiet: bool, repeat: int):
         run_spec(spec, force=["kept"] if repeat else (), stream=io.StringIO() if quiet else sys.stderr)
         seconds = time.perf_counter() - t0
     kept = committed_stage(spec, "kept")
-    shards = [f for f in kept.manifest()["files"] if f.startswith("shards/")]
+    shards = shard_parquets(DatasetManifest.read(kept).files)
     uids = np.concatenate([read_parquet(kept.fs, kept.join(f), ["uid"])["uid"].to_numpy(zero_copy_only=False)
                            for f in shards]) if shards else np.array([], object)
     return seconds, rss.peak, uids
@@ -128,8 +133,12 @@ def run_stage(storage: str, name: str, quiet: bool, repeat: int):
 def run_duckdb(storage: str, name: str, out: str, threads: int):
     import duckdb
 
-    pool = os.path.join(storage, name, "pool", "*", "shards", "*.parquet")
-    util = os.path.join(storage, name, "utility", "*", "utility", "*", "*.parquet")
+    from pipelines.formats import pool as fp
+    from pipelines.formats import utility as fu
+
+    # <run>/<stage>/<attempt>/<files>
+    pool = os.path.join(storage, name, "pool", "*", fp.SHARDS, "*.parquet")
+    util = os.path.join(storage, name, "utility", "*", fu.DIR, "*", "*.parquet")
     query = f"""
         COPY (
           WITH j AS (SELECT p.*, u.mean_score FROM read_parquet('{pool}') p
@@ -163,14 +172,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     import ray
 
     if args.rows < 1000 or args.shard_rows < 1 or args.repeats < 1:
-        raise ValueError("--rows must be >= 1000, --shard-rows and --repeats >= 1")
+        raise InputError("--rows must be >= 1000, --shard-rows and --repeats >= 1")
     cores = os.cpu_count() or 1
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout), \
             tempfile.TemporaryDirectory() as tmp:
         work = os.path.abspath(args.dir) if args.dir else tmp
         storage = os.path.join(work, "runs")
         if os.path.exists(storage):
-            raise ValueError(f"--dir {args.dir}: has a bench pool already (give an empty or new directory)")
+            raise InputError(f"--dir {args.dir}: has a bench pool already (give an empty or new directory)")
         t0 = time.perf_counter()
         spawn = multiprocessing.get_context("spawn")
         with spawn.Pool(1) as pool:
@@ -195,15 +204,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 times["duckdb"].append(s)
         finally:
             ray.shutdown()
-        from ..runner import committed_stage
+        from pipelines.formats.manifest import FilterManifest
+        from pipelines.run.runner import committed_stage
 
-        m = committed_stage(bench_spec(storage, "bench"), "kept").manifest()
+        m = FilterManifest.read(committed_stage(bench_spec(storage, "bench"), "kept"))
     same = len(gm) == len(dd) and np.array_equal(np.sort(gm.astype(str)), np.sort(dd.astype(str)))
     sec = {k: statistics.median(v) for k, v in times.items()}
     rate = args.rows / sec["gradmimic"]
     result = {
-        "rows": args.rows, "shards": -(-args.rows // args.shard_rows), "cores": cores, "rule": m["rule"],
-        "kept": m["rows_out"], "rejected": m["rejected"],
+        "rows": args.rows, "shards": -(-args.rows // args.shard_rows), "cores": cores, "rule": m.rule,
+        "kept": m.rows_out, "rejected": m.rejected,
         "gradmimic_rows_per_s": round(rate, 1), "gradmimic_rows_per_core_s": round(rate / cores, 1),
         "duckdb_rows_per_s": round(args.rows / sec["duckdb"], 1),
         "ratio_vs_duckdb": round(sec["duckdb"] / sec["gradmimic"], 3),
@@ -212,7 +222,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "agree": bool(same), "repeats": args.repeats, "generate_s": round(generate_s, 1),
     }
     if not args.json:
-        print(f"filter {args.rows:,} pool rows ({result['shards']} parquet shards, metadata only) by {m['rule']}, "
+        print(f"filter {args.rows:,} pool rows ({result['shards']} parquet shards, metadata only) by {m.rule}, "
               f"{cores} cores; gradmimic = the filter stage (kept shards, rejects, subset.npy), duckdb = one query "
               f"writing the kept rows")
     print_result(result, args.json)

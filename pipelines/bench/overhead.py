@@ -27,9 +27,8 @@ from torch.func import grad, vmap
 
 from gradmimic import ClipSites, GradMimic, Weighting, clip_per_sample_loss
 from gradmimic.oracle import per_sample_grads, scores_from_grads
-
-from ..models import tiny_clip
-from . import print_result
+from pipelines.bench import print_result
+from pipelines.models.build import tiny_clip
 
 PARAM = "visual.proj"
 VARIANTS = ("plain", "mimic", "vmap")

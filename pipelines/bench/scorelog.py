@@ -2,7 +2,7 @@
 
 ``uids`` samples (random 128-bit uids, a fraction of them "corrupted": lower mean score), each seen once per epoch
 in a seeded shuffle, in global batches of ``batch_size``; each step's weights are the softmax of its scores over
-the batch.  Files follow :mod:`pipelines.score_log`: ``bucket=<b>/part-s<first>-<last>-r<rank>.parquet``, one
+the batch.  Files follow :mod:`pipelines.formats.score_log`: ``bucket=<b>/part-s<first>-<last>-r<rank>.parquet``, one
 segment per ``steps_per_file`` steps, ``ranks`` ranks splitting each batch.
 """
 
@@ -13,7 +13,7 @@ from typing import Dict
 
 import numpy as np
 
-from ..score_log import SCHEMA, buckets_of, part_name
+from pipelines.formats.score_log import SCHEMA, bucket_dir, buckets_of, part_name
 
 
 def synthetic_uids(n: int, seed: int):
@@ -69,7 +69,7 @@ def write_score_log(fs, root: str, uids: int, epochs: int, batch_size: int, num_
             if len(sel):
                 b, r = divmod(key, ranks)
                 table = pa.table({c: v[sel] for c, v in cols.items()}, schema=SCHEMA)
-                path = posixpath.join(root, f"bucket={b}", part_name(first, last, r))
+                path = posixpath.join(root, bucket_dir(b), part_name(first, last, r))
                 fs.makedirs(posixpath.dirname(path), exist_ok=True)
                 with fs.open(path, "wb") as f:
                     pq.write_table(table, f)

@@ -28,7 +28,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from . import print_result
+from pipelines.bench import print_result
+from pipelines.run.errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,10 +54,11 @@ def _spec(storage: str, args, cpus: int, rounds: int) -> Dict[str, Any]:
 
 
 def stage_step_seconds(storage: str, stage: str, warmup: int, column: str = "step_seconds") -> List[float]:
-    from ..storage import StageDir, open_storage
+    from pipelines.formats.model import read_metrics
+    from pipelines.run.storage import StageDir, open_storage
 
     fs, root = open_storage(storage)
-    table = StageDir(fs, f"{root}/bench/{stage}").read_table("metrics.parquet").to_pandas()
+    table = read_metrics(StageDir(fs, f"{root}/bench/{stage}")).to_pandas()
     return table[table.step > warmup][column].tolist()
 
 
@@ -66,11 +68,13 @@ def bare_step_seconds(storage: str, args, threads: int):
     import torch
 
     from gradmimic import clip_per_sample_loss
-
-    from ..models import ModelSpec
-    from ..storage import StageDir, open_storage
-    from ..training.data import POOL_COLUMNS, Decoder, StepPlan, read_pool, split_rows
-    from ..training.loop import OptimizerConfig, make_optimizer, to_images
+    from pipelines.formats.pool import POOL_COLUMNS, read_pool, split_rows
+    from pipelines.models.build import ModelSpec
+    from pipelines.run.storage import StageDir, open_storage
+    from pipelines.training.batches import to_images
+    from pipelines.training.config import OptimizerConfig
+    from pipelines.training.data import Decoder, StepPlan
+    from pipelines.training.optim import make_optimizer
 
     torch.set_num_threads(threads)
     fs, root = open_storage(storage)
@@ -102,14 +106,14 @@ def bare_step_seconds(storage: str, args, threads: int):
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     import ray
 
-    from ..runner import run_spec
-    from ..spec import parse_spec
-    from .overhead import median_ratio
+    from pipelines.bench.overhead import median_ratio
+    from pipelines.run.runner import run_spec
+    from pipelines.run.spec import parse_spec
 
     cores = os.cpu_count() or 1
     cpus = args.cpus_per_worker or max(1, cores // args.workers)
     if args.steps <= args.warmup or args.rounds < 1:
-        raise ValueError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --rounds be >= 1")
+        raise InputError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --rounds be >= 1")
     rounds: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
     cpu: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:

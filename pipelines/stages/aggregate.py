@@ -6,10 +6,10 @@ steps in which its step's binariser voted "keep".  Options: ``first_step`` (skip
 weights are the plain mean), ``last_epochs`` (only the last k epochs), ``decay`` (a row of step ``t`` counts
 ``decay ** (T - t)``, ``T`` the log's last step; ``num_steps`` stays a count).
 
-**Shuffle-free.**  The log is partitioned by ``bucket = uid_lo % num_buckets`` (DESIGN.md section 4), so every
+**Shuffle-free.**  The log is partitioned by ``bucket = uid_lo % num_buckets`` (docs/architecture.md, "Formats"), so every
 row of a uid is in one bucket: one Ray Data task per bucket reduces its files with numpy kernels, a chunk of rows
-at a time into per-uid partial sums (sums and "latest step" merge exactly), and writes
-``utility/bucket=<b>/part-00000.parquet``.  A task holds one chunk plus its bucket's partial sums; the driver
+at a time into per-uid partial sums (sums and "latest step" merge exactly), and writes the bucket's utility
+file (:mod:`pipelines.formats.utility`).  A task holds one chunk plus its bucket's partial sums; the driver
 holds per-task counters only.
 
 **Fitted binarisers** (``kmeans``, ``gmm``) need each step's whole global batch, which is spread over every
@@ -25,25 +25,25 @@ least ``min_vote``, and the mean score.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import posixpath
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 
-from ..config import SpecError, doc, ref_name, require
-from ..score_log import DIR, buckets_of
-from ..storage import open_storage, parquet_metadata, parquet_schema, read_parquet, write_parquet
+from pipelines.formats import utility as fu
+from pipelines.formats.manifest import ModelManifest, UtilityManifest
+from pipelines.formats.score_log import DIR, PATTERN, buckets_of, is_log_file, list_buckets
+from pipelines.run.config import SpecError, doc, ref_name, require
+from pipelines.run.context import StageContext
+from pipelines.run.errors import InputError
+from pipelines.run.storage import open_storage, parquet_metadata, parquet_schema, read_parquet, write_parquet
 
 BINARISERS = ("threshold", "kmeans", "gmm")
-OUTPUTS = ("mean_score", "mean_weight", "mean_loss", "last_weight")
-OUT = "utility"
-_BUCKET = re.compile(r"(?:^|/)bucket=(\d+)/")
+OUTPUTS = fu.OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def _step_summary(fs, files, value_col: str, filt: LogFilter, lo, hi, bins: int)
     return acc
 
 
-def fit_steps(ctx, cfg: AggregateConfig, fs, groups: List[List[str]], filt: LogFilter, num_steps: int):
+def fit_steps(ctx: StageContext, cfg: AggregateConfig, fs, groups: List[List[str]], filt: LogFilter, num_steps: int):
     """Per-step k-means boundaries ``[T]`` and GMM parameters ``[T, 6]`` from two passes over the log."""
     from gradmimic.binarize import gmm_fit, kmeans_split
 
@@ -273,34 +273,17 @@ def reduce_partials(part: pa.Table) -> pa.Table:
     return out.rename_columns([c.removesuffix("_sum").removesuffix("_max") for c in out.column_names])
 
 
-def uid_hex(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
-    """32 lowercase hex chars per uid (DESIGN.md section 4), vectorised."""
-    n = len(hi)
-    raw = np.empty((n, 2), dtype=">u8")
-    raw[:, 0], raw[:, 1] = hi, lo
-    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-    b = raw.view(np.uint8).reshape(n, 16)
-    chars = np.empty((n, 32), dtype=np.uint8)
-    chars[:, 0::2], chars[:, 1::2] = digits[b >> 4], digits[b & 15]
-    offsets = pa.py_buffer(np.arange(0, 32 * n + 1, 32, dtype=np.int32).tobytes())
-    return pa.StringArray.from_buffers(n, offsets, pa.py_buffer(chars.tobytes()))
-
-
 def utility_table(part: pa.Table, cfg: AggregateConfig) -> pa.Table:
+    """Reduced partial sums -> the bucket's utility rows (:mod:`pipelines.formats.utility`)."""
     col = {name: part[name].to_numpy() for name in part.column_names}
     wsum = col["wsum"] if "wsum" in col else col["n"]  # without decay every row weighs 1
-    hi, lo = col["uid_hi"], col["uid_lo"]
-    cols = {"uid": uid_hex(hi, lo), "uid_hi": pa.array(hi, pa.uint64()), "uid_lo": pa.array(lo, pa.uint64()),
-            "num_steps": pa.array(col["n"].astype(np.int32))}
+    last = None
     with np.errstate(invalid="ignore", divide="ignore"):
-        for name in ("score", "weight", "loss"):
-            if f"mean_{name}" in cfg.outputs:
-                cols[f"mean_{name}"] = pa.array(col[name] / wsum)
-        if "last_weight" in cfg.outputs:
-            cols["last_weight"] = pa.array((col["last"] & 0xFFFFFFFF).astype(np.uint32).view(np.float32))
-        for name in cfg.binarisers:
-            cols[f"vote_{name}"] = pa.array(col[f"vote_{name}"] / wsum)
-    return pa.table(cols)
+        means = {name: col[name] / wsum for name in ("score", "weight", "loss") if f"mean_{name}" in cfg.outputs}
+        if fu.LAST_WEIGHT in cfg.outputs:
+            last = (col["last"] & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+        votes = {name: col[f"vote_{name}"] / wsum for name in cfg.binarisers}
+    return fu.utility_table(col["uid_hi"], col["uid_lo"], col["n"], means, last, votes)
 
 
 def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, out_dir: str, cfg: AggregateConfig,
@@ -313,10 +296,10 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
         t = read_parquet(fs, path, columns)
         rows_in += t.num_rows
         if check and np.any(buckets_of(t["uid_lo"].to_numpy(), num_buckets) != bucket):
-            raise ValueError(f"{path}: holds uids of another bucket than {bucket} (of {num_buckets})")
+            raise InputError(f"{path}: holds uids of another bucket than {bucket} (of {num_buckets})")
         for col in ("score", "weight"):  # the train stage never logs them; a log from elsewhere might
             if col in t.column_names and not np.isfinite(t[col].to_numpy()).all():
-                raise ValueError(f"{path}: the score log has non-finite values (NaN or inf) in column {col!r}")
+                raise InputError(f"{path}: the score log has non-finite values (NaN or inf) in column {col!r}")
         pending.append(t)
         pending_rows += t.num_rows
         if pending_rows >= cfg.chunk_rows or i == len(files) - 1:
@@ -324,24 +307,21 @@ def reduce_bucket(bucket: int, files: List[str], fs, num_buckets: int, out_fs, o
             pending, pending_rows = [], 0
     merged = parts[0] if len(parts) == 1 else reduce_partials(pa.concat_tables(parts))
     table = utility_table(merged, cfg)
-    rel = posixpath.join(OUT, f"bucket={bucket}", "part-00000.parquet")
+    rel = fu.part_path(bucket)
     write_parquet(out_fs, posixpath.join(out_dir, rel), table)
     stats = {"bucket": bucket, "file": rel, "rows_in": rows_in, "rows_used": int(merged["n"].to_numpy().sum()),
              "samples": table.num_rows, "score_sum": float(np.nansum(table["mean_score"].to_numpy()))
              if "mean_score" in cfg.outputs else 0.0}
     for name in cfg.binarisers:
-        vote = table[f"vote_{name}"].to_numpy(zero_copy_only=False)
+        vote = table[fu.vote(name)].to_numpy(zero_copy_only=False)
         stats[f"kept_{name}"] = int(np.sum(vote >= cfg.min_vote))
     return stats
 
 
 def reduce_buckets(item: Dict[str, Any], fits_ref, **kw) -> List[Dict[str, Any]]:
-    """A task's group of buckets, one after another (Ray Data ``flat_map``: a stats row per bucket)."""
+    """A task's group of buckets, one after another (a Ray Data ``flat_map``: a stats row per bucket)."""
     import ray
 
-    from .. import faults
-
-    faults.hit("task:reduce_buckets")
     fits = ray.get(fits_ref) if isinstance(fits_ref, ray.ObjectRef) else fits_ref
     files = json.loads(item["files"])
     return [reduce_bucket(int(b), files[str(b)], fits=fits, **kw) for b in json.loads(item["buckets"])]
@@ -350,43 +330,32 @@ def reduce_buckets(item: Dict[str, Any], fits_ref, **kw) -> List[Dict[str, Any]]
 # ------------------------------------------------------------------------------------------------ the stage
 
 
-def _open_log(cfg: AggregateConfig, ctx):
+def _open_log(cfg: AggregateConfig, ctx: StageContext):
     """``(fs, root, num_buckets)``; a log given by path is taken to have ``max bucket + 1`` buckets (each task
     checks that its rows belong to its bucket)."""
     name = ref_name(cfg.scores)
     if name is not None:
         stage = ctx.inputs[name]
-        manifest = stage.manifest()
-        if "score_rows" not in manifest:
+        manifest = ModelManifest.read(stage)
+        if manifest.score_rows is None:
             raise SpecError(f"scores: stage {name!r} has no score log")
-        return stage.fs, stage.join("scores"), int(manifest["config"]["num_buckets"])
+        return stage.fs, stage.join(DIR), int(manifest.config_dict["num_buckets"])
     fs, root = open_storage(cfg.scores.path, ctx.storage_options)
     return fs, root, None
 
 
-def _check_listed(cfg: AggregateConfig, ctx, fs, buckets: Dict[int, List[str]]) -> None:
+def _check_listed(cfg: AggregateConfig, ctx: StageContext, fs, buckets: Dict[int, List[str]]) -> None:
     """A train stage's log must be exactly the files its manifest lists: none lost, none added since."""
     name = ref_name(cfg.scores)
     if name is None:
         return
     stage = ctx.inputs[name]
-    listed = {fs._strip_protocol(stage.join(f)) for f in stage.manifest()["files"] if f.startswith(DIR + "/")}
+    listed = {fs._strip_protocol(stage.join(f)) for f in ModelManifest.read(stage).files if is_log_file(f)}
     found = {fs._strip_protocol(p) for files in buckets.values() for p in files}
     for missing, what in ((listed - found, "is missing"), (found - listed, "has files its manifest does not list")):
         if missing:
             raise SpecError(f"scores: the score log of stage {name!r} {what}: {len(missing)} file(s), e.g. "
                             f"{fs.unstrip_protocol(sorted(missing)[0])} (rerun that stage)")
-
-
-def list_buckets(fs, root: str) -> Dict[int, List[str]]:
-    from ..score_log import list_parts
-
-    buckets: Dict[int, List[str]] = {}
-    for path in list_parts(fs, root):
-        m = _BUCKET.search(path[len(root.rstrip("/")):])
-        if m is not None:
-            buckets.setdefault(int(m.group(1)), []).append(path)
-    return dict(sorted(buckets.items()))
 
 
 def _groups(buckets: Dict[int, List[str]], n: int) -> List[List[str]]:
@@ -395,43 +364,14 @@ def _groups(buckets: Dict[int, List[str]], n: int) -> List[List[str]]:
     return [[p for k in keys[i::n] for p in buckets[k]] for i in range(min(n, len(keys)))]
 
 
-@contextlib.contextmanager
-def single_map_context():
-    """Ray Data settings for a dataset that is one map over a list of work items: the stage prints its own
-    progress (no bars or per-dataset log lines), no resources are held back for other operators (there are
-    none; on a small node the default reservation halves the tasks that run at once), and a task's exception is
-    raised as itself.  Restored on exit."""
-    import logging
-
-    import ray.data
-
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # before: turning the bars off logs a warning
-    data = ray.data.DataContext.get_current()
-    names = ("enable_progress_bars", "op_resource_reservation_enabled", "raise_original_map_exception")
-    saved = [getattr(data, n) for n in names]
-    # and a task's own exception reaches the driver (a bad file's ValueError naming it, not a generic wrapper)
-    for n, v in zip(names, (False, False, True)):
-        setattr(data, n, v)
-    try:
-        yield
-    finally:
-        for n, v in zip(names, saved):
-            setattr(data, n, v)
-
-
-def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
-    import time
-
+def run_aggregate(cfg: AggregateConfig, ctx: StageContext) -> Dict[str, Any]:
     import ray
-    import ray.data
-
-    from .. import faults
 
     fs, root, num_buckets = _open_log(cfg, ctx)
     url = fs.unstrip_protocol(root)
     buckets = list_buckets(fs, root)
     if not buckets:
-        raise SpecError(f"scores: no score-log files (scores/bucket=<b>/*.parquet) under {url}")
+        raise SpecError(f"scores: no score-log files ({PATTERN}) under {url}")
     _check_listed(cfg, ctx, fs, buckets)
     check = num_buckets is None
     num_buckets = num_buckets or max(buckets) + 1
@@ -457,18 +397,10 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     items = [{"buckets": json.dumps(keys[i:i + per_task]),
               "files": json.dumps({str(b): buckets[b] for b in keys[i:i + per_task]})}
              for i in range(0, len(keys), per_task)]
-    with single_map_context():
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            reduce_buckets, num_cpus=cfg.cpus_per_task, max_retries=faults.TASK_RETRIES,
-            retry_exceptions=list(faults.TRANSIENT),
-            fn_kwargs={"fits_ref": fits_ref, "fs": fs, "num_buckets": num_buckets, "out_fs": ctx.out.fs,
-                       "out_dir": ctx.out.join(""), "cfg": cfg, "filt": filt, "check": check})
-        started, results = time.perf_counter(), []
-        for row in ds.iter_rows():
-            results.append(row)
-            ctx.progress.update(f"{ctx.label} buckets", len(results), len(keys),
-                                sum(r["rows_in"] for r in results), started)
-            faults.hit(f"stage:{ctx.name}")
+    results = ctx.map_dataset(
+        reduce_buckets, items, unit="buckets", total=len(keys), rows="rows_in", num_cpus=cfg.cpus_per_task,
+        fn_kwargs={"fits_ref": fits_ref, "fs": fs, "num_buckets": num_buckets, "out_fs": ctx.out.fs,
+                   "out_dir": ctx.out.join(""), "cfg": cfg, "filt": filt, "check": check})
     results.sort(key=lambda r: r["bucket"])
     rows_in = sum(r["rows_in"] for r in results)
     if spans and rows_in != sum(s["rows"] for s in spans):
@@ -476,20 +408,14 @@ def run_aggregate(cfg: AggregateConfig, ctx) -> Dict[str, Any]:
     samples = sum(r["samples"] for r in results)
     kept = {name: sum(r[f"kept_{name}"] for r in results) for name in cfg.binarisers}
     frac = {name: (k / samples if samples else 0.0) for name, k in kept.items()}
-    return {
-        "rows_in": rows_in, "rows_out": samples, "files": [r["file"] for r in results],
-        "log": url, "log_rows_used": sum(r["rows_used"] for r in results),
-        **({"steps": max_step, "epochs": max_epoch + 1} if spans else {}), "num_buckets": num_buckets, "samples": samples,
-        "kept_fraction": frac, "quality_estimate": frac[cfg.quality] if cfg.quality else None,
-        "quality": {"binariser": cfg.quality, "min_vote": cfg.min_vote},
-        "mean_score": sum(r["score_sum"] for r in results) / samples if samples and "mean_score" in cfg.outputs
+    return UtilityManifest(
+        rows_in=rows_in, rows_out=samples, files=[r["file"] for r in results],
+        log=url, log_rows_used=sum(r["rows_used"] for r in results),
+        steps=max_step if spans else None, epochs=max_epoch + 1 if spans else None,
+        num_buckets=num_buckets, samples=samples,
+        kept_fraction=frac, quality_estimate=frac[cfg.quality] if cfg.quality else None,
+        quality={"binariser": cfg.quality, "min_vote": cfg.min_vote},
+        mean_score=sum(r["score_sum"] for r in results) / samples if samples and "mean_score" in cfg.outputs
         else None,
-        "fitted_on": f"per-step binned summaries ({cfg.bins} bins) of {cfg.cluster_on}" if cfg.fitted else None,
-    }
-
-
-def read_utility(stage, columns: Optional[List[str]] = None) -> pa.Table:
-    """A committed aggregate stage's whole utility table (tests and small pools)."""
-    files = [f for f in stage.manifest()["files"] if f.startswith(OUT + "/")]
-    return pa.concat_tables([stage.read_table(f).select(columns) if columns else stage.read_table(f)
-                             for f in files])
+        fitted_on=f"per-step binned summaries ({cfg.bins} bins) of {cfg.cluster_on}" if cfg.fitted else None,
+    ).to_json()

@@ -2,7 +2,7 @@
 
 CLIP: the held-out loss (mean per-sample symmetric InfoNCE over chunks of ``batch_size`` rows, as the train stage's
 periodic evaluation computes it), zero-shot classification accuracy from the class prompts where the pool has
-classes, and image->text / text->image recall@1 and @5 over the whole split (:mod:`pipelines.evaluation`).
+classes, and image->text / text->image recall@1 and @5 over the whole split (:mod:`pipelines.training.evaluation`).
 Classifier: the held-out cross-entropy and accuracy.  Runs as one Ray task (``resources``); the split is decoded
 inside it, chunk by chunk.  Output: ``metrics.json``, the same figures in the manifest under ``metrics``.
 """
@@ -15,9 +15,11 @@ from typing import Any, Dict, Literal, Optional
 
 import numpy as np
 
-from ..config import SpecError, doc, require
-
-METRICS = "metrics.json"
+from pipelines.formats import model as fm
+from pipelines.formats.manifest import DatasetManifest, EvaluationManifest
+from pipelines.formats.pool import EVAL_COLUMNS, read_pool, split_rows
+from pipelines.run.config import SpecError, doc, require
+from pipelines.run.context import StageContext
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class EvaluateConfig:
 
 
 def model_spec_of(model_json: Dict[str, Any]):
-    from ..models import ModelSpec
+    from pipelines.models.build import ModelSpec
 
     backbone = model_json.get("backbone")
     return ModelSpec(model_json["task"], model_json["arch"], backbone, int(model_json.get("num_classes") or 0),
@@ -46,14 +48,13 @@ def model_spec_of(model_json: Dict[str, Any]):
 
 def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names, templates, batch_size: int,
                    use_gpu: bool, storage_options) -> Dict[str, float]:
+    """The model's metrics on ``rows``, decoded ``batch_size`` rows at a time (a Ray task's body)."""
     import torch
-    import torch.nn.functional as F
-    from gradmimic import clip_per_sample_loss, load_state_dict
 
-    from ..evaluation import retrieval_recall, zero_shot_classifier
-    from ..models import load_weights
-    from ..training.data import Decoder, tokenize
-    from ..training.loop import to_images
+    from gradmimic import load_state_dict
+    from pipelines.models.build import load_weights
+    from pipelines.training.data import Decoder
+    from pipelines.training.evaluation import heldout, retrieval_recall
 
     spec = model_spec_of(model_json)
     device = torch.device("cuda" if use_gpu else "cpu")
@@ -61,59 +62,28 @@ def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names
     load_weights(model, load_state_dict(weights))
     model.eval()
     clip = spec.task == "clip"
-    labelled = "label" in rows.column_names
     decoder = Decoder(spec.image_size, tokens=spec.context_length if clip else None, arch=spec.arch,
-                      labels=labelled, storage_options=storage_options)
-    sums = {"loss": 0.0, "correct": 0, "n": 0}
-    images, texts = [], []
-    with torch.no_grad():
-        classes = None
-        if clip and class_names:
-            classes = zero_shot_classifier(model, lambda t: tokenize(spec.arch, spec.context_length, t),
-                                           class_names, templates, device)
-        for start in range(0, rows.num_rows, batch_size):
-            idx = np.arange(start, min(start + batch_size, rows.num_rows))
-            batch = decoder(rows, idx)
-            x = to_images(batch, spec, device)
-            if clip:
-                img = model.encode_image(x).float()
-                txt = model.encode_text(torch.from_numpy(batch["tokens"]).to(device)).float()
-                loss = clip_per_sample_loss(img, txt, model.logit_scale.exp().float())
-                img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-                images.append(img.cpu())
-                texts.append(txt.cpu())
-                pred = (img @ classes.T).argmax(1).cpu() if classes is not None else None
-            else:
-                logits = model(x).float()
-                loss = F.cross_entropy(logits, torch.from_numpy(batch["label"]).to(device), reduction="none")
-                pred = logits.argmax(1).cpu()
-            sums["loss"] += float(loss.double().sum())
-            sums["n"] += len(idx)
-            if pred is not None and labelled:
-                sums["correct"] += int((pred == torch.from_numpy(batch["label"])).sum())
-    n = max(sums["n"], 1)
-    out = {"test_loss": sums["loss"] / n, "rows": sums["n"]}
-    if labelled and (classes is not None or not clip):
-        out["zero_shot_accuracy" if clip else "test_accuracy"] = sums["correct"] / n
+                      labels="label" in rows.column_names, storage_options=storage_options)
+    chunks = (decoder(rows, np.arange(start, min(start + batch_size, rows.num_rows)))
+              for start in range(0, rows.num_rows, batch_size))
+    held = heldout(model, spec, chunks, device, zero_shot=(class_names, templates) if class_names else None,
+                   keep_embeddings=clip)
+    n = int(held.sums[2])
+    out = {"test_loss": float(held.sums[0]) / max(n, 1), "rows": n}
+    if held.labelled:
+        out["zero_shot_accuracy" if clip else "test_accuracy"] = float(held.sums[1]) / max(n, 1)
     if clip:
-        out.update(retrieval_recall(torch.cat(images), torch.cat(texts), rows["text"].to_pylist()))
+        out.update(retrieval_recall(torch.cat(held.images), torch.cat(held.texts), rows["text"].to_pylist()))
     return out
 
 
-def run_evaluate(cfg: EvaluateConfig, ctx) -> Dict[str, Any]:
-    import ray
-
-    from ..training.data import read_pool, split_rows
-    from .train import WEIGHTS_FILE
-
+def run_evaluate(cfg: EvaluateConfig, ctx: StageContext) -> Dict[str, Any]:
     model_stage, data = ctx.inputs[cfg.model], ctx.inputs[cfg.data]
-    with model_stage.fs.open(model_stage.join("model.json"), "rb") as f:
-        model_json = json.loads(f.read())
-    with model_stage.fs.open(model_stage.join(WEIGHTS_FILE), "rb") as f:
-        weights = f.read()
-    dm = data.manifest()
-    columns = ["uid_hi", "uid_lo", "text", "split", "tar", "image_offset", "image_size"]
-    class_names = dm.get("class_names") or []
+    model_json = fm.read_model_json(model_stage)
+    weights = fm.read_weights(model_stage)
+    dm = DatasetManifest.read(data)
+    columns = list(EVAL_COLUMNS)
+    class_names = dm.class_names or []
     if class_names:
         columns.append("label")
     try:
@@ -129,10 +99,9 @@ def run_evaluate(cfg: EvaluateConfig, ctx) -> Dict[str, Any]:
                         f"{model_json.get('num_classes')}")
     if cfg.samples is not None:
         rows = rows.slice(0, cfg.samples)
-    templates = list(dm.get("templates") or ["{}"])
-    task = ray.remote(num_cpus=cfg.cpus, num_gpus=1 if cfg.use_gpu else 0)(evaluate_model)
-    metrics = ray.get(task.remote(model_json, weights, rows, class_names, templates, cfg.batch_size, cfg.use_gpu,
-                                  ctx.storage_options))
-    ctx.out.write_bytes(METRICS, json.dumps(metrics, indent=2, sort_keys=True).encode())
-    return {"rows_in": rows.num_rows, "rows_out": rows.num_rows, "rejected": 0, "files": [METRICS],
-            "metrics": metrics, "task": model_json["task"], "split": cfg.split}
+    templates = list(dm.templates or ["{}"])
+    metrics = ctx.run_task(evaluate_model, model_json, weights, rows, class_names, templates, cfg.batch_size,
+                           cfg.use_gpu, ctx.storage_options, num_cpus=cfg.cpus, num_gpus=1 if cfg.use_gpu else 0)
+    ctx.out.write_bytes(fm.EVAL_METRICS, json.dumps(metrics, indent=2, sort_keys=True).encode())
+    return EvaluationManifest(rows_in=rows.num_rows, rows_out=rows.num_rows, rejected=0, files=[fm.EVAL_METRICS],
+                              metrics=metrics, task=model_json["task"], split=cfg.split).to_json()

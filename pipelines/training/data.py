@@ -28,11 +28,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..storage import open_storage
-from .dist import world_rank_sizes
+from pipelines.run.storage import open_storage
+from pipelines.training.dist import world_rank_sizes
 
-# columns the train stage reads from an ingest stage's parquet
-POOL_COLUMNS = ("uid_hi", "uid_lo", "split", "text", "tar", "image_offset", "image_size")
 SAMPLES_PER_TASK = 1024  # decode work per Ray Data task: large enough to amortise a task, small enough to stream
 
 
@@ -166,40 +164,12 @@ def tokenize(arch: Optional[str], context_length: int, texts: Sequence[str]) -> 
 def _tokenizer(arch: Optional[str], context_length: int) -> Callable:
     import open_clip
 
-    from ..models import open_clip_name
+    from pipelines.models.build import open_clip_name
 
     name = open_clip_name(arch) if arch else None
     if name:
         return open_clip.get_tokenizer(name, context_length=context_length)
     return functools.partial(open_clip.tokenize, context_length=context_length)
-
-
-# ------------------------------------------------------------------------------------------------ pools
-
-
-def read_pool(stage, columns: Sequence[str]) -> pa.Table:
-    """An ingest stage's rows (its parquet shards), with ``tar`` made a full URL; images stay where they are."""
-    import pyarrow.compute as pc
-
-    manifest = stage.manifest()
-    files = [f for f in manifest["files"] if f.startswith("shards/") and f.endswith(".parquet")]
-    tables = [stage.read_table(f) for f in files]
-    if not tables:
-        raise ValueError(f"{stage.url}: the ingest stage has no rows")
-    table = pa.concat_tables(tables, promote_options="default")
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{stage.url}: the pool has no column {missing[0]!r} (rerun its ingest stage)")
-    table = table.select(list(columns))
-    base = stage.fs.unstrip_protocol(stage.join(""))
-    tars = pc.binary_join_element_wise(pa.scalar(base.rstrip("/")), table["tar"], "/")
-    return table.set_column(table.column_names.index("tar"), "tar", tars)
-
-
-def split_rows(pool: pa.Table, split: str) -> pa.Table:
-    import pyarrow.compute as pc
-
-    return pool.filter(pc.equal(pool["split"], split))
 
 
 # ------------------------------------------------------------------------------------------------ Ray Data
@@ -334,6 +304,8 @@ def latest_checkpoint_step(experiment: str, filesystem) -> int:
 
     from ray.train import Result
 
+    from pipelines.formats.model import CHECKPOINT_STATE
+
     try:
         result = Result.from_path(experiment, storage_filesystem=filesystem)
     except Exception:  # noqa: BLE001 - no run yet (or an unreadable one): the worker checks every batch's step
@@ -342,7 +314,7 @@ def latest_checkpoint_step(experiment: str, filesystem) -> int:
     if ckpt is None:
         return 0
     try:
-        with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, "state.json")) as f:
+        with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, CHECKPOINT_STATE)) as f:
             return int(json.loads(f.read())["step"])
     except Exception:  # noqa: BLE001 - same fallback
         return 0

@@ -10,13 +10,13 @@ import pytest
 
 from gradmimic.binarize import exact_summary, gmm_fit, gmm_keep
 from pipelines.bench.scorelog import write_score_log
-from pipelines.config import SpecError
-from pipelines.runner import committed_stage, run_spec
-from pipelines.score_log import read_score_log
-from pipelines.spec import parse_spec
-from pipelines.stages.aggregate import read_utility
-from pipelines.storage import open_storage
-from tests.gradmimic.test_binarize import brute_kmeans
+from pipelines.formats.score_log import read_score_log
+from pipelines.formats.utility import read_utility
+from pipelines.run.config import SpecError
+from pipelines.run.runner import committed_stage, run_spec
+from pipelines.run.spec import parse_spec
+from pipelines.run.storage import open_storage
+from tests.support.binarize import brute_kmeans
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -152,7 +152,7 @@ def test_bad_options_name_the_field(options, message):
 
 
 def test_plain_runs_have_no_scores():
-    from pipelines.spec import check_spec
+    from pipelines.run.spec import check_spec
 
     spec = parse_spec({"name": "r", "storage": "x", "stages": [
         {"stage": "ingest", "name": "pool", "source": {"kind": "embedded"}},

@@ -10,7 +10,7 @@ KEYS = {"plain_ms", "mimic_ms", "vmap_ms", "mimic_over_plain", "vmap_over_plain"
 
 
 def gradmimic(*args):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_bench_overhead_json():

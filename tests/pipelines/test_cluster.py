@@ -32,7 +32,7 @@ def free_ports(n: int):
 
 
 def cli(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
 
 
@@ -112,7 +112,7 @@ def test_submit_runs_the_spec_as_a_job_and_exits_with_its_status(ray_head, tmp_p
     # the debug spec (README), shrunk: ingest, a plain reference, Grad-Mimic on 2 workers, aggregate, filter
     assert "ingest pool: 100 rows out, 0 rejected" in res.stdout
     assert "train ref: 80 rows out" in res.stdout and "train mimic: 80 rows out" in res.stdout
-    from tests.pipelines.test_train import assert_exactly_once, score_log
+    from tests.support.train import assert_exactly_once, score_log
 
     log = score_log(str(tmp_path / "runs"), "mimic", "debug")
     assert_exactly_once(log, 16, 5, sizes=[8])
@@ -167,9 +167,9 @@ def test_local_storage_is_refused_on_a_multi_node_cluster(tmp_path):
     code = f"""
 import sys
 from ray.cluster_utils import Cluster
-from pipelines.config import SpecError
-from pipelines.runner import run_spec
-from pipelines.spec import parse_spec
+from pipelines.run.config import SpecError
+from pipelines.run.runner import run_spec
+from pipelines.run.spec import parse_spec
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
@@ -196,8 +196,8 @@ finally:
 def test_two_workers_on_two_nodes_write_a_complete_score_log_to_s3(s3_endpoint, tmp_path):
     """Three one-CPU nodes (``ray.cluster_utils.Cluster``): the two training workers cannot share a node, storage
     is the S3 server on 127.0.0.1, and the score log has every sample of every step exactly once."""
-    from pipelines.storage import open_storage
-    from tests.pipelines.test_train import POOL, assert_exactly_once, reference_file, score_log
+    from pipelines.run.storage import open_storage
+    from tests.support.train import POOL, assert_exactly_once, reference_file, score_log
 
     fs, _ = open_storage("s3://gm-two")
     fs.mkdir("gm-two")
@@ -209,8 +209,8 @@ def test_two_workers_on_two_nodes_write_a_complete_score_log_to_s3(s3_endpoint, 
     code = f"""
 import json, ray
 from ray.cluster_utils import Cluster
-from pipelines.runner import run_spec
-from pipelines.spec import parse_spec
+from pipelines.run.runner import run_spec
+from pipelines.run.spec import parse_spec
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
 for _ in range(2):
     cluster.add_node(num_cpus=1)
@@ -237,8 +237,7 @@ def test_credentials_reach_the_job_and_no_output(ray_head, s3_endpoint, tmp_path
     it is in no output: the CLI's, the job's logs and metadata, every object the run wrote, Ray's log files."""
     import secrets
 
-
-    from pipelines.storage import open_storage
+    from pipelines.run.storage import open_storage
 
     url, env, temp = ray_head
     secret = "gmsecret" + secrets.token_hex(16)
@@ -268,7 +267,7 @@ print(json.dumps({{"info": plain(jobs.get_job_info({job_id!r})), "list": [plain(
     seen = subprocess.run([sys.executable, "-c", dump], capture_output=True, text=True, timeout=120, env=env)
     assert seen.returncode == 0, seen.stderr[-2000:]
     job = json.loads(seen.stdout.strip().splitlines()[-1])
-    assert job["info"]["runtime_env"]["worker_process_setup_hook"] == "pipelines.jobenv.load"
+    assert job["info"]["runtime_env"]["worker_process_setup_hook"] == "pipelines.ops.jobenv.load"
     assert "done: 2 stages" in job["logs"]
     outputs = {"cli": res.stdout + res.stderr, "job": seen.stdout}
     for path in fs.find("gm-secret/runs"):

@@ -10,7 +10,6 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
-pytestmark = pytest.mark.cluster
 
 
 def test_the_launcher_config_validates_against_rays_schema():
@@ -29,7 +28,7 @@ def test_the_launcher_config_validates_against_rays_schema():
 def ray_clusters():
     rc = yaml.safe_load((CLUSTER / "kuberay/raycluster.yaml").read_text())
     job = yaml.safe_load((CLUSTER / "kuberay/rayjob.yaml").read_text())
-    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("python -m pipelines.cli run s3://")
+    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("python -m pipelines run s3://")
     job_cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": dict(job["metadata"]),
                    "spec": job["spec"]["rayClusterSpec"]}
     for cr in (rc, job_cluster):  # kubectl fills the namespace in from the context
@@ -70,3 +69,10 @@ def test_the_runtime_env_file_is_a_mapping_without_secrets():
     assert set(env) <= {"py_modules", "pip", "env_vars", "working_dir", "excludes"}
     secret = ("KEY", "SECRET", "PASSWORD", "AUTH_TOKEN", "SESSION_TOKEN")
     assert not any(k.upper().endswith(secret) for k in env.get("env_vars", {}))
+
+
+def test_the_runtime_env_ships_the_wheel_of_this_version():
+    import gradmimic
+
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert env["py_modules"] == [f"dist/gradmimic-{gradmimic.__version__}-py3-none-any.whl"]

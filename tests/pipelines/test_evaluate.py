@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.evaluation import retrieval_recall
-from pipelines.models import ModelSpec, model_json
-from pipelines.runner import Progress, StageContext, committed_stage, run_spec
-from pipelines.spec import parse_spec
+from pipelines.models.build import ModelSpec, model_json
+from pipelines.run.runner import Progress, StageContext, committed_stage, run_spec
+from pipelines.run.spec import parse_spec
+from pipelines.run.storage import StageDir
 from pipelines.stages.evaluate import run_evaluate
-from pipelines.storage import StageDir
+from pipelines.training.evaluation import retrieval_recall
 
 
 def brute_recall(img, txt, captions, k):
+    """Image->text over the distinct captions (each embedded as its first row's text), text->image over the images."""
     sim = (img @ txt.T).numpy()
-    i2t = np.mean([any(captions[j] == captions[i] for j in np.argsort(-sim[i], kind="stable")[:k])
+    distinct = list(dict.fromkeys(captions))
+    first = [captions.index(c) for c in distinct]
+    i2t = np.mean([captions[i] in [distinct[j] for j in np.argsort(-sim[i, first], kind="stable")[:k]]
                    for i in range(len(img))])
     t2i = np.mean([any(captions[j] == captions[i] for j in np.argsort(-sim[:, i], kind="stable")[:k])
                    for i in range(len(txt))])
@@ -37,12 +40,31 @@ def test_retrieval_recall_counts_duplicate_captions_as_found():
         assert got[f"i2t_recall@{k}"] == pytest.approx(i2t) and got[f"t2i_recall@{k}"] == pytest.approx(t2i)
 
 
+def test_image_to_text_recall_ranks_distinct_captions():
+    """Six rows share caption "0", the nearest text of every image: by rows an image's 5 nearest texts would all be
+    "0" (recall@5 = 6/15); among the distinct captions its own comes second (recall@5 = 1, recall@1 = 6/15)."""
+    captions = ["0"] * 6 + [str(c) for c in range(1, 10)]
+    txt = torch.eye(10)[[int(c) for c in captions]]
+    img = torch.nn.functional.normalize(0.8 * torch.eye(10)[0] + 0.6 * txt, dim=-1)
+    sim = (img @ txt.T).numpy()
+    by_rows = np.mean([any(captions[j] == captions[i] for j in np.argsort(-sim[i], kind="stable")[:5])
+                       for i in range(len(img))])
+    assert by_rows == pytest.approx(6 / 15)  # what ranking rows instead of captions would report
+    got = retrieval_recall(img, txt, captions, ks=(1, 5))
+    for k in (1, 5):
+        i2t, t2i = brute_recall(img, txt, captions, k)
+        assert got[f"i2t_recall@{k}"] == pytest.approx(i2t) and got[f"t2i_recall@{k}"] == pytest.approx(t2i)
+    assert got == pytest.approx({"i2t_recall@1": 6 / 15, "i2t_recall@5": 1.0, "t2i_recall@1": 1.0,
+                                 "t2i_recall@5": 1.0})
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_evaluate_stage_equals_brute_force(tmp_path):
     from safetensors.torch import save
 
-    from pipelines.training.data import Decoder, read_pool, split_rows, tokenize
-    from pipelines.training.loop import to_images
+    from pipelines.formats.pool import read_pool, split_rows
+    from pipelines.training.batches import to_images
+    from pipelines.training.data import Decoder, tokenize
 
     spec_yaml = {"name": "e", "storage": str(tmp_path), "stages": [
         {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 60},

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pytest
 
 from pipelines.bench.scorelog import synthetic_uids
-from pipelines.config import SpecError
-from pipelines.runner import Progress, StageContext
-from pipelines.spec import parse_spec
-from pipelines.stages import keep_rule as kr
-from pipelines.stages.aggregate import uid_hex
-from pipelines.stages.filter import SUBSET, read_subset, run_filter
-from pipelines.storage import StageDir, open_storage
+from pipelines.formats.pool import SUBSET, read_subset, uid_hex
+from pipelines.run.config import SpecError
+from pipelines.run.runner import Progress, StageContext
+from pipelines.run.spec import parse_spec
+from pipelines.run.storage import StageDir, open_storage
+from pipelines.stages.filter import keep_rule as kr
+from pipelines.stages.filter.stage import run_filter
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 BUCKETS = 4
@@ -229,7 +229,7 @@ def test_utility_must_name_an_aggregate_stage():
                                                                         {"mean_score": {"bottom": 0.2}}]}])
 def test_the_virtual_random_column_is_a_seeded_uniform_per_uid(tmp_path, keep):
     """``random``: the baseline for a utility's top p%: an exact fraction, a function of uid and seed only."""
-    from pipelines.stages.filter import uid_uniform
+    from pipelines.stages.filter.tasks import uid_uniform
 
     fs, root, pool_dir, util_dir, joined = make_pool(tmp_path)
     train = joined[joined["split"] == "train"].reset_index(drop=True)

@@ -12,54 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.runner import run_spec
-from pipelines.spec import parse_spec
-from pipelines.storage import StageDir, open_storage
-
-
-def image_bytes(fmt: str, colour=(200, 30, 30), size=(12, 10)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def run_ingest(tmp_path, stage: dict, storage=None, name="t"):
-    spec = parse_spec({"name": name, "storage": storage or str(tmp_path / "runs"),
-                       "stages": [{"stage": "ingest", "name": "pool", **stage}]})
-    manifest = run_spec(spec, stream=io.StringIO())["pool"]
-    fs, root = open_storage(spec.storage)
-    return manifest, StageDir(fs, f"{root}/{name}/pool")
-
-
-def read_output(out: StageDir, manifest):
-    tables = [out.read_table(f) for f in manifest["files"] if f.startswith("shards/") and f.endswith(".parquet")]
-    rows = pa.concat_tables(tables).to_pylist() if tables else []
-    members = {}
-    for f in manifest["files"]:
-        if f.endswith(".tar"):
-            with out.fs.open(out.join(f), "rb") as fh, tarfile.open(fileobj=io.BytesIO(fh.read())) as tf:
-                for m in tf.getmembers():
-                    members[m.name] = tf.extractfile(m).read()
-    rejects = out.read_table("rejects.parquet").to_pylist()
-    return rows, members, rejects
-
-
-def check_contract(manifest, rows, members, rejects, out=None):
-    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rejected"]
-    assert manifest["rows_out"] == len(rows) and manifest["rejected"] == len(rejects)
-    assert len({r["uid"] for r in rows}) == len(rows)
-    for r in rows:
-        assert (r["uid_hi"] << 64 | r["uid_lo"]) == int(r["uid"], 16) and len(r["uid"]) == 32
-        image = [n for n in members if n.startswith(r["key"] + ".") and n.rsplit(".", 1)[1] in ("jpg", "png")]
-        assert len(image) == 1, r["key"]
-        Image.open(io.BytesIO(members[image[0]])).load()
-        assert r["image"] == image[0] and r["tar"] == f"shards/shard-{r['shard']:05d}.tar"
-        if out is not None:  # the parquet locates the image: one ranged read gives exactly its bytes
-            start = r["image_offset"]
-            assert out.fs.cat_file(out.join(r["tar"]), start, start + r["image_size"]) == members[image[0]]
-        assert members[r["key"] + ".txt"].decode() == r["text"]
-        assert json.loads(members[r["key"] + ".json"]) == {"uid": r["uid"]}
-    assert len(members) == 3 * len(rows)  # nothing in the tars that the table does not list
+from tests.support.ingest import check_contract, image_bytes, read_output, run_ingest
 
 
 def test_caption_folder(tmp_path, ray_local):

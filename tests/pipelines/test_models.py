@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.models import ModelSpec, apply_trainable, fit_state, load_weights, meta_model, shapes
+from pipelines.models.build import ModelSpec, apply_trainable, fit_state, load_weights, meta_model, shapes
 
 
 def test_clip_from_the_shipped_config_is_deterministic_per_seed():
@@ -54,7 +54,7 @@ def test_efficientnet_lite0_with_its_packaged_imagenet_weights_recognises_a_real
     from sklearn.datasets import load_sample_image
 
     from gradmimic import load_state_dict
-    from pipelines.backbones import packaged_weights_file
+    from pipelines.models.backbones import packaged_weights_file
 
     spec = ModelSpec("classify", backbone="efficientnet_lite0", num_classes=1000, image_size_override=224)
     model = spec.build(seed=0)
@@ -69,7 +69,7 @@ def test_efficientnet_lite0_with_its_packaged_imagenet_weights_recognises_a_real
 
 
 def test_a_frozen_backbone_keeps_its_batchnorm_statistics_while_the_head_trains():
-    from pipelines.models import train_mode
+    from pipelines.models.build import train_mode
 
     model = ModelSpec("classify", backbone="resnet18", num_classes=3, image_size_override=32).build(seed=0)
     apply_trainable(model, ["head.*"], ())

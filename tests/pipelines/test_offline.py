@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from pipelines.bench.scorelog import write_score_log
-from pipelines.runner import committed_stage, run_spec
-from pipelines.spec import parse_spec
-from pipelines.stages.aggregate import read_utility
-from pipelines.stages.filter import SUBSET, read_subset
-from pipelines.storage import open_storage
-from pipelines.training.data import read_pool
+from pipelines.formats.pool import SUBSET, read_pool, read_subset
+from pipelines.formats.utility import read_utility
+from pipelines.run.runner import committed_stage, run_spec
+from pipelines.run.spec import parse_spec
+from pipelines.run.storage import open_storage
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -133,7 +132,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(f"name: b\nstorage: {tmp_path / 'runs'}\nray: {{num_cpus: 2}}\nstages:\n"
                          f"  - {{stage: aggregate, name: u, scores: {{path: {log}}}}}\n")
-    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(spec_file)], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "pipelines", "run", str(spec_file)], capture_output=True,
                          text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from pipelines.runner import committed_stage, run_spec
-from pipelines.spec import parse_spec
-from pipelines.storage import MANIFEST, StageDir, open_storage
+from pipelines.run.runner import committed_stage, run_spec
+from pipelines.run.spec import parse_spec
+from pipelines.run.storage import MANIFEST, StageDir, open_storage
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -98,7 +98,7 @@ def test_failed_stage_commits_nothing_and_keeps_earlier_stages(tmp_path, ray_loc
 def test_rerunning_a_stage_reruns_its_readers(tmp_path, ray_local, monkeypatch):
     from dataclasses import dataclass, field
 
-    from pipelines.registry import STAGES, StageDef
+    from pipelines.run.registry import STAGES, StageDef
 
     @dataclass(frozen=True)
     class CountConfig:
@@ -123,7 +123,7 @@ def test_rerunning_a_stage_reruns_its_readers(tmp_path, ray_local, monkeypatch):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
 
 
@@ -137,7 +137,7 @@ def test_cli_run_errors(tmp_path):
 def test_resumable_stage_reopens_its_unfinished_attempt_unless_its_input_reran(tmp_path, ray_local, monkeypatch):
     from dataclasses import dataclass, field
 
-    from pipelines.registry import STAGES, StageDef
+    from pipelines.run.registry import STAGES, StageDef
 
     calls = []
 

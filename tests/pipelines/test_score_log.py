@@ -5,7 +5,7 @@ from __future__ import annotations
 import fsspec
 import numpy as np
 
-from pipelines.score_log import ScoreLogWriter, discard_after, list_parts, read_score_log
+from pipelines.formats.score_log import ScoreLogWriter, discard_after, list_parts, read_score_log
 
 
 def rows(step: int, n: int = 6):

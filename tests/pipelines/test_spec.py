@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from pipelines.config import SpecError
-from pipelines.registry import STAGES, StageDef
-from pipelines.spec import load_spec, parse_spec
+from pipelines.run.config import SpecError
+from pipelines.run.registry import STAGES, StageDef
+from pipelines.run.spec import load_spec, parse_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
@@ -140,7 +140,7 @@ def test_shipped_specs_exist():
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True, timeout=120,
                           cwd=cwd)
 
 

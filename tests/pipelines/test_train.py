@@ -18,19 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import SpecError
-from pipelines.models import ModelSpec
-from pipelines.runner import run_spec
-from pipelines.score_log import read_score_log
-from pipelines.spec import parse_spec
+from pipelines.models.build import ModelSpec
+from pipelines.run.config import SpecError
+from pipelines.run.runner import run_spec
+from pipelines.run.spec import parse_spec
+from pipelines.run.storage import open_storage
 from pipelines.stages.train import progress_board_name
-from pipelines.storage import StageDir, open_storage
+from tests.support.train import POOL, assert_exactly_once, reference_file, score_log, stage_dir
 
 pytestmark = pytest.mark.slow
 
-POOL = {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 160},
-        "noise": {"kind": "label", "rate": 0.4, "seed": 0}, "split": {"test_fraction": 0.2, "seed": 0},
-        "shard_size": 40}
 TRAIN_ROWS = 128
 
 
@@ -48,22 +45,12 @@ def run(storage: str, *stages: dict, name: str = "t"):
     return manifests, log.getvalue()
 
 
-def stage_dir(storage: str, stage: str, name: str = "t") -> StageDir:
-    fs, root = open_storage(storage)
-    return StageDir(fs, f"{root}/{name}/{stage}")
-
-
 def weights(storage: str, stage: str, name: str = "t"):
     from safetensors.torch import load
 
     d = stage_dir(storage, stage, name)
     with d.fs.open(d.join("model.safetensors"), "rb") as f:
         return load(f.read())
-
-
-def score_log(storage: str, stage: str, name: str = "t"):
-    d = stage_dir(storage, stage, name)
-    return read_score_log(d.fs, d.join("scores")).to_pandas().sort_values(["step", "uid_hi", "uid_lo"]).reset_index(drop=True)
 
 
 def metrics(storage: str, stage: str):
@@ -88,18 +75,6 @@ def steady(storage, tmp_path_factory):
     return job
 
 
-def reference_file(path, task: str, seed: int = 0, scale: float = 0.05) -> str:
-    """The student's initialisation (same seed) moved a little: a reference in the same parameter space."""
-    from safetensors.torch import save_file
-
-    model = ModelSpec(task, "tiny-clip", num_classes=10).build(seed=seed)
-    g = torch.Generator().manual_seed(123)
-    state = {k: (v + scale * v.std(correction=0) * torch.randn(v.shape, generator=g)).contiguous()
-             for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-    return str(path)
-
-
 def assert_close_weights(a, b, rtol=1e-5):
     """Equal to ``rtol`` relative to the model's parameter scale (its largest entry and its norm).
 
@@ -114,18 +89,6 @@ def assert_close_weights(a, b, rtol=1e-5):
     err = float((a[worst].double() - b[worst].double()).abs().max())
     assert err <= rtol * scale, f"{worst}: max error {err:.3e} vs scale {scale:.3e}"
     assert diff <= rtol * norm, f"relative L2 error {diff / norm:.3e}"
-
-
-def assert_exactly_once(log, batch: int, steps: int, sizes=None):
-    assert not log.duplicated(["uid_hi", "uid_lo", "step"]).any()
-    per_step = log.groupby("step")
-    assert sorted(per_step.groups) == list(range(1, steps + 1))
-    assert (per_step.size() == batch).all() and (log.batch_size == batch).all()
-    np.testing.assert_allclose(per_step.weight.sum(), 1.0, rtol=0, atol=1e-5)
-    for _, rows in log.groupby("epoch"):  # within an epoch no sample comes twice
-        assert not rows.duplicated(["uid_hi", "uid_lo"]).any()
-    if sizes is not None:
-        assert sorted(log.groupby(["step", "rank"]).size().unique().tolist()) == sorted(set(sizes))
 
 
 # ------------------------------------------------------------------------------------------------ DDP == 1 process
@@ -308,7 +271,7 @@ def test_rerun_after_the_driver_was_killed_resumes(storage, steady, tmp_path):
     spec = tmp_path / "spec.yaml"  # the shared run: its ingest is committed already
     spec.write_text(yaml.safe_dump({"name": "t", "storage": storage, "ray": {"address": "local", "num_cpus": 4},
                                     "stages": [POOL, {**steady, "name": "job"}]}))
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(spec)]
+    cmd = [sys.executable, "-m", "pipelines", "run", str(spec)]
     root = pathlib.Path(__file__).resolve().parents[2]
     driver = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

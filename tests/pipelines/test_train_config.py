@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from pipelines.config import SpecError
-from pipelines.spec import check_spec, parse_spec
+from pipelines.run.config import SpecError
+from pipelines.run.spec import check_spec, parse_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 POOL = {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 40}}
@@ -41,7 +41,7 @@ def error_of(data: dict) -> str:
 @pytest.fixture
 def wide_config(tmp_path):
     """Another architecture: the tiny CLIP with a wider embedding."""
-    cfg = json.loads((ROOT / "pipelines/model_configs/tiny-clip.json").read_text())
+    cfg = json.loads((ROOT / "pipelines/models/model_configs/tiny-clip.json").read_text())
     cfg["embed_dim"] = 48
     path = tmp_path / "wide-clip.json"
     path.write_text(json.dumps(cfg))
@@ -100,7 +100,7 @@ def test_each_bad_config_names_its_stage_and_field(wide_config):
 
 def test_a_good_spec_passes_and_the_shipped_debug_spec_validates():
     check_spec(parse_spec(stages(ref(), mimic(init="ref", reinit=["visual.proj"], trainable=["visual.proj"]))))
-    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", "pipelines/configs/debug.yaml"],
+    res = subprocess.run([sys.executable, "-m", "pipelines", "validate", "pipelines/configs/debug.yaml"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
 
@@ -109,7 +109,7 @@ def test_cli_exit_code_2_and_one_line(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump(stages(ref(), mimic(mimic={"params": ["visual.projj"]}))))
     for command in ("validate", "run"):
-        res = subprocess.run([sys.executable, "-m", "pipelines.cli", command, str(spec), f"storage={tmp_path}/runs"],
+        res = subprocess.run([sys.executable, "-m", "pipelines", command, str(spec), f"storage={tmp_path}/runs"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert res.returncode == 2
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("gradmimic: error:")]

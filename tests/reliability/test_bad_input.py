@@ -1,7 +1,7 @@
 """Bad input, through the CLI: exit code 2, one line naming the file / stage / field, no traceback, and the stage
 it stops left uncommitted (no manifest, no attempt).  Each case is one test; the pool they read is ingested once.
 
-Most cases run ``pipelines.cli.main`` in this process on the session's Ray (the same code path as the command,
+Most cases run ``pipelines.ops.cli.main`` in this process on the session's Ray (the same code path as the command,
 without a process start per case); those that need a Ray of their own, or the process's exit, run the command.
 """
 
@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines import cli
 from pipelines.bench.scorelog import write_score_log
-from pipelines.storage import open_storage
+from pipelines.ops import cli
+from pipelines.run.storage import open_storage
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("ray_local")]
@@ -204,9 +204,9 @@ def test_a_score_log_with_a_missing_bucket(tmp_path, capsys, storage):
     """A train stage's log that lost a bucket's files since it committed (its manifest lists them)."""
     import shutil
 
-    from pipelines.runner import config_hash
-    from pipelines.spec import parse_spec
-    from pipelines.storage import StageDir
+    from pipelines.run.runner import config_hash
+    from pipelines.run.spec import parse_spec
+    from pipelines.run.storage import StageDir
 
     spec = parse_spec({"name": "b", "storage": str(storage), "stages": [POOL, train("m", steps=4, mode="grand")]})
     pool_hash = json.loads((pathlib.Path(storage) / "b/pool/_MANIFEST.json").read_text())["config_hash"]
@@ -276,7 +276,7 @@ def test_a_batch_larger_than_the_pool(tmp_path, capsys, storage):
 def cli_process(spec: dict, tmp_path, env=None):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipelines", "run", str(path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=env)
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipelines.bench.scorelog import write_score_log
-from pipelines.storage import StageDir, open_storage
+from pipelines.run.storage import StageDir, open_storage
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -38,7 +38,7 @@ def cli_run(spec: dict, tmp_path, failpoints: str = "", wait: bool = True, extra
         points = tmp_path / f"failpoints-{time.monotonic_ns()}"
         points.mkdir()
         env.update(GRADMIMIC_FAILPOINTS=failpoints, GRADMIMIC_FAILPOINTS_DIR=str(points))
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(path)]
+    cmd = [sys.executable, "-m", "pipelines", "run", str(path)]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -97,7 +97,7 @@ def test_a_run_killed_in_each_stage_reruns_to_the_same_outputs(tmp_path):
     and of evaluate (its outputs written, before its commit), rerunning after each: the stage killed is never
     committed, and the final outputs equal an uninterrupted run's.  (The train stage's driver killed mid-run:
     tests/pipelines/test_train.py::test_rerun_after_the_driver_was_killed_resumes.)"""
-    from tests.pipelines.test_train import reference_file
+    from tests.support.train import reference_file
 
     ref = reference_file(tmp_path / "ref.safetensors", "clip")
     stages = [POOL,
@@ -276,7 +276,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_committed(tmp_path):
 def test_non_finite_steps_are_skipped_counted_never_logged_and_stop_a_stage_when_in_a_row(tmp_path):
     """One run, two stages: ``skips`` meets a NaN loss at steps 2 and 5 (on one rank of two: both skip), ``stops``
     at every step from 7 with ``max_nonfinite_steps: 3``."""
-    from tests.pipelines.test_train import reference_file
+    from tests.support.train import reference_file
 
     ref = reference_file(tmp_path / "ref.safetensors", "clip")
     common = {"stage": "train", "data": "pool", "mode": "mimic", "reference": {"path": ref}, "batch_size": 16}
@@ -295,7 +295,7 @@ def test_non_finite_steps_are_skipped_counted_never_logged_and_stop_a_stage_when
     d = stage(storage, "n", "skips")
     m = d.manifest()
     assert m["nonfinite_steps"] == 2 and m["steps"] == 6 and m["score_rows"] == 4 * 16
-    from pipelines.score_log import read_score_log
+    from pipelines.formats.score_log import read_score_log
 
     log = read_score_log(d.fs, d.join("scores")).to_pandas()
     assert sorted(log.step.unique()) == [1, 3, 4, 6]

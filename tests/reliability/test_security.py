@@ -67,7 +67,7 @@ def test_a_hostile_init_file_stops_the_run_with_one_line_and_exit_2(tmp_path):
                        {"stage": "train", "name": "t", "data": "pool", "init": {"path": str(evil)},
                         "batch_size": 8, "steps": 1}]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
-    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(tmp_path / "s.yaml")], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "pipelines", "run", str(tmp_path / "s.yaml")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 2, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
@@ -94,8 +94,8 @@ def test_yaml_is_only_ever_safe_loaded(tmp_path):
             list((ROOT / "gradmimic").rglob("*.py")) for n, line in enumerate(p.read_text().splitlines(), 1)
             if unsafe.search(line)]
     assert hits == []
-    from pipelines.config import SpecError
-    from pipelines.spec import load_spec
+    from pipelines.run.config import SpecError
+    from pipelines.run.spec import load_spec
 
     marker = tmp_path / "ran"
     (tmp_path / "s.yaml").write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\nstages: []\n")
@@ -111,7 +111,7 @@ def test_tar_members_that_would_escape_are_rejected_and_recorded(tmp_path, ray_l
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tests.pipelines.test_ingest import check_contract, image_bytes, read_output, run_ingest
+    from tests.support.ingest import check_contract, image_bytes, read_output, run_ingest
 
     root = tmp_path / "src" / "pool"
     (root / "metadata").mkdir(parents=True)
@@ -153,8 +153,8 @@ def test_a_local_ray_serves_its_dashboard_and_job_api_on_loopback_only():
 
     code = """
 import json, time, psutil, ray
-from pipelines.runner import init_ray
-from pipelines.spec import parse_spec
+from pipelines.run.runner import init_ray
+from pipelines.run.spec import parse_spec
 init_ray(parse_spec({"name": "l", "storage": "/tmp/x", "ray": {"num_cpus": 1},
                      "stages": [{"stage": "ingest", "name": "p", "source": {"kind": "embedded"}}]}))
 port = int(ray._private.worker.global_worker.node.address_info["webui_url"].rsplit(":", 1)[1])

@@ -1,0 +1,239 @@
+"""Sample shards: what ``ingest`` and ``filter`` write and ``train``, ``evaluate``, ``report`` read
+(docs/architecture.md, "Formats").
+
+Under a dataset stage's directory:
+
+- ``shards/shard-NNNNN.parquet``: one row per sample: :data:`RESERVED` columns (``uid``, ``uid_hi``, ``uid_lo``,
+  ``text``, ``key``, ``shard``, ``split``, ``corrupted``, ``source``; where its image is: ``tar`` the tar's path
+  relative to the stage directory, ``image`` the member's name, ``image_offset`` / ``image_size`` the member's
+  bytes in the tar, so one ranged read fetches it; ``label``, ``true_label``, ``class_name`` for labelled sources)
+  and the source's extra columns (DataComp metadata such as ``clip_b32_similarity_score``);
+- ``shards/shard-NNNNN.tar``: webdataset tars of ``<key>.jpg|png``, ``<key>.txt``, ``<key>.json`` (``{"uid": ...}``);
+- ``rejects.parquet`` (ingest): ``source``, ``uid``, ``reason`` of every sample left out;
+- ``rejected/part-NNNNN.parquet`` (filter): every dropped row with its pool columns and ``reason``;
+- ``subset.npy`` (filter): the kept uids as DataComp's resharder reads them, a sorted ``"u8,u8"`` array.
+
+A uid is 128 bits: 32 lowercase hex chars in ``uid``, the two halves as ``uint64`` in ``uid_hi`` / ``uid_lo``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.run.errors import InputError
+
+SHARDS = "shards"
+REJECTS = "rejects.parquet"
+REJECTED = "rejected"
+SUBSET = "subset.npy"
+SUBSET_DTYPE = np.dtype("u8,u8")
+
+RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "tar", "image",
+            "image_offset", "image_size", "label", "true_label", "class_name")
+UID_KEY = ("uid_hi", "uid_lo")
+IMAGE_COLUMNS = ("tar", "image", "image_offset", "image_size")
+REASON = "reason"
+# columns the train stage reads (``label`` too for a labelled pool), and the evaluate stage
+POOL_COLUMNS = ("uid_hi", "uid_lo", "split", "text", "tar", "image_offset", "image_size")
+EVAL_COLUMNS = ("uid_hi", "uid_lo", "text", "split", "tar", "image_offset", "image_size")
+
+
+# ------------------------------------------------------------------------------------------------ file names
+
+
+def shard_parquet(shard: int) -> str:
+    return f"{SHARDS}/shard-{shard:05d}.parquet"
+
+
+def shard_tar(shard: int) -> str:
+    return f"{SHARDS}/shard-{shard:05d}.tar"
+
+
+def shard_parquets(files: Iterable[str]) -> List[str]:
+    """The parquet shards among a dataset manifest's ``files``, in their order there."""
+    return [f for f in files if f.startswith(SHARDS + "/") and f.endswith(".parquet")]
+
+
+def shard_files(files: Iterable[str]) -> List[str]:
+    """Every shard file (parquet and tar) among a manifest's ``files``."""
+    return [f for f in files if f.startswith(SHARDS + "/")]
+
+
+def rejected_part(group: int) -> str:
+    return f"{REJECTED}/part-{group:05d}.parquet"
+
+
+# ------------------------------------------------------------------------------------------------ uids
+
+
+def uid_of(identity: str) -> str:
+    """A deterministic 128-bit uid (32 lowercase hex chars) for a source without one."""
+    return hashlib.md5(identity.encode("utf-8")).hexdigest()
+
+
+def is_uid(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def uid_halves(uids: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """``(uid_hi, uid_lo)`` as uint64: the two halves of the 128-bit uid."""
+    hi = np.array([int(u[:16], 16) for u in uids], dtype=np.uint64)
+    lo = np.array([int(u[16:], 16) for u in uids], dtype=np.uint64)
+    return hi, lo
+
+
+def uid_hex(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
+    """32 lowercase hex chars per uid, vectorised."""
+    n = len(hi)
+    raw = np.empty((n, 2), dtype=">u8")
+    raw[:, 0], raw[:, 1] = hi, lo
+    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    b = raw.view(np.uint8).reshape(n, 16)
+    chars = np.empty((n, 32), dtype=np.uint8)
+    chars[:, 0::2], chars[:, 1::2] = digits[b >> 4], digits[b & 15]
+    offsets = pa.py_buffer(np.arange(0, 32 * n + 1, 32, dtype=np.int32).tobytes())
+    return pa.StringArray.from_buffers(n, offsets, pa.py_buffer(chars.tobytes()))
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+Where = Tuple[str, int, int]  # an image's (member, offset, size) in its tar
+
+
+def shard_table(uids: List[str], texts: List[str], keys: List[str], shards: List[int], splits: Sequence[str],
+                corrupted: Sequence[bool], sources: List[str], where: List[Where],
+                extras: Dict[str, list], class_names: Optional[List[str]] = None) -> pa.Table:
+    """The rows of sample shards: the reserved columns, then ``extras`` (a source's own columns, ``label`` and
+    ``true_label``), then ``class_name`` (from ``label``) where the source has classes."""
+    hi, lo = uid_halves(uids)
+    cols: Dict[str, pa.Array] = {
+        "uid": pa.array(uids, type=pa.string()),
+        "uid_hi": pa.array(hi, type=pa.uint64()),
+        "uid_lo": pa.array(lo, type=pa.uint64()),
+        "text": pa.array(texts, type=pa.string()),
+        "key": pa.array(keys, type=pa.string()),
+        "shard": pa.array(shards, type=pa.int32()),
+        "split": pa.array(list(splits), type=pa.string()),
+        "corrupted": pa.array([bool(c) for c in corrupted], type=pa.bool_()),
+        "source": pa.array(sources, type=pa.string()),
+        "tar": pa.array([shard_tar(s) for s in shards], type=pa.string()),
+        "image": pa.array([w[0] for w in where], type=pa.string()),
+        "image_offset": pa.array([w[1] for w in where], type=pa.int64()),
+        "image_size": pa.array([w[2] for w in where], type=pa.int64()),
+    }
+    for name, values in extras.items():
+        cols[name] = pa.array(values)
+    if class_names is not None:
+        cols["class_name"] = pa.array([class_names[i] for i in extras.get("label", [])], type=pa.string())
+    return pa.table(cols)
+
+
+def rejects_table(sources: List[str], uids: List[str], reasons: List[str]) -> pa.Table:
+    """``rejects.parquet``: one row per sample ingest left out."""
+    return pa.table({
+        "source": pa.array(sources, type=pa.string()),
+        "uid": pa.array(uids, type=pa.string()),
+        "reason": pa.array(reasons, type=pa.string()),
+    })
+
+
+def with_reason(rows: pa.Table, reasons: Sequence[str]) -> pa.Table:
+    """Dropped pool rows as ``rejected/`` holds them: their columns and why."""
+    return rows.append_column(REASON, pa.array(reasons, pa.string()))
+
+
+def _set(t: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    return t.set_column(t.column_names.index(name), name, values)
+
+
+def reshard(rows: pa.Table, shard: int, keys: List[str], where: Optional[List[Where]] = None) -> pa.Table:
+    """Pool rows moved to output shard ``shard`` under new ``keys``; with ``where``, their images moved into that
+    shard's tar too (``tar``, ``image``, ``image_offset``, ``image_size`` rewritten)."""
+    rows = _set(rows, "shard", pa.array(np.full(rows.num_rows, shard, np.int32)))
+    rows = _set(rows, "key", pa.array(keys, pa.string()))
+    if where is not None:
+        for name, values, tp in (("tar", [shard_tar(shard)] * rows.num_rows, pa.string()),
+                                 ("image", [w[0] for w in where], pa.string()),
+                                 ("image_offset", [w[1] for w in where], pa.int64()),
+                                 ("image_size", [w[2] for w in where], pa.int64())):
+            rows = _set(rows, name, pa.array(values, tp))
+    return rows
+
+
+def tar_records(records: List[Tuple[str, str, bytes, str, str]]) -> Tuple[bytes, Dict[str, Where]]:
+    """A webdataset tar of ``(key, ext, image bytes, text, uid)`` records: ``<key>.<ext>``, ``<key>.txt``,
+    ``<key>.json``.  Returns the tar's bytes and ``{key: (member, offset, size)}`` locating each image in it."""
+    buf = io.BytesIO()
+    images = {}
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, ext, image, text, uid in records:
+            images[f"{key}.{ext}"] = key
+            for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", text.encode("utf-8")),
+                               (f"{key}.json", json.dumps({"uid": uid}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:  # where each image's bytes landed
+        index = {images[m.name]: (m.name, m.offset_data, m.size) for m in tf if m.name in images}
+    return data, index
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_pool(stage, columns: Sequence[str]) -> pa.Table:
+    """A dataset stage's rows (its parquet shards), with ``tar`` made a full URL; images stay where they are."""
+    import pyarrow.compute as pc
+
+    from pipelines.formats.manifest import DatasetManifest
+
+    files = shard_parquets(DatasetManifest.read(stage).files)
+    tables = [stage.read_table(f) for f in files]
+    if not tables:
+        raise InputError(f"{stage.url}: the ingest stage has no rows")
+    table = pa.concat_tables(tables, promote_options="default")
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(f"{stage.url}: the pool has no column {missing[0]!r} (rerun its ingest stage)")
+    table = table.select(list(columns))
+    base = stage.fs.unstrip_protocol(stage.join(""))
+    tars = pc.binary_join_element_wise(pa.scalar(base.rstrip("/")), table["tar"], "/")
+    return table.set_column(table.column_names.index("tar"), "tar", tars)
+
+
+def split_rows(pool: pa.Table, split: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return pool.filter(pc.equal(pool["split"], split))
+
+
+# ------------------------------------------------------------------------------------------------ subset.npy
+
+
+def write_subset(fs, path: str, total: int, chunks: Iterable[Tuple[np.ndarray, np.ndarray]]) -> None:
+    """``subset.npy`` of ``total`` uids, streamed: ``chunks`` yields ``(uid_hi, uid_lo)`` arrays in ascending
+    order of ``uid_hi`` ranges; each chunk is sorted here."""
+    header = {"descr": np.lib.format.dtype_to_descr(SUBSET_DTYPE), "fortran_order": False, "shape": (int(total),)}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
+        for hi, lo in chunks:
+            order = np.lexsort((lo, hi))
+            arr = np.empty(len(hi), SUBSET_DTYPE)
+            arr["f0"], arr["f1"] = hi[order], lo[order]
+            f.write(arr.tobytes())
+
+
+def read_subset(fs, path: str) -> np.ndarray:
+    with fs.open(path, "rb") as f:
+        return np.load(io.BytesIO(f.read()))

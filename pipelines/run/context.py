@@ -1,0 +1,225 @@
+"""What a stage gets to run with: its directories, a progress line, and work on Ray with retries and failpoints.
+
+Every piece of a stage that runs on Ray goes through its :class:`StageContext`, which gives each the same
+treatment: a task that dies (its worker killed, its node lost) is rerun by Ray, one that raises a transient error
+(:data:`~pipelines.run.errors.TRANSIENT`) is retried up to :data:`~pipelines.run.errors.TASK_RETRIES` times,
+anything else fails the stage at once; the failpoint ``task:<function>`` is hit in every task and
+``stage:<name>`` in the driver as each task finishes (or a training step passes); the terminal shows one line
+per stage.  The shapes of work: :meth:`StageContext.map` (Ray tasks over a list of arguments),
+:meth:`StageContext.map_dataset` (a Ray Data ``flat_map`` over a list of work items),
+:meth:`StageContext.run_task` (one task), and :meth:`StageContext.watch_steps` (a training run's step line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO
+
+from pipelines.run import errors, failpoints
+from pipelines.run.storage import StageDir
+
+
+class Progress:
+    """One line per stage on the terminal, rewritten in place with rows/s and ETA while tasks finish."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+
+    def update(self, label: str, done: int, total: int, rows: int, started: float) -> None:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        rate = rows / elapsed
+        eta = elapsed / done * (total - done) if done else float("nan")
+        line = f"  {label}: {done}/{total} ({rows} rows, {rate:,.0f} rows/s, ETA {eta:,.0f}s)"
+        if self.live:
+            self.stream.write("\r" + line)
+            if done == total:
+                self.stream.write("\n")
+        elif done == total or done % max(1, total // 10) == 0:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class StepLine:
+    """A training stage's progress line, from the states its workers report (``step``, ``total``,
+    ``batch_size``, ``samples_per_s``, ``loss``, ``alignment``): rewritten in place on a terminal, a line every
+    10 s into a log file.  Each new step passed hits the stage's failpoint."""
+
+    def __init__(self, progress: Progress, label: str, name: str) -> None:
+        self.progress, self.label, self.name = progress, label, name
+        self.last, self.printed, self.step = "", 0.0, 0
+
+    def update(self, state: Dict[str, Any]) -> None:
+        if not state:
+            return
+        if state["step"] > self.step:
+            self.step = state["step"]
+            failpoints.hit(f"stage:{self.name}")
+        live = self.progress.live
+        if not live and time.monotonic() - self.printed < 10.0:  # a log file: a line every 10 s
+            return
+        self.printed = time.monotonic()
+        rate = state["samples_per_s"]
+        left = (state["total"] - state["step"]) * state["batch_size"] / max(rate, 1e-9)
+        line = (f"  {self.label}: step {state['step']}/{state['total']} | {rate:,.0f} samples/s | "
+                f"ETA {left:,.0f}s | loss {state['loss']:.4f}"
+                + (f" | alignment {state['alignment']:+.3f}" if state.get("alignment") is not None else ""))
+        if line != self.last:
+            self.progress.stream.write(("\r" + line) if live else (line + "\n"))
+            self.progress.stream.flush()
+            self.last = line
+
+    def close(self) -> None:
+        if self.progress.live and self.last:
+            self.progress.stream.write("\n")
+
+
+def _remote(**resources: Any):
+    """:func:`failpoints.run_task` as a Ray remote function with the stage tasks' retries: a killed worker's task
+    is rerun by Ray; a transient error (a dropped connection) is retried; bad data is not."""
+    import ray
+
+    return ray.remote(failpoints.run_task).options(max_retries=errors.TASK_RETRIES,
+                                                   retry_exceptions=list(errors.TRANSIENT), **resources)
+
+
+@contextlib.contextmanager
+def _single_map_settings() -> Iterator[None]:
+    """Ray Data settings for a dataset that is one map over a list of work items: the stage prints its own
+    progress (no bars or per-dataset log lines), no resources are held back for other operators (there are
+    none; on a small node the default reservation halves the tasks that run at once), and a task's exception is
+    raised as itself (a bad file's error naming it, not a generic wrapper), once: Ray Data does not also log it
+    with a traceback.  Restored on exit."""
+    import logging
+
+    import ray.data
+
+    log = logging.getLogger("ray.data")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # before: turning the bars off logs a warning
+    data = ray.data.DataContext.get_current()
+    names = ("enable_progress_bars", "op_resource_reservation_enabled", "raise_original_map_exception")
+    saved = [getattr(data, n) for n in names]
+    for n, v in zip(names, (False, False, True)):
+        setattr(data, n, v)
+    try:
+        yield
+    finally:
+        for n, v in zip(names, saved):
+            setattr(data, n, v)
+        log.setLevel(max(level, logging.ERROR))
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: its output directory, its inputs' committed directories, and work on Ray."""
+
+    out: StageDir
+    inputs: Dict[str, StageDir]
+    label: str
+    progress: Progress
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    ray_address: str = "local"
+    name: str = ""  # the stage's name (failpoints)
+
+    def note(self, text: str) -> None:
+        """A line of its own under the stage's label (``  <label>: <text>``)."""
+        self.progress.stream.write(f"  {self.label}: {text}\n")
+
+    def map(self, fn: Callable, tasks: Sequence[tuple], unit: str = "tasks", rows: Optional[Sequence[int]] = None,
+            combine: Optional[Callable[[Any, Any], Any]] = None) -> Any:
+        """``[fn(*args) for args in tasks]``, as Ray tasks, in order, reporting progress as they finish; with
+        ``combine``, results are folded as they arrive (``acc = combine(acc, result)``, from ``None``) and only
+        the fold is kept."""
+        import ray
+
+        remote = _remote()
+        point = f"task:{fn.__name__}"
+        refs = [remote.remote(point, fn, *args) for args in tasks]
+        index = {r: i for i, r in enumerate(refs)}
+        results: List[Any] = [None] * len(refs)
+        started, done, done_rows, acc = time.perf_counter(), 0, 0, None
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for r in ready:
+                i = index[r]
+                try:
+                    value = ray.get(r)
+                except Exception:
+                    for ref in pending:  # the stage has failed: stop the rest of its work, and let it stop
+                        ray.cancel(ref, force=True)  # before the attempt is removed (no late writes into it)
+                    if pending:
+                        ray.wait(pending, num_returns=len(pending), timeout=30)
+                    raise
+                if combine is None:
+                    results[i] = value
+                else:
+                    acc = combine(acc, value)
+                done += 1
+                done_rows += rows[i] if rows else 0
+            self.progress.update(f"{self.label} {unit}", done, len(refs), done_rows, started)
+            failpoints.hit(f"stage:{self.name}")
+        return results if combine is None else acc
+
+    def map_dataset(self, fn: Callable[..., List[Dict[str, Any]]], items: List[Dict[str, Any]], unit: str,
+                    total: Optional[int] = None, rows: Optional[str] = None, num_cpus: float = 1.0,
+                    fn_kwargs: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+        """``fn(item, **fn_kwargs)`` for every item, one Ray Data task each (a ``flat_map``: ``fn`` returns a
+        list of rows), with the retries and failpoints of :meth:`map`; returns every row, in the order they
+        arrive.  Progress counts rows out of ``total`` (default one per item), and the rows they cover from the
+        ``rows`` column of each."""
+        import ray.data
+
+        task = functools.partial(failpoints.run_task, f"task:{fn.__name__}", fn)
+        total = len(items) if total is None else total
+        with _single_map_settings():
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+                task, num_cpus=num_cpus, max_retries=errors.TASK_RETRIES, retry_exceptions=list(errors.TRANSIENT),
+                fn_kwargs=fn_kwargs or {})
+            started, results, done_rows = time.perf_counter(), [], 0
+            for row in ds.iter_rows():
+                results.append(row)
+                done_rows += row[rows] if rows else 0
+                self.progress.update(f"{self.label} {unit}", len(results), total, done_rows, started)
+                failpoints.hit(f"stage:{self.name}")
+        return results
+
+    def run_task(self, fn: Callable, *args: Any, num_cpus: float = 1, num_gpus: float = 0) -> Any:
+        """``fn(*args)`` as one Ray task on ``num_cpus`` / ``num_gpus``, with the retries and failpoints of
+        :meth:`map` (and no progress line)."""
+        import ray
+
+        value = ray.get(_remote(num_cpus=num_cpus, num_gpus=num_gpus).remote(f"task:{fn.__name__}", fn, *args))
+        failpoints.hit(f"stage:{self.name}")
+        return value
+
+    @contextlib.contextmanager
+    def watch_steps(self, poll: Callable[[], Dict[str, Any]], every: float = 1.0) -> Iterator[None]:
+        """While the body runs (a training run), a thread polls ``poll()`` every ``every`` seconds for the
+        workers' latest step state and shows it as a :class:`StepLine` (a failed poll is skipped: progress is
+        best effort)."""
+        done = threading.Event()
+        line = StepLine(self.progress, self.label, self.name)
+
+        def follow() -> None:
+            while not done.wait(every):
+                try:
+                    state = poll()
+                except Exception:  # noqa: BLE001 - progress is best effort
+                    continue
+                line.update(state)
+            line.close()
+
+        printer = threading.Thread(target=follow, daemon=True)
+        printer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            printer.join(timeout=5)

@@ -1,0 +1,60 @@
+"""The stage registry: ``stage:`` names in a spec -> typed config, implementation, and what the stage produces.
+
+A stage is registered when its implementation exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+from pipelines.stages.aggregate import AggregateConfig, check_aggregate, run_aggregate
+from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
+from pipelines.stages.filter.stage import FilterConfig, run_filter
+from pipelines.stages.ingest.stage import IngestConfig, run_ingest
+from pipelines.stages.train import run_train
+from pipelines.training.checks import check_train
+from pipelines.training.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class StageDef:
+    config: type
+    run: Callable[[Any, Any], Dict[str, Any]]
+    description: str
+    produces: str  # what later stages may reference it as: dataset | model | scores | utility
+    check: Optional[Callable[[Any, Any], None]] = None  # spec-only checks, before any stage runs
+    resumable: bool = False  # a rerun continues an uncommitted attempt with the same config (from its checkpoints)
+
+
+STAGES: Dict[str, StageDef] = {
+    "ingest": StageDef(
+        IngestConfig, run_ingest,
+        "turn a source (image folder, DataComp pool, labelled set, embedded digits) into sample shards",
+        "dataset",
+    ),
+    "train": StageDef(
+        TrainConfig, run_train,
+        "train CLIP or a classifier on Ray Train (DDP), plain or reweighted by Grad-Mimic / a baseline; "
+        "writes the final weights, metrics and the score log",
+        "model", check=check_train, resumable=True,
+    ),
+    "aggregate": StageDef(
+        AggregateConfig, run_aggregate,
+        "reduce a train stage's score log to one utility row per sample (means, per-step binariser votes) on Ray "
+        "Data, bucket by bucket; the manifest holds the dataset quality estimate",
+        "utility", check=check_aggregate,
+    ),
+    "filter": StageDef(
+        FilterConfig, run_filter,
+        "join utilities with the pool by uid, keep by a rule (thresholds, exact top / bottom fractions, and / or / "
+        "minus); writes kept shards (resharded tars), rejected rows with reasons and a DataComp subset file",
+        "dataset",
+    ),
+    "evaluate": StageDef(
+        EvaluateConfig, run_evaluate,
+        "a trained model on a dataset's held-out split: loss, zero-shot accuracy and retrieval recall@1/5 (CLIP), "
+        "or accuracy (classifier)",
+        "evaluation",
+    ),
+}

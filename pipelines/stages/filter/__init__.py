@@ -1,0 +1,1 @@
+"""``filter``: the keep rule, the stage driver and its Ray tasks."""

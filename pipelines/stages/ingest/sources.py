@@ -1,0 +1,254 @@
+"""Ingest's sources: what each offers, listed on the driver (captions and labels are small; images are read later,
+one Ray task per output shard, by :mod:`.writer`).
+
+- ``embedded``: the real digits shipped in scikit-learn, captioned from templates;
+- ``caption_folder``: images with same-named ``.txt`` captions, searched recursively;
+- ``labelled``: ``<root>/<class>/*.jpg``, captioned from class names with prompt templates;
+- ``datacomp``: a DataComp-layout pool, parquet metadata plus webdataset tars whose ``.json`` holds the uid (only
+  headers and ``.json`` members are read while listing; unsafe members are recorded as rejects, never followed).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.formats.pool import RESERVED, is_uid, uid_of
+from pipelines.run.config import doc
+from pipelines.run.context import StageContext
+from pipelines.run.errors import InputError, InputNotFound
+from pipelines.run.storage import open_storage, read_parquet
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
+DIGIT_TEMPLATES = ("a handwritten digit {}.", "a scan of the number {}, written by hand.", "the digit {}.")
+
+
+@dataclass(frozen=True)
+class EmbeddedSource:
+    kind: Literal["embedded"] = "embedded"
+    dataset: Literal["digits"] = doc("the packaged dataset: 'digits' (1,797 real handwritten digits)", default="digits")
+    templates: Tuple[str, ...] = doc("caption templates, '{}' is the class name", default=DIGIT_TEMPLATES)
+    limit: Optional[int] = doc("keep only the first N samples", default=None)
+
+
+@dataclass(frozen=True)
+class CaptionFolderSource:
+    kind: Literal["caption_folder"]
+    path: str = doc("folder (local or URL) searched recursively for images with same-named .txt captions")
+
+
+@dataclass(frozen=True)
+class LabelledSource:
+    kind: Literal["labelled"]
+    path: str = doc("folder with one sub-folder of images per class")
+    templates: Tuple[str, ...] = doc("caption templates, '{}' is the class name", default=PHOTO_TEMPLATES)
+    class_names: Dict[str, str] = doc("folder name -> class name used in captions", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataCompSource:
+    kind: Literal["datacomp"]
+    path: str = doc("pool root holding the metadata parquet and the webdataset tars")
+    metadata: str = doc("metadata folder under path (parquet with uid, text, ...)", default="metadata")
+    shards: str = doc("tar folder under path", default="shards")
+
+
+Source = Union[EmbeddedSource, CaptionFolderSource, LabelledSource, DataCompSource]
+
+
+# ------------------------------------------------------------------------------------------------ listing
+
+
+@dataclass
+class Listing:
+    """Every sample the source offers: how to fetch its image, its caption, and its extra columns."""
+
+    refs: List[str] = field(default_factory=list)  # "file:<url>" | "tar:<url>::<member>" | "digits:<i>"
+    texts: List[Optional[str]] = field(default_factory=list)
+    uids: List[str] = field(default_factory=list)
+    sources: List[str] = field(default_factory=list)
+    reasons: List[Optional[str]] = field(default_factory=list)  # rejected before reading the image
+    extras: Dict[str, list] = field(default_factory=dict)
+    class_names: Optional[List[str]] = None
+
+    def add(self, ref: str, text: Optional[str], uid: str, source: str, reason: Optional[str] = None, **extra) -> None:
+        self.refs.append(ref)
+        self.texts.append(text)
+        self.uids.append(uid)
+        self.sources.append(source)
+        self.reasons.append(reason)
+        for k, v in extra.items():
+            self.extras.setdefault(k, []).append(v)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+def template(templates: Tuple[str, ...], uid: str, name: str) -> str:
+    return templates[int(uid[:8], 16) % len(templates)].format(name)
+
+
+def list_embedded(src: EmbeddedSource, ctx: Optional[StageContext] = None) -> Listing:
+    from pipelines.stages.ingest.embedded import CLASS_NAMES, load_digits_arrays
+
+    _, labels = load_digits_arrays()
+    n = len(labels) if src.limit is None else min(src.limit, len(labels))
+    out = Listing(class_names=list(CLASS_NAMES))
+    for i in range(n):
+        uid = uid_of(f"sklearn-digits:{i}")
+        label = int(labels[i])
+        out.add(f"digits:{i}", template(src.templates, uid, CLASS_NAMES[label]), uid, f"digits/{i}", label=label)
+    return out
+
+
+def _find_files(url: str) -> Tuple[Any, str, List[str]]:
+    """Every file under a folder, in one recursive listing (one request per page on object stores)."""
+    fs, root = open_storage(url)
+    if not fs.isdir(root):
+        raise InputNotFound(f"source folder not found: {url}")
+    return fs, root, sorted(fs.find(root))
+
+
+def _images(files: List[str]) -> List[str]:
+    return [p for p in files if posixpath.splitext(p)[1].lower() in IMAGE_EXTS]
+
+
+def list_caption_folder(src: CaptionFolderSource, ctx: Optional[StageContext] = None) -> Listing:
+    fs, root, files = _find_files(src.path)
+    present = set(files)
+    captions = [posixpath.splitext(p)[0] + ".txt" for p in _images(files)]
+    wanted = [c for c in captions if c in present]
+    # cat_ranges: concurrent on object stores, and no glob expansion of names such as "a[1].txt"
+    texts = dict(zip(wanted, fs.cat_ranges(wanted, [None] * len(wanted), [None] * len(wanted)))) if wanted else {}
+    out = Listing()
+    for path, txt in zip(_images(files), captions):
+        rel = posixpath.relpath(path, root)
+        text = texts[txt].decode("utf-8", errors="replace").strip() if txt in present else None
+        reason = "missing caption" if text is None else (None if text else "empty caption")
+        out.add(f"file:{fs.unstrip_protocol(path)}", text, uid_of(f"caption_folder:{rel}"), rel, reason)
+    return out
+
+
+def list_labelled(src: LabelledSource, ctx: Optional[StageContext] = None) -> Listing:
+    fs, root, files = _find_files(src.path)
+    files = _images(files)
+    dirs = sorted({posixpath.relpath(p, root).split("/")[0] for p in files if "/" in posixpath.relpath(p, root)})
+    if not dirs:
+        raise InputNotFound(f"labelled source {src.path}: expected one sub-folder of images per class")
+    names = [src.class_names.get(d, d.replace("_", " ")) for d in dirs]
+    index = {d: i for i, d in enumerate(dirs)}
+    out = Listing(class_names=names)
+    for path in files:
+        rel = posixpath.relpath(path, root)
+        if "/" not in rel:
+            continue  # an image outside any class folder has no label
+        label = index[rel.split("/")[0]]
+        uid = uid_of(f"labelled:{rel}")
+        out.add(f"file:{fs.unstrip_protocol(path)}", template(src.templates, uid, names[label]), uid, rel, label=label)
+    return out
+
+
+def scan_tar(fs, tar_path: str) -> Dict[str, Dict[str, Any]]:
+    """``{key: {"image": member, "uid": ...}}`` of one webdataset tar, reading only headers and ``.json`` members."""
+    members: Dict[str, Dict[str, Any]] = {}
+    with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        for m in tf:
+            unsafe = unsafe_member(m)
+            if unsafe:  # never followed nor used as a name: recorded as a reject of its own
+                members.setdefault(f"{m.name}\0unsafe", {})["unsafe"] = unsafe
+                continue
+            if not m.isfile():
+                continue
+            key, ext = posixpath.splitext(m.name)
+            entry = members.setdefault(key, {})
+            if ext.lower() in IMAGE_EXTS:
+                entry["image"] = m.name
+            elif ext == ".json":
+                try:
+                    entry["uid"] = json.loads(tf.extractfile(m).read()).get("uid")
+                except (ValueError, AttributeError):
+                    entry["uid"] = None
+    return members
+
+
+def unsafe_member(m: tarfile.TarInfo) -> Optional[str]:
+    """Why a tar member must not be read (a link, or a name that would leave a directory it were extracted to)."""
+    if m.issym() or m.islnk():
+        return f"link member {m.name!r} -> {m.linkname!r}"
+    parts = m.name.replace("\\", "/").split("/")
+    if m.name.startswith(("/", "\\")) or ".." in parts or "\0" in m.name or (parts[0][1:2] == ":"):
+        return f"unsafe member name {m.name!r}"
+    if not (m.isfile() or m.isdir()):
+        return f"special member {m.name!r}"
+    return None
+
+
+def list_datacomp(src: DataCompSource, ctx: StageContext) -> Listing:
+
+    fs, root = open_storage(src.path)
+    meta_files = sorted(p for p in fs.find(posixpath.join(root, src.metadata)) if p.endswith(".parquet"))
+    tars = sorted(p for p in fs.find(posixpath.join(root, src.shards)) if p.endswith(".tar"))
+    if not meta_files:
+        raise InputNotFound(f"datacomp source {src.path}: no parquet under {src.metadata}/")
+    if not tars:
+        raise InputNotFound(f"datacomp source {src.path}: no .tar under {src.shards}/")
+    tables = []
+    for p in meta_files:
+        tables.append(read_parquet(fs, p))
+        for col in ("uid", "text"):
+            if col not in tables[-1].column_names:
+                raise InputError(f"datacomp metadata {fs.unstrip_protocol(p)}: missing column {col!r}")
+    meta = pa.concat_tables(tables, promote_options="default")
+    rows: Dict[Any, int] = {}
+    file_of = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
+    for i, u in enumerate(meta.column("uid").to_pylist()):
+        if u in rows:  # which sample would a score belong to? refuse, naming both places
+            first, again = meta_files[file_of[rows[u]]], meta_files[file_of[i]]
+            raise InputError(f"datacomp metadata {fs.unstrip_protocol(again)}: uid {u!r} appears twice (also in "
+                             f"{posixpath.basename(first)}); a pool's uids must be unique")
+        rows[u] = i
+    extra_cols = [c for c in meta.column_names if c not in ("uid", "text", "key", "shard")]
+    # metadata columns keep their data but never shadow a column ingest computes
+    extra_data = {(f"metadata_{c}" if c in RESERVED else c): meta.column(c).to_pylist() for c in extra_cols}
+    extra_cols = list(extra_data)
+    texts = meta.column("text").to_pylist()
+    out = Listing()
+    seen = set()
+    scans = ctx.map(scan_tar, [(fs, t) for t in tars], unit="tars scanned")
+    for tar_path, members in zip(tars, scans):
+        tar_url = fs.unstrip_protocol(tar_path)
+        for key in sorted(members):
+            entry = members[key]
+            uid = entry.get("uid")
+            source = f"{posixpath.basename(tar_path)}/{key.split(chr(0))[0]}"
+            row = rows.get(uid)
+            reason = entry.get("unsafe")
+            if reason:
+                uid = uid_of(f"datacomp:{source}")
+            elif not is_uid(uid):
+                reason, uid = "no uid in json", uid_of(f"datacomp:{source}")
+            elif "image" not in entry:
+                reason = "no image in tar"
+            elif row is None:
+                reason = "uid not in metadata"
+            elif uid in seen:
+                reason = "duplicate uid"
+            text = texts[row] if row is not None else None
+            if reason is None and not (text or "").strip():
+                reason = "empty caption"
+            if reason is None:
+                seen.add(uid)  # only a kept copy makes later ones duplicates
+            extras = {c: (extra_data[c][row] if row is not None else None) for c in extra_cols}
+            out.add(f"tar:{tar_url}::{entry.get('image', '')}", text, uid, source, reason, **extras)
+    return out
+
+
+LISTERS = {"embedded": list_embedded, "caption_folder": list_caption_folder, "labelled": list_labelled,
+           "datacomp": list_datacomp}

@@ -1,0 +1,105 @@
+"""Held-out metrics shared by the train loop's periodic evaluation and the ``evaluate`` stage.
+
+- the held-out loop (:func:`heldout`): per chunk of rows, the per-sample loss (CLIP: symmetric InfoNCE within the
+  chunk; a classifier: cross-entropy) and, where the rows carry labels, the predictions (CLIP: zero-shot), summed;
+- zero-shot classification: each class's text embedding is the normalised mean over the prompt templates of the
+  normalised embeddings of ``template.format(class name)`` (CLIP's recipe); an image's prediction is the class of
+  highest cosine similarity;
+- retrieval recall@k over the whole held-out split.  Image->text ranks the distinct captions (each once, so that
+  copies of one templated caption do not fill the ``k`` places): an image is found when its own caption is among
+  its ``k`` most similar captions.  Text->image ranks the images: a text is found when one of its ``k`` most
+  similar images carries its caption (duplicate captions are not counted as misses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.models.build import ModelSpec
+from pipelines.training.batches import autocast, to_images
+
+
+def zero_shot_classifier(model, tokenize, names: Sequence[str], templates: Sequence[str],
+                         device: torch.device) -> torch.Tensor:
+    """``[C, D]`` normalised class embeddings; ``tokenize(texts) -> int64 array``."""
+    texts = [t.format(n) for n in names for t in templates]
+    tokens = torch.from_numpy(tokenize(texts)).to(device)
+    emb = F.normalize(model.encode_text(tokens).float(), dim=-1).reshape(len(names), len(templates), -1)
+    return F.normalize(emb.mean(1), dim=-1)
+
+
+def retrieval_recall(image_ND: torch.Tensor, text_ND: torch.Tensor, captions: Sequence[str],
+                     ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+    """``i2t_recall@k`` and ``t2i_recall@k`` for normalised embeddings of matching rows (row ``i``'s image and text
+    carry ``captions[i]``).
+
+    Image->text ranks each distinct caption once, embedded as the text embedding of its first row (rows with the
+    same caption go through the same text tower, so their embeddings agree): an image is found when its own caption
+    is among its ``k`` most similar distinct captions.  Text->image ranks the images: a text is found when one of
+    its ``k`` most similar images carries its caption.
+    """
+    _, first, codes = np.unique(np.asarray(captions, dtype=object).astype(str), return_index=True,
+                                return_inverse=True)
+    codes = torch.from_numpy(codes.reshape(-1))  # row -> index of its caption among the distinct ones
+    sim = image_ND.float() @ text_ND.float().T  # [images, texts]
+    i2t_sim, t2i_sim = sim[:, torch.from_numpy(first)], sim.T  # [images, distinct captions], [texts, images]
+    out = {}
+    for k in ks:
+        i2t = i2t_sim.topk(min(k, i2t_sim.shape[1]), dim=1).indices  # captions retrieved per image
+        t2i = t2i_sim.topk(min(k, t2i_sim.shape[1]), dim=1).indices  # images retrieved per text
+        out[f"i2t_recall@{k}"] = float((i2t == codes[:, None]).any(1).float().mean())
+        out[f"t2i_recall@{k}"] = float((codes[t2i] == codes[:, None]).any(1).float().mean())
+    return out
+
+
+@dataclass
+class HeldOut:
+    """What :func:`heldout` sums over its chunks (on the model's device, float64: loss, correct, rows)."""
+
+    sums: torch.Tensor
+    labelled: bool = False  # some chunk had labels and predictions: sums[1] counts the correct ones
+    images: List[torch.Tensor] = field(default_factory=list)  # normalised embeddings on the CPU (if kept)
+    texts: List[torch.Tensor] = field(default_factory=list)
+
+
+def heldout(model, spec: ModelSpec, chunks: Iterable[Dict[str, np.ndarray]], device: torch.device, *,
+            zero_shot: Optional[Tuple[Sequence[str], Sequence[str]]] = None, precision: str = "fp32",
+            keep_embeddings: bool = False) -> HeldOut:
+    """The held-out loop over decoded ``chunks`` (one batch each), without gradients and under ``precision``'s
+    autocast; ``zero_shot`` (class names, templates) gives CLIP its predictions.  The caller sets eval mode."""
+    from gradmimic import clip_per_sample_loss
+    from pipelines.training.data import tokenize
+
+    out = HeldOut(torch.zeros(3, dtype=torch.float64, device=device))
+    with torch.no_grad(), autocast(precision, device):
+        classes = None
+        if spec.task == "clip" and zero_shot:
+            names, templates = zero_shot
+            classes = zero_shot_classifier(model, lambda texts: tokenize(spec.arch, spec.context_length, texts),
+                                           names, templates, device)
+        for batch in chunks:
+            x = to_images(batch, spec, device)
+            if spec.task == "clip":
+                img = model.encode_image(x).float()
+                txt = model.encode_text(torch.from_numpy(batch["tokens"]).to(device)).float()
+                loss = clip_per_sample_loss(img, txt, model.logit_scale.exp().float())
+                img = F.normalize(img, dim=-1)
+                pred = (img @ classes.T).argmax(1) if classes is not None else None
+                if keep_embeddings:
+                    out.images.append(img.cpu())
+                    out.texts.append(F.normalize(txt, dim=-1).cpu())
+            else:
+                logits = model(x).float()
+                pred = logits.argmax(1)
+                loss = F.cross_entropy(logits, torch.from_numpy(batch["label"]).to(device), reduction="none")
+            out.sums[0] += loss.double().sum()
+            out.sums[2] += len(loss)
+            if pred is not None and "label" in batch:
+                out.labelled = True
+                out.sums[1] += (pred.cpu() == torch.from_numpy(batch["label"])).sum()
+    return out

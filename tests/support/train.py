@@ -1,0 +1,48 @@
+"""Train-stage helpers: the shared 160-digit pool, reference weights, score-log reading and its exactly-once check."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipelines.formats.score_log import read_score_log
+from pipelines.models.build import ModelSpec
+from pipelines.run.storage import StageDir, open_storage
+
+POOL = {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 160},
+        "noise": {"kind": "label", "rate": 0.4, "seed": 0}, "split": {"test_fraction": 0.2, "seed": 0},
+        "shard_size": 40}
+
+
+def stage_dir(storage: str, stage: str, name: str = "t") -> StageDir:
+    fs, root = open_storage(storage)
+    return StageDir(fs, f"{root}/{name}/{stage}")
+
+
+def score_log(storage: str, stage: str, name: str = "t"):
+    d = stage_dir(storage, stage, name)
+    return read_score_log(d.fs, d.join("scores")).to_pandas().sort_values(["step", "uid_hi", "uid_lo"]).reset_index(drop=True)
+
+
+def reference_file(path, task: str, seed: int = 0, scale: float = 0.05) -> str:
+    """The student's initialisation (same seed) moved a little: a reference in the same parameter space."""
+    from safetensors.torch import save_file
+
+    model = ModelSpec(task, "tiny-clip", num_classes=10).build(seed=seed)
+    g = torch.Generator().manual_seed(123)
+    state = {k: (v + scale * v.std(correction=0) * torch.randn(v.shape, generator=g)).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return str(path)
+
+
+def assert_exactly_once(log, batch: int, steps: int, sizes=None):
+    assert not log.duplicated(["uid_hi", "uid_lo", "step"]).any()
+    per_step = log.groupby("step")
+    assert sorted(per_step.groups) == list(range(1, steps + 1))
+    assert (per_step.size() == batch).all() and (log.batch_size == batch).all()
+    np.testing.assert_allclose(per_step.weight.sum(), 1.0, rtol=0, atol=1e-5)
+    for _, rows in log.groupby("epoch"):  # within an epoch no sample comes twice
+        assert not rows.duplicated(["uid_hi", "uid_lo"]).any()
+    if sizes is not None:
+        assert sorted(log.groupby(["step", "rank"]).size().unique().tolist()) == sorted(set(sizes))
