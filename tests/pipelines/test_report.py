@@ -158,6 +158,7 @@ def test_quickstart_end_to_end_shrunk(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_label_noise_spec_end_to_end_shrunk(tmp_path):
     """The label-noise experiment's spec, shrunk (300 digits, one noise level, one seed, two modes, two kept
     fractions), through the CLI: linear probes on the packaged EfficientNet-Lite0, Table 1 and the curve."""

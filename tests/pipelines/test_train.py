@@ -123,6 +123,7 @@ def test_two_workers_equal_one_process(storage, tmp_path, task):
 # ------------------------------------------------------------------------------------------------ modes
 
 
+@pytest.mark.long
 def test_every_mode_runs(storage, tmp_path):
     """Every mode through the stage (grand: test_train_on_s3), on 2 workers where the scores couple the ranks
     (mimic's global softmax, agra's and influence's direction), on 1 elsewhere."""

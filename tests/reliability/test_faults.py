@@ -92,6 +92,7 @@ def killed(res) -> bool:
 # ------------------------------------------------------------------------------------------------ SIGKILL
 
 
+@pytest.mark.long
 def test_a_run_killed_in_each_stage_reruns_to_the_same_outputs(tmp_path):
     """Kill ``gradmimic run`` (SIGKILL) in the middle of ingest, aggregate and filter (after some of their tasks)
     and of evaluate (its outputs written, before its commit), rerunning after each: the stage killed is never
