@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the Ray Data groupby on the log's first segments only, about this many rows "
                         "(0: the whole log); its rows/s and ratio are then on that subset")
     p.add_argument("--segment-rows", type=int, default=2_000_000,
-                   help="rows per score-log segment (one file per bucket and rank each)")
+                   help="rows per score-log segment (one file per rank each)")
     p.add_argument("--repeats", type=int, default=1, help="time each method this many times (median)")
     p.add_argument("--no-all-binarisers", action="store_true",
                    help="skip the extra stage run with the default binarisers (threshold, kmeans, gmm)")
@@ -105,13 +105,12 @@ def log_files(log_dir: str) -> List[Tuple[str, int]]:
     from pipelines.run.storage import open_storage
 
     fs, root = open_storage(log_dir)
-    paths = list_parts(fs, root)
-    paths.sort(key=lambda p: (os.path.basename(p), p))  # part-s<first>-<last>-r<rank>: by first step
+    paths = list_parts(fs, root)  # part-s<first>-<last>-r<rank>: by first step, then rank
     return [(p, pq.read_metadata(p).num_rows) for p in paths]
 
 
 def prefix_files(files: List[Tuple[str, int]], rows: int) -> List[Tuple[str, int]]:
-    """The first whole segments (every bucket's and rank's file of each) holding at least ``rows`` rows."""
+    """The first whole segments (every rank's file of each) holding at least ``rows`` rows."""
     segments: Dict[str, List[Tuple[str, int]]] = {}
     for path, n in files:
         segments.setdefault(os.path.basename(path).rsplit("-r", 1)[0], []).append((path, n))

@@ -2,8 +2,9 @@
 
 ``uids`` samples (random 128-bit uids, a fraction of them "corrupted": lower mean score), each seen once per epoch
 in a seeded shuffle, in global batches of ``batch_size``; each step's weights are the softmax of its scores over
-the batch.  Files follow :mod:`pipelines.formats.score_log`: ``bucket=<b>/part-s<first>-<last>-r<rank>.parquet``, one
-segment per ``steps_per_file`` steps, ``ranks`` ranks splitting each batch.
+the batch.  Files follow :mod:`pipelines.formats.score_log`: ``part-s<first>-<last>-r<rank>.parquet`` (rows sorted by
+bucket, the bucket index in the footer), one segment per ``steps_per_file`` steps and rank, ``ranks`` ranks
+splitting each batch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Dict
 
 import numpy as np
 
-from pipelines.formats.score_log import SCHEMA, bucket_dir, buckets_of, part_name
+from pipelines.formats.score_log import encode, part_name
 
 
 def synthetic_uids(n: int, seed: int):
@@ -27,9 +28,6 @@ def write_score_log(fs, root: str, uids: int, epochs: int, batch_size: int, num_
                     steps_per_file: int = 0, corrupted: float = 0.3, temperature: float = 1.0,
                     seed: int = 0) -> Dict[str, object]:
     """Write the log under ``root``; returns ``rows``, ``steps``, ``uid_hi``, ``uid_lo``, ``corrupted``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rng = np.random.default_rng(seed)
     hi, lo = synthetic_uids(uids, seed)
     bad = rng.random(uids) < corrupted
@@ -61,17 +59,11 @@ def write_score_log(fs, root: str, uids: int, epochs: int, batch_size: int, num_
             "rank": rank.ravel().astype(np.int32), "score": score.ravel(), "weight": weight.ravel(),
             "loss": loss.ravel(), "batch_size": np.full(idx.size, batch_size, np.int32),
         }
-        bucket = buckets_of(cols["uid_lo"], num_buckets) * ranks + cols["rank"]
-        order = np.argsort(bucket, kind="stable")
-        bounds = np.searchsorted(bucket[order], np.arange(num_buckets * ranks + 1))
-        for key in range(num_buckets * ranks):
-            sel = order[bounds[key]:bounds[key + 1]]
-            if len(sel):
-                b, r = divmod(key, ranks)
-                table = pa.table({c: v[sel] for c, v in cols.items()}, schema=SCHEMA)
-                path = posixpath.join(root, bucket_dir(b), part_name(first, last, r))
-                fs.makedirs(posixpath.dirname(path), exist_ok=True)
-                with fs.open(path, "wb") as f:
-                    pq.write_table(table, f)
+        for r in range(ranks):
+            sel = cols["rank"] == r
+            if sel.any():
+                data = encode({c: v[sel] for c, v in cols.items()}, num_buckets)
+                with fs.open(posixpath.join(root, part_name(first, last, r)), "wb") as f:
+                    f.write(data)
         rows += idx.size
     return {"rows": rows, "steps": steps, "uid_hi": hi, "uid_lo": lo, "corrupted": bad}

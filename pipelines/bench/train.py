@@ -68,17 +68,17 @@ def bare_step_seconds(storage: str, args, threads: int):
     import torch
 
     from gradmimic import clip_per_sample_loss
-    from pipelines.formats.pool import POOL_COLUMNS, read_pool, split_rows
     from pipelines.models.build import ModelSpec
     from pipelines.run.storage import StageDir, open_storage
     from pipelines.training.batches import to_images
     from pipelines.training.config import OptimizerConfig
     from pipelines.training.data import Decoder, StepPlan
+    from pipelines.training.index import build_index
     from pipelines.training.optim import make_optimizer
 
     torch.set_num_threads(threads)
     fs, root = open_storage(storage)
-    train = split_rows(read_pool(StageDir(fs, f"{root}/bench/pool"), POOL_COLUMNS), "train")
+    train = build_index(None, StageDir(fs, f"{root}/bench/pool"), labels=False, text=True).split("train")
     spec = ModelSpec("clip", "tiny-clip")
     decoded = Decoder(spec.image_size, tokens=spec.context_length, arch="tiny-clip")(train, np.arange(train.num_rows))
     device = torch.device("cpu")

@@ -5,11 +5,16 @@ Under a dataset stage's directory:
 
 - ``shards/shard-NNNNN.parquet``: one row per sample: :data:`RESERVED` columns (``uid``, ``uid_hi``, ``uid_lo``,
   ``text``, ``key``, ``shard``, ``split``, ``corrupted``, ``source``; where its image is: ``tar`` the tar's path
-  relative to the stage directory, ``image`` the member's name, ``image_offset`` / ``image_size`` the member's
-  bytes in the tar, so one ranged read fetches it; ``label``, ``true_label``, ``class_name`` for labelled sources)
-  and the source's extra columns (DataComp metadata such as ``clip_b32_similarity_score``);
-- ``shards/shard-NNNNN.tar``: webdataset tars of ``<key>.jpg|png``, ``<key>.txt``, ``<key>.json`` (``{"uid": ...}``);
-- ``rejects.parquet`` (ingest): ``source``, ``uid``, ``reason`` of every sample left out;
+  relative to the stage directory (a tar the stage wrote) or the source tar's absolute URL (a webdataset or
+  DataComp pool indexed in place), ``image`` the member's name, ``image_offset`` / ``image_size`` the member's
+  bytes in the tar, so one ranged read fetches it; ``text_offset`` / ``text_size`` the caption's UTF-8 bytes in
+  the same tar (``-1`` / ``-1`` where that tar holds no copy of ``text``: read the ``text`` column then);
+  ``label``, ``true_label``, ``class_name`` for labelled sources) and the source's extra columns (DataComp
+  metadata such as ``clip_b32_similarity_score``);
+- ``shards/shard-NNNNN.tar``: webdataset tars of ``<key>.jpg|png``, ``<key>.txt``, ``<key>.json`` (``{"uid": ...}``),
+  only for the sources ingest copies (an index of a pool in place writes none);
+- ``rejects.parquet`` (ingest), or ``rejects/part-NNNNN.parquet`` (an ingest indexing in place, one part per uid
+  partition): ``source``, ``uid``, ``reason`` of every sample left out;
 - ``rejected/part-NNNNN.parquet`` (filter): every dropped row with its pool columns and ``reason``;
 - ``subset.npy`` (filter): the kept uids as DataComp's resharder reads them, a sorted ``"u8,u8"`` array.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -36,9 +42,10 @@ SUBSET = "subset.npy"
 SUBSET_DTYPE = np.dtype("u8,u8")
 
 RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "tar", "image",
-            "image_offset", "image_size", "label", "true_label", "class_name")
+            "image_offset", "image_size", "text_offset", "text_size", "label", "true_label", "class_name")
 UID_KEY = ("uid_hi", "uid_lo")
 IMAGE_COLUMNS = ("tar", "image", "image_offset", "image_size")
+TEXT_COLUMNS = ("text_offset", "text_size")  # the caption's bytes in the row's tar; -1 where it holds none
 REASON = "reason"
 # columns the train stage reads (``label`` too for a labelled pool), and the evaluate stage
 POOL_COLUMNS = ("uid_hi", "uid_lo", "split", "text", "tar", "image_offset", "image_size")
@@ -68,6 +75,17 @@ def shard_files(files: Iterable[str]) -> List[str]:
 
 def rejected_part(group: int) -> str:
     return f"{REJECTED}/part-{group:05d}.parquet"
+
+
+def rejects_part(part: int) -> str:
+    """An ingest's rejects, one part per uid partition (an index of a pool in place)."""
+    return f"{posixpath.splitext(REJECTS)[0]}/part-{part:05d}.parquet"
+
+
+def rejects_files(files: Iterable[str]) -> List[str]:
+    """An ingest manifest's rejects files (``rejects.parquet`` or its parts), in their order there."""
+    stem = posixpath.splitext(REJECTS)[0] + "/"
+    return [f for f in files if f == REJECTS or f.startswith(stem)]
 
 
 # ------------------------------------------------------------------------------------------------ uids
@@ -105,7 +123,7 @@ def uid_hex(hi: np.ndarray, lo: np.ndarray) -> pa.Array:
 # ------------------------------------------------------------------------------------------------ tables
 
 
-Where = Tuple[str, int, int]  # an image's (member, offset, size) in its tar
+Where = Tuple[int, ...]  # an image's (member, offset, size) in its tar, then its caption's (offset, size)
 
 
 def shard_table(uids: List[str], texts: List[str], keys: List[str], shards: List[int], splits: Sequence[str],
@@ -128,6 +146,8 @@ def shard_table(uids: List[str], texts: List[str], keys: List[str], shards: List
         "image": pa.array([w[0] for w in where], type=pa.string()),
         "image_offset": pa.array([w[1] for w in where], type=pa.int64()),
         "image_size": pa.array([w[2] for w in where], type=pa.int64()),
+        "text_offset": pa.array([w[3] if len(w) > 3 else -1 for w in where], type=pa.int64()),
+        "text_size": pa.array([w[4] if len(w) > 3 else -1 for w in where], type=pa.int64()),
     }
     for name, values in extras.items():
         cols[name] = pa.array(values)
@@ -156,7 +176,8 @@ def _set(t: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 def reshard(rows: pa.Table, shard: int, keys: List[str], where: Optional[List[Where]] = None) -> pa.Table:
     """Pool rows moved to output shard ``shard`` under new ``keys``; with ``where``, their images moved into that
-    shard's tar too (``tar``, ``image``, ``image_offset``, ``image_size`` rewritten)."""
+    shard's tar too (``tar``, ``image``, ``image_offset``, ``image_size``, and ``text_offset`` / ``text_size``
+    where ``where`` locates the captions too, rewritten)."""
     rows = _set(rows, "shard", pa.array(np.full(rows.num_rows, shard, np.int32)))
     rows = _set(rows, "key", pa.array(keys, pa.string()))
     if where is not None:
@@ -165,26 +186,31 @@ def reshard(rows: pa.Table, shard: int, keys: List[str], where: Optional[List[Wh
                                  ("image_offset", [w[1] for w in where], pa.int64()),
                                  ("image_size", [w[2] for w in where], pa.int64())):
             rows = _set(rows, name, pa.array(values, tp))
+        if where and len(where[0]) > 3:
+            for name, i in (("text_offset", 3), ("text_size", 4)):
+                values = pa.array([w[i] for w in where], pa.int64())
+                rows = _set(rows, name, values) if name in rows.column_names else rows.append_column(name, values)
     return rows
 
 
 def tar_records(records: List[Tuple[str, str, bytes, str, str]]) -> Tuple[bytes, Dict[str, Where]]:
     """A webdataset tar of ``(key, ext, image bytes, text, uid)`` records: ``<key>.<ext>``, ``<key>.txt``,
-    ``<key>.json``.  Returns the tar's bytes and ``{key: (member, offset, size)}`` locating each image in it."""
+    ``<key>.json``.  Returns the tar's bytes and ``{key: (member, offset, size, text_offset, text_size)}`` locating
+    each image's bytes and its caption's in it."""
     buf = io.BytesIO()
-    images = {}
+    index: Dict[str, Where] = {}
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for key, ext, image, text, uid in records:
-            images[f"{key}.{ext}"] = key
+            where = []
             for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", text.encode("utf-8")),
                                (f"{key}.json", json.dumps({"uid": uid}).encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:  # where each image's bytes landed
-        index = {images[m.name]: (m.name, m.offset_data, m.size) for m in tf if m.name in images}
-    return data, index
+                blocks = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                where.append(tf.offset - blocks)  # the data ends the member (after however many header blocks)
+            index[key] = (f"{key}.{ext}", where[0], len(image), where[1], len(text.encode("utf-8")))
+    return buf.getvalue(), index
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -192,8 +218,6 @@ def tar_records(records: List[Tuple[str, str, bytes, str, str]]) -> Tuple[bytes,
 
 def read_pool(stage, columns: Sequence[str]) -> pa.Table:
     """A dataset stage's rows (its parquet shards), with ``tar`` made a full URL; images stay where they are."""
-    import pyarrow.compute as pc
-
     from pipelines.formats.manifest import DatasetManifest
 
     files = shard_parquets(DatasetManifest.read(stage).files)
@@ -205,9 +229,19 @@ def read_pool(stage, columns: Sequence[str]) -> pa.Table:
     if missing:
         raise InputError(f"{stage.url}: the pool has no column {missing[0]!r} (rerun its ingest stage)")
     table = table.select(list(columns))
-    base = stage.fs.unstrip_protocol(stage.join(""))
-    tars = pc.binary_join_element_wise(pa.scalar(base.rstrip("/")), table["tar"], "/")
+    tars = tar_urls(stage.fs.unstrip_protocol(stage.join("")), table["tar"])
     return table.set_column(table.column_names.index("tar"), "tar", tars)
+
+
+def tar_urls(base: str, tars) -> pa.Array:
+    """The ``tar`` column as full URLs: a path relative to the dataset stage's directory ``base`` (a tar the stage
+    wrote) is joined to it; an absolute one (a URL with a scheme, or a local path from ``/``: a source tar indexed
+    in place) is kept as it is."""
+    import pyarrow.compute as pc
+
+    joined = pc.binary_join_element_wise(pa.scalar(base.rstrip("/")), tars, "/")
+    absolute = pc.match_substring_regex(tars, r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)")
+    return pc.if_else(absolute, tars, joined)
 
 
 def split_rows(pool: pa.Table, split: str) -> pa.Table:

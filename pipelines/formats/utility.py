@@ -3,7 +3,9 @@
     utility/bucket=<b>/part-00000.parquet
 
 in the score log's buckets (``bucket = uid_lo % num_buckets``), so a join with a pool partitioned the same way
-needs no shuffle.  Columns: ``uid``, ``uid_hi``, ``uid_lo``, ``num_steps`` and, as the stage was asked,
+needs no shuffle.  A bucket the aggregate stage split over several tasks (more rows than a task's budget) has
+several parts, ``part-<j>.parquet`` holding the uids with ``uid_lo // num_buckets % parts == j``; a reader takes
+every part of its bucket (:func:`bucket_files`).  Columns: ``uid``, ``uid_hi``, ``uid_lo``, ``num_steps`` and, as the stage was asked,
 ``mean_score``, ``mean_weight``, ``mean_loss``, ``last_weight`` and ``vote_<binariser>`` (the fraction of the
 sample's steps in which that binariser voted keep).
 """
@@ -20,7 +22,6 @@ from pipelines.formats.pool import uid_hex
 from pipelines.formats.score_log import bucket_dir, bucket_of
 
 DIR = "utility"
-PART = "part-00000.parquet"
 NUM_STEPS = "num_steps"
 MEANS = ("mean_score", "mean_weight", "mean_loss")
 LAST_WEIGHT = "last_weight"
@@ -32,9 +33,9 @@ def vote(binariser: str) -> str:
     return f"vote_{binariser}"
 
 
-def part_path(bucket: int) -> str:
-    """A bucket's file, relative to the stage directory."""
-    return posixpath.join(DIR, bucket_dir(bucket), PART)
+def part_path(bucket: int, part: int = 0) -> str:
+    """A bucket's file (its ``part``-th, for a bucket split by uid), relative to the stage directory."""
+    return posixpath.join(DIR, bucket_dir(bucket), f"part-{part:05d}.parquet")
 
 
 def utility_files(files: Iterable[str]) -> List[str]:
@@ -42,9 +43,12 @@ def utility_files(files: Iterable[str]) -> List[str]:
     return [f for f in files if f.startswith(DIR + "/")]
 
 
-def bucket_files(files: Iterable[str]) -> Dict[int, str]:
-    """``{bucket: file}`` of a manifest's ``files``."""
-    return {bucket_of(f): f for f in utility_files(files)}
+def bucket_files(files: Iterable[str]) -> Dict[int, List[str]]:
+    """``{bucket: [its files]}`` of a manifest's ``files``, in bucket and part order."""
+    out: Dict[int, List[str]] = {}
+    for f in sorted(utility_files(files)):
+        out.setdefault(bucket_of(f), []).append(f)
+    return dict(sorted(out.items()))
 
 
 def utility_table(hi: np.ndarray, lo: np.ndarray, num_steps: np.ndarray, means: Dict[str, np.ndarray],

@@ -26,10 +26,12 @@ import json
 import posixpath
 from typing import Any, Dict, Optional
 
+import pandas as pd
+
 from pipelines.formats import report as fr
 from pipelines.formats.model import read_metrics
 from pipelines.report import figures as plots
-from pipelines.report.metrics import detection, label_noise, loss_steps_ratio
+from pipelines.report.metrics import label_noise, loss_steps_ratio
 from pipelines.report.page import gallery, page
 from pipelines.report.roles import committed_stages, roles
 from pipelines.run.errors import InputNotFound
@@ -100,25 +102,26 @@ def _mimic_vs_vanilla(stages: Stages, role: Dict[str, str], report: Dict[str, An
 def _utility(stages: Stages, role: Dict[str, str], report: Dict[str, Any], figures: Dict[str, str],
              storage_options) -> str:
     """The aggregate's quality estimate; with the scored pool in the run, detection figures and plots; returns the
-    gallery's HTML (the 8 highest- and 8 lowest-scored samples) or ``""``."""
-    from pipelines.formats.pool import read_pool
-    from pipelines.formats.utility import read_utility
+    gallery's HTML (the 8 highest- and 8 lowest-scored samples) or ``""``.  Bounded reads
+    (:mod:`pipelines.report.samples`): utility files one at a time, and pool rows only of the samples shown."""
+    from pipelines.report.samples import detection_figures, detection_stream, extremes, pool_rows
 
     u = stages[role["utility"]]
     um, ucfg = u["manifest"], u["config"]
-    util = read_utility(u["dir"]).to_pandas()
     report["quality_estimate"] = um.get("quality_estimate")
     report["quality_binariser"] = (um.get("quality") or {}).get("binariser")
     data = stages[role["mimic"]]["config"].get("data")
     if data not in stages:
         return ""
-    cols = ["uid_hi", "uid_lo", "text", "tar", "image", "image_offset", "image_size", "corrupted"]
-    pool = read_pool(stages[data]["dir"], cols).to_pandas()
-    joined = pool.merge(util, on=["uid_hi", "uid_lo"])
-    report["true_clean_fraction"] = float(1 - joined["corrupted"].mean()) if len(joined) else None
-    det = detection(joined, list(ucfg.get("binarisers") or []), float(ucfg.get("min_vote", 0.5)))
-    figures["detection"] = plots.detection_plots(joined, det)
+    # read what is shown: the 8 highest and lowest utilities, file by file, then only those samples' pool rows
+    high, low = extremes(u["dir"], "mean_score", 8, ["uid_hi", "uid_lo", "mean_score"])
+    cols = ["text", "tar", "image", "image_offset", "image_size", "corrupted"]
+    shown, corrupted = pool_rows(stages[data]["dir"], pd.concat([high, low]), cols)
+    binarisers = list(ucfg.get("binarisers") or [])
+    counts = detection_stream(u["dir"], corrupted, binarisers, float(ucfg.get("min_vote", 0.5)))
+    report["true_clean_fraction"] = float(1 - counts.bad / counts.rows) if counts.rows else None
+    det = detection_figures(counts)
+    figures["detection"] = plots.detection_plots(counts, det)
     report.update({k: v for k, v in det.items() if not k.startswith("_")})
-    ranked = joined.sort_values("mean_score")
-    return ("<h3>highest scored</h3>" + gallery(ranked.tail(8)[::-1], storage_options) +
-            "<h3>lowest scored</h3>" + gallery(ranked.head(8), storage_options))
+    return ("<h3>highest scored</h3>" + gallery(high.merge(shown, on=["uid_hi", "uid_lo"]), storage_options) +
+            "<h3>lowest scored</h3>" + gallery(low.merge(shown, on=["uid_hi", "uid_lo"]), storage_options))

@@ -6,8 +6,6 @@ import base64
 import io
 from typing import Any, Dict
 
-import numpy as np
-
 from pipelines.formats.model import read_metrics
 
 
@@ -43,16 +41,17 @@ def learning_curves(stages, names: Dict[str, str]) -> str:
     return png(fig)
 
 
-def detection_plots(util_pool, det: Dict[str, Any]) -> str:
-    """Histograms of ``mean_score`` for clean vs corrupted samples, and the ROC curve of ``det`` when it has one."""
+def detection_plots(counts, det: Dict[str, Any]) -> str:
+    """Histograms of ``mean_score`` for clean vs corrupted samples (``counts``: a
+    :class:`pipelines.report.samples.Detection`, the clean ones already counted in its bins), and the ROC curve of
+    ``det`` when it has one."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    bad = util_pool["corrupted"].to_numpy(bool)
-    s = util_pool["mean_score"].to_numpy()
-    bins = np.linspace(np.nanmin(s), np.nanmax(s), 40)
-    axes[0].hist(s[~bad], bins=bins, alpha=0.6, label="clean")
-    axes[0].hist(s[bad], bins=bins, alpha=0.6, label="corrupted")
+    if counts.bins is not None:
+        bins = counts.bins
+        axes[0].hist(bins[:-1], bins=bins, weights=counts.clean_hist, alpha=0.6, label="clean")
+        axes[0].hist(counts.bad_scores, bins=bins, alpha=0.6, label="corrupted")
     axes[0].set_title("mean mimic score")
     axes[0].legend(fontsize=7)
     if "_roc" in det:

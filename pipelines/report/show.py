@@ -6,6 +6,8 @@ import json
 import posixpath
 from typing import Any, Dict, Optional
 
+import pandas as pd
+
 from pipelines.report.roles import committed_stages
 from pipelines.run.errors import InputNotFound
 from pipelines.run.storage import MANIFEST, StageDir, open_storage
@@ -24,11 +26,11 @@ def show_stage(stage_url: str, storage_options: Optional[Dict[str, Any]] = None,
     lines += [f"  {k}: {json.dumps(v, default=str)}" for k, v in sorted(m.items())
               if k not in skip and k not in ("name", "stage", "config_hash")]
     if m["stage"] == "aggregate":
-        from pipelines.formats.utility import read_utility
+        from pipelines.report.samples import extremes
 
-        util = read_utility(d).to_pandas().sort_values("mean_score", ascending=False)
-        texts = _pool_texts(fs, posixpath.dirname(path), m)
-        for title, rows in (("top", util.head(top)), ("bottom", util.tail(top)[::-1])):
+        high, low = extremes(d, "mean_score", top, ["uid", "uid_hi", "uid_lo", "mean_score", "num_steps"])
+        texts = _pool_texts(fs, posixpath.dirname(path), m, pd.concat([high, low]))
+        for title, rows in (("top", high), ("bottom", low)):
             lines.append(f"  {title} {len(rows)} by mean_score:")
             for r in rows.itertuples():
                 text = texts.get((r.uid_hi, r.uid_lo), "")
@@ -36,15 +38,16 @@ def show_stage(stage_url: str, storage_options: Optional[Dict[str, Any]] = None,
     return "\n".join(lines)
 
 
-def _pool_texts(fs, run: str, manifest: Dict[str, Any]) -> Dict[tuple, str]:
-    """uid -> caption (and a corrupted mark) from the pool the scored run trained on, if it is in the run."""
+def _pool_texts(fs, run: str, manifest: Dict[str, Any], uids) -> Dict[tuple, str]:
+    """uid -> caption (and a corrupted mark) of ``uids`` in the pool the scored run trained on, if it is in the run
+    (only those rows read: :func:`pipelines.report.samples.pool_rows`)."""
     try:
         stages = committed_stages(fs, run)
         scores = manifest["config"].get("scores")
         data = stages[scores]["config"]["data"]
-        from pipelines.formats.pool import read_pool
+        from pipelines.report.samples import pool_rows
 
-        pool = read_pool(stages[data]["dir"], ["uid_hi", "uid_lo", "text", "corrupted", "tar"]).to_pandas()
+        pool, _ = pool_rows(stages[data]["dir"], uids, ["text", "corrupted"])
     except (KeyError, FileNotFoundError, TypeError, ValueError):
         return {}
     return {(h, lo): t + (" [corrupted]" if c else "")

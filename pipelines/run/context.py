@@ -88,6 +88,47 @@ def _remote(**resources: Any):
                                                    retry_exceptions=list(errors.TRANSIENT), **resources)
 
 
+# StageContext.map's fan-out: tasks in flight at once per CPU of the cluster, at least (an autoscaled cluster that
+# starts with no worker scales up on the tasks it sees waiting) and at most (whatever the cluster); re-read this often
+IN_FLIGHT_PER_CPU = 4
+MIN_IN_FLIGHT = 64
+MAX_IN_FLIGHT = 1024
+IN_FLIGHT_REFRESH_S = 10.0
+
+
+def in_flight_bound() -> int:
+    """How many of a map's tasks may be in flight: :data:`IN_FLIGHT_PER_CPU` per CPU the cluster has now (enough to
+    keep every CPU busy while finished ones are collected), at least :data:`MIN_IN_FLIGHT`, at most
+    :data:`MAX_IN_FLIGHT`."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
+    return max(1, min(MAX_IN_FLIGHT, max(MIN_IN_FLIGHT, IN_FLIGHT_PER_CPU * cpus)))
+
+
+def _ready(refs: List[Any]) -> List[Any]:
+    """The refs of ``refs`` that are done: blocks until one is, then takes every other one done by then (one
+    wait per batch, not per task; results stay where they are until fetched)."""
+    import ray
+
+    ready, rest = ray.wait(refs, num_returns=1, fetch_local=False)
+    if rest:
+        more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+        ready += more
+    return ready
+
+
+def _cancel(refs: List[Any]) -> None:
+    """Cancel the tasks of ``refs`` and give them (at most 30 s) to stop, before the attempt they write into is
+    removed (no late writes into it)."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=30)
+
+
 @contextlib.contextmanager
 def _single_map_settings() -> Iterator[None]:
     """Ray Data settings for a dataset that is one map over a list of work items: the stage prints its own
@@ -135,27 +176,28 @@ class StageContext:
             combine: Optional[Callable[[Any, Any], Any]] = None) -> Any:
         """``[fn(*args) for args in tasks]``, as Ray tasks, in order, reporting progress as they finish; with
         ``combine``, results are folded as they arrive (``acc = combine(acc, result)``, from ``None``) and only
-        the fold is kept."""
+        the fold is kept.  At most :func:`in_flight_bound` tasks are submitted and not yet collected at any time
+        (their arguments are all the object store holds for the map; the bound follows the cluster's size, re-read
+        every :data:`IN_FLIGHT_REFRESH_S`); more are submitted as they finish."""
         import ray
 
-        remote = _remote()
-        point = f"task:{fn.__name__}"
-        refs = [remote.remote(point, fn, *args) for args in tasks]
-        index = {r: i for i, r in enumerate(refs)}
-        results: List[Any] = [None] * len(refs)
-        started, done, done_rows, acc = time.perf_counter(), 0, 0, None
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for r in ready:
-                i = index[r]
+        remote, point, total = _remote(), f"task:{fn.__name__}", len(tasks)
+        bound, checked = in_flight_bound(), time.monotonic()
+        results: List[Any] = [None] * total if combine is None else []
+        index: Dict[Any, int] = {}  # in flight: ref -> its task's position
+        started, submitted, done, done_rows, acc = time.perf_counter(), 0, 0, 0, None
+        while submitted < total or index:
+            if time.monotonic() - checked > IN_FLIGHT_REFRESH_S:  # an autoscaled cluster grows (or shrinks)
+                bound, checked = in_flight_bound(), time.monotonic()
+            while submitted < total and len(index) < bound:
+                index[remote.remote(point, fn, *tasks[submitted])] = submitted
+                submitted += 1
+            for r in _ready(list(index)):
+                i = index.pop(r)
                 try:
                     value = ray.get(r)
                 except Exception:
-                    for ref in pending:  # the stage has failed: stop the rest of its work, and let it stop
-                        ray.cancel(ref, force=True)  # before the attempt is removed (no late writes into it)
-                    if pending:
-                        ray.wait(pending, num_returns=len(pending), timeout=30)
+                    _cancel(list(index))  # the stage has failed: stop the rest of its work (none more is sent)
                     raise
                 if combine is None:
                     results[i] = value
@@ -163,8 +205,8 @@ class StageContext:
                     acc = combine(acc, value)
                 done += 1
                 done_rows += rows[i] if rows else 0
-            self.progress.update(f"{self.label} {unit}", done, len(refs), done_rows, started)
-            failpoints.hit(f"stage:{self.name}")
+                self.progress.update(f"{self.label} {unit}", done, total, done_rows, started)
+                failpoints.hit(f"stage:{self.name}")
         return results if combine is None else acc
 
     def map_dataset(self, fn: Callable[..., List[Dict[str, Any]]], items: List[Dict[str, Any]], unit: str,

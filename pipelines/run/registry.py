@@ -42,7 +42,7 @@ STAGES: Dict[str, StageDef] = {
     "aggregate": StageDef(
         AggregateConfig, run_aggregate,
         "reduce a train stage's score log to one utility row per sample (means, per-step binariser votes) on Ray "
-        "Data, bucket by bucket; the manifest holds the dataset quality estimate",
+        "Data, by ranges of uid buckets; the manifest holds the dataset quality estimate",
         "utility", check=check_aggregate,
     ),
     "filter": StageDef(

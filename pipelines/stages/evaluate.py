@@ -2,7 +2,8 @@
 
 CLIP: the held-out loss (mean per-sample symmetric InfoNCE over chunks of ``batch_size`` rows, as the train stage's
 periodic evaluation computes it), zero-shot classification accuracy from the class prompts where the pool has
-classes, and image->text / text->image recall@1 and @5 over the whole split (:mod:`pipelines.training.evaluation`).
+classes, and image->text / text->image recall@1 and @5 over the whole split, in chunks of rows
+(:mod:`pipelines.training.evaluation`).
 Classifier: the held-out cross-entropy and accuracy.  Runs as one Ray task (``resources``); the split is decoded
 inside it, chunk by chunk.  Output: ``metrics.json``, the same figures in the manifest under ``metrics``.
 """
@@ -73,7 +74,8 @@ def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names
     if held.labelled:
         out["zero_shot_accuracy" if clip else "test_accuracy"] = float(held.sums[1]) / max(n, 1)
     if clip:
-        out.update(retrieval_recall(torch.cat(held.images), torch.cat(held.texts), rows["text"].to_pylist()))
+        out.update(retrieval_recall(torch.cat(held.images).to(device), torch.cat(held.texts).to(device),
+                                    rows["text"].to_pylist()))
     return out
 
 

@@ -1,6 +1,7 @@
 """``train``: data-parallel training on Ray Train with Grad-Mimic (or baseline) reweighting, and the score log.
 
-The driver reads the ingest stage's table (not its images), resolves weights (a previous stage, a local file, an
+The driver indexes the ingest stage's split with Ray tasks (:mod:`pipelines.training.index`: it holds row counts
+and object refs, never rows or images), resolves weights (a previous stage, a local file, an
 open_clip pretrained tag), checks everything it can before any worker starts, builds each rank's Ray Data stream
 (:mod:`pipelines.training.data`) and runs :func:`pipelines.training.loop.train_worker` on a ``TorchTrainer``
 (DDP: NCCL on GPUs, gloo on CPUs).  Checkpoints and Ray Train's run state live in the stage's attempt directory
@@ -15,7 +16,8 @@ Output, under the stage directory:
   config, classes, image size and normalisation);
 - ``metrics.parquet``: per step ``loss``, ``lr``, ``samples_per_s``, ``step_seconds``, ``weight_entropy``,
   ``direction_norm``, ``alignment``; on evaluation steps ``test_loss`` and ``test_accuracy``;
-- ``scores/bucket=<b>/part-*.parquet``: the score log (:mod:`pipelines.formats.score_log`);
+- ``scores/part-s<first>-<last>-r<rank>.parquet``: the score log, one file per rank per checkpoint
+  (:mod:`pipelines.formats.score_log`);
 - ``train/``: Ray Train's checkpoints.
 """
 
@@ -28,7 +30,6 @@ from typing import Any, Dict, List, Tuple
 
 from pipelines.formats import model as fm
 from pipelines.formats.manifest import DatasetManifest, ModelManifest
-from pipelines.formats.pool import POOL_COLUMNS, read_pool, split_rows
 from pipelines.formats.score_log import DIR as SCORES
 from pipelines.models.backbones import PACKAGED_WEIGHTS, packaged_weights_file
 from pipelines.models.build import ModelSpec, fetch_pretrained, fit_state, match_names, meta_model, model_json, shapes
@@ -72,41 +73,39 @@ def _load_path(path: str, options):
     return load_state_dict(fs.cat_file(p), name=path)
 
 
-def _pool_columns(manifest: DatasetManifest) -> List[str]:
-    return list(POOL_COLUMNS) + (["label"] if manifest.class_names else [])
-
-
 @dataclass
 class _Pool:
-    """What the stage reads from its ingest stage."""
+    """What the stage reads from its ingest stage: row indexes (counts and object refs, no rows on the driver)."""
 
-    train: Any  # pyarrow tables of the train / test rows (no images)
+    train: Any  # RowIndex of the training split, and of the test rows evaluated (at most eval_samples)
     test: Any
     class_names: List[str]
     templates: Tuple[str, ...]
+    index: Any = None  # the stage's PoolIndex (a comparison set from the same stage reuses it)
 
 
 def _read_inputs(cfg: TrainConfig, ctx: StageContext) -> _Pool:
+    from pipelines.training.index import build_index
+
     data = ctx.inputs[cfg.data]
     manifest = DatasetManifest.read(data)
     class_names = manifest.class_names or []
     if cfg.task == "classify" and not class_names:
         raise SpecError(f"task: classify needs a labelled pool; stage {cfg.data!r} has no classes")
     try:
-        pool = read_pool(data, _pool_columns(manifest))
+        index = build_index(ctx, data, labels=bool(class_names), text=cfg.task == "clip")
     except ValueError as exc:
         raise spec_error("data", exc) from None
-    train, test = split_rows(pool, cfg.split), split_rows(pool, "test")
+    train, test = index.split(cfg.split), index.split("test")
     if cfg.batch_size > train.num_rows:
         raise SpecError(f"batch_size: {cfg.batch_size} is larger than the training pool ({train.num_rows} "
                         f"{cfg.split} rows in stage {cfg.data!r})")
     if cfg.resources.num_workers > cfg.batch_size:
         raise SpecError(f"resources.num_workers: {cfg.resources.num_workers} workers cannot share a batch of "
                         f"{cfg.batch_size}")
-    if cfg.eval_samples is not None:
-        test = test.slice(0, cfg.eval_samples)
+    test = test.head(cfg.eval_samples)
     templates = tuple(manifest.templates or ("{}",))  # ingest and filter stages record them
-    return _Pool(train, test, class_names, templates)
+    return _Pool(train, test, class_names, templates, index)
 
 
 def _check_resources(cfg: TrainConfig, ctx: StageContext) -> None:
@@ -155,26 +154,21 @@ def _resolve_weights(cfg: TrainConfig, ctx: StageContext, spec: ModelSpec, param
 def _datasets(cfg: TrainConfig, ctx: StageContext, pool: _Pool, plan, decoder,
               first_step) -> Tuple[Dict[str, Any], int]:
     """Every rank's training stream and held-out chunks, and the comparison set: factories Ray Train calls."""
-    import ray
-
     from pipelines.training.data import chunks_dataset, steps_dataset
 
     workers = plan.world
     res = cfg.resources
-    train_ref, test_ref = ray.put(pool.train), ray.put(pool.test)
-    datasets = {f"train_{r}": steps_dataset(plan, r, train_ref, decoder, first_step, res.decoders_per_worker,
+    datasets = {f"train_{r}": steps_dataset(plan, r, pool.train, decoder, first_step, res.decoders_per_worker,
                                             res.cpus_per_decoder) for r in range(workers)}
     eval_chunks = math.ceil(pool.test.num_rows / cfg.eval_batch_size)
     for r in range(workers if eval_chunks else 0):
-        datasets[f"eval_{r}"] = chunks_dataset(pool.test.num_rows, cfg.eval_batch_size,
-                                               list(range(r, eval_chunks, workers)), test_ref, decoder,
-                                               res.cpus_per_decoder)
+        datasets[f"eval_{r}"] = chunks_dataset(cfg.eval_batch_size, list(range(r, eval_chunks, workers)), pool.test,
+                                               decoder, res.cpus_per_decoder)
     if cfg.comparison is not None:
-        comp = _comparison_rows(ctx, cfg)
+        comp = _comparison_rows(ctx, cfg, pool)
         rows = min(comp.num_rows, 1024)
-        datasets["comparison"] = chunks_dataset(comp.num_rows, rows, list(range(math.ceil(comp.num_rows / rows))),
-                                                ray.put(comp), replace(decoder, labels=cfg.task == "classify"),
-                                                res.cpus_per_decoder)
+        datasets["comparison"] = chunks_dataset(rows, list(range(math.ceil(comp.num_rows / rows))), comp,
+                                                replace(decoder, labels=cfg.task == "classify"), res.cpus_per_decoder)
     return datasets, eval_chunks
 
 
@@ -258,20 +252,20 @@ def _ray_storage(fs, attempt: str):
     return attempt.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
 
-def _comparison_rows(ctx: StageContext, cfg: TrainConfig):
-    import numpy as np
-    import pyarrow as pa
+def _comparison_rows(ctx: StageContext, cfg: TrainConfig, pool: _Pool):
+    """The comparison set: a seeded sample of its split's rows, drawn from the counts, as a RowIndex."""
+    from pipelines.training.index import build_index
 
     comp_stage = ctx.inputs[cfg.comparison.data]
-    cols = _pool_columns(DatasetManifest.read(comp_stage))
-    if cfg.task == "classify" and "label" not in cols:
+    labelled = bool(DatasetManifest.read(comp_stage).class_names)
+    if cfg.task == "classify" and not labelled:
         raise SpecError(f"comparison.data: stage {cfg.comparison.data!r} has no labels")
-    rows = split_rows(read_pool(comp_stage, cols), cfg.comparison.split)
+    same = cfg.comparison.data == cfg.data and pool.index is not None  # the data stage's index serves it too
+    index = pool.index if same else build_index(ctx, comp_stage, labels=labelled, text=cfg.task == "clip")
+    rows = index.split(cfg.comparison.split)
     if rows.num_rows == 0:
         raise SpecError(f"comparison.split: stage {cfg.comparison.data!r} has no {cfg.comparison.split!r} rows")
-    n = min(cfg.comparison.samples, rows.num_rows)
-    pick = np.sort(np.random.default_rng(cfg.comparison.seed).choice(rows.num_rows, n, replace=False))
-    return rows.take(pa.array(pick))
+    return rows.sample(cfg.comparison.samples, cfg.comparison.seed)
 
 
 def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, ctx: StageContext):
@@ -306,8 +300,6 @@ def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, 
 def _finish(cfg, ctx: StageContext, spec: ModelSpec, result, plan, pool: _Pool, resumed: int):
     import json
 
-    import pyarrow as pa
-
     from pipelines.formats.score_log import list_parts
 
     ckpt = result.checkpoint
@@ -319,13 +311,14 @@ def _finish(cfg, ctx: StageContext, spec: ModelSpec, result, plan, pool: _Pool, 
         raise RuntimeError(f"{ctx.label}: training stopped at step {state['step']} of {plan.total_steps}")
     with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, fm.WEIGHTS)) as f:
         ctx.out.write_bytes(fm.WEIGHTS, f.read())
-    history = state.pop("metrics")
-    columns = list(dict.fromkeys(k for row in history for k in row))  # evaluation columns appear on some rows only
-    ctx.out.write_table(fm.METRICS, pa.table({k: [row.get(k) for row in history] for k in columns}))
+    # the per-checkpoint metrics segments and the score log's: one listing of each flat folder, here only
+    parts = list_parts(ctx.out.fs, ctx.out.join(fm.METRICS_DIR))
+    steps, last_eval = fm.concat_metrics(ctx.out.fs, parts, ctx.out.join(fm.METRICS))
+    if steps != state["step"]:
+        raise RuntimeError(f"{ctx.label}: the metrics segments hold {steps} steps of {state['step']}")
     ctx.out.write_bytes(fm.MODEL_JSON, model_json(spec, {"class_names": pool.class_names}))
     scores = [posixpath.relpath(p, ctx.out.join("")) for p in list_parts(ctx.out.fs, ctx.out.join(SCORES))]
-    evals = [h for h in history if "test_loss" in h]
-    final = {k: evals[-1][k] for k in ("test_loss", "test_accuracy") if evals and k in evals[-1]}
+    final = {k: last_eval[k] for k in ("test_loss", "test_accuracy") if last_eval.get(k) is not None}
     seen = state["samples_seen"]
     return ModelManifest(
         rows_in=seen, rows_out=seen, rejected=0, files=[fm.WEIGHTS, fm.MODEL_JSON, fm.METRICS, *scores],

@@ -1,8 +1,10 @@
 """A worker's checkpoints: everything a restarted worker group needs to continue from the last one.
 
 Rank 0 writes the checkpoint (the ranks hold the same model, optimiser and direction); every rank flushes its score
-rows first, and Ray Train registers the checkpoint only once every rank has reported it, so the score log and the
-checkpoint become durable together.
+rows first (rank 0 also the segment's metrics rows: :func:`pipelines.formats.model.write_metrics_part`), and Ray
+Train registers the checkpoint only once every rank has reported it, so the score log, the metrics and the
+checkpoint become durable together.  ``state.json`` holds counters only: a checkpoint's cost does not grow with
+the run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict
 
 import torch
 
-from pipelines.formats.model import CHECKPOINT_STATE, CHECKPOINT_TRAINER, WEIGHTS
+from pipelines.formats.model import CHECKPOINT_STATE, CHECKPOINT_TRAINER, WEIGHTS, metrics_root, write_metrics_part
 from pipelines.formats.score_log import ScoreLogWriter
 from pipelines.models.build import load_weights
 
@@ -27,8 +29,8 @@ def state_dict_cpu(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save(worker: Worker, directory: str) -> None:
-    """The model's weights, the optimiser, scheduler, RNG and comparison direction, and the step, counters and
-    metrics so far (``state.json``, which the driver reads back) into ``directory``."""
+    """The model's weights, the optimiser, scheduler, RNG and comparison direction, and the step and counters
+    (``state.json``, which the driver reads back) into ``directory``."""
     from safetensors.torch import save_file
 
     save_file(state_dict_cpu(worker.model), os.path.join(directory, WEIGHTS))
@@ -42,7 +44,7 @@ def save(worker: Worker, directory: str) -> None:
     with open(os.path.join(directory, CHECKPOINT_STATE), "w") as f:
         json.dump({"step": worker.step, "samples_seen": worker.samples, "nonfinite_steps": worker.nonfinite,
                    "train_seconds": worker.train_seconds,
-                   "world_size": worker.comm.world, "metrics": worker.history}, f)
+                   "world_size": worker.comm.world}, f)
 
 
 def restore(worker: Worker, directory: str) -> None:
@@ -62,19 +64,23 @@ def restore(worker: Worker, directory: str) -> None:
         state = json.load(f)
     worker.step, worker.samples = state["step"], state["samples_seen"]
     worker.nonfinite = state.get("nonfinite_steps", 0)
-    worker.train_seconds, worker.history = state["train_seconds"], state["metrics"]
+    worker.train_seconds, worker.history = state["train_seconds"], []  # the metrics rows are in their segments
 
 
 def checkpoint_and_report(worker: Worker, writer: ScoreLogWriter, metrics: Dict[str, Any]) -> None:
-    """Flush this rank's score rows, then report the checkpoint (rank 0 writes it): durable together."""
+    """Flush this rank's score rows (rank 0: and the segment's metrics rows), then report the checkpoint (rank 0
+    writes it): durable together."""
     import ray.train
     from ray.train import Checkpoint
 
+    first = writer.first
     writer.flush(worker.step)
     name = f"checkpoint_{worker.step:09d}"
     if worker.comm.rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
+    write_metrics_part(writer.fs, metrics_root(writer.root), first, worker.step, worker.history)
+    worker.history = []
     with tempfile.TemporaryDirectory() as d:
         save(worker, d)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)

@@ -175,7 +175,8 @@ class TrainConfig:
         "a step whose loss, scores, weights or gradients are not finite (NaN, inf) is skipped: no update and no "
         "score rows, counted in the metrics (nonfinite_steps); this many in a row stop the stage", default=5)
     resources: ResourcesConfig = doc("workers and devices", default=ResourcesConfig())
-    num_buckets: int = doc("score-log partitions: bucket = uid_lo % num_buckets", default=64)
+    num_buckets: int = doc("score-log buckets (bucket = uid_lo % num_buckets): a rank's file keeps each bucket's rows "
+                           "in its own row groups", default=64)
     seed: int = doc("model init and data order", default=0)
 
     def validate(self) -> None:

@@ -9,12 +9,14 @@ permutation is computed per position (:func:`permute`, a keyed Feistel network),
 billion-row pool costs what its batch costs.
 
 **The pipelines.**  Each rank streams its own dataset (``train_<rank>``, via ``ray.train.get_dataset_shard``):
-``range(steps) -> map_batches(decode)`` where each task turns a few steps into that rank's rows, reading every
-image with one ranged read through the ingest parquet's ``tar`` / ``image_offset`` / ``image_size`` and resizing
-it to ``uint8`` on the cluster's CPUs (normalisation happens on the training device).  The datasets are built by a
-factory Ray Train calls whenever it (re)starts the workers; it starts at the step after the run's latest
-checkpoint, so a resumed epoch skips what it already consumed without decoding it again.  The worker still checks
-the ``step`` column of every batch.
+``range(steps) -> map_batches(decode)`` where each decoding actor turns a few steps into that rank's row numbers,
+looks them up in the split's :class:`~pipelines.training.index.RowIndex` (fixed-width pieces in the object store:
+the driver holds no row of the pool) and fetches every image, and every caption, with one ranged read from its tar,
+resizing images to ``uint8`` on the cluster's CPUs (normalisation happens on the training device); a batch costs
+what its rows cost, whatever the pool size.  Evaluation and comparison sets are fixed-size chunks of a prefix or a
+seeded sample of such an index.  The datasets are built by a factory Ray Train calls whenever it (re)starts the
+workers; it starts at the step after the run's latest checkpoint, so a resumed epoch skips what it already consumed
+without decoding it again.  The worker still checks the ``step`` column of every batch.
 """
 
 from __future__ import annotations
@@ -112,7 +114,11 @@ class Decoder:
     labels: bool = False
     storage_options: Optional[Dict[str, Any]] = None
 
-    def __call__(self, pool: pa.Table, idx: np.ndarray) -> Dict[str, np.ndarray]:
+    def __call__(self, pool, idx: np.ndarray) -> Dict[str, np.ndarray]:
+        """The arrays of rows ``idx`` of ``pool``: a :class:`~pipelines.training.index.RowIndex` (images and
+        captions fetched by ranged reads), or a pool table whose ``tar`` is a full URL (as ``read_pool`` gives it)."""
+        if not isinstance(pool, pa.Table):
+            return self.decode_index(*pool.lookup(idx))
         rows = pool.take(pa.array(idx, type=pa.int64()))
         out = {
             "uid_hi": rows["uid_hi"].to_numpy(),
@@ -125,19 +131,56 @@ class Decoder:
             out["label"] = rows["label"].to_numpy().astype(np.int64)
         return out
 
+    def decode_index(self, rows: np.ndarray, urls: List[str], captions: bytes = b"") -> Dict[str, np.ndarray]:
+        """The arrays of index rows (:data:`~pipelines.training.index.INDEX_DTYPE`) whose ``tar`` numbers ``urls``:
+        each image and (for CLIP) each caption one ranged read, all issued together; a caption no tar holds is in
+        ``captions`` at ``-1 - text_offset``."""
+        n = len(rows)
+        tars = [urls[t] for t in rows["tar"].tolist()]
+        starts, sizes = [rows["image_offset"]], [rows["image_size"]]
+        in_tar = np.flatnonzero(rows["text_offset"] >= 0) if self.tokens else np.zeros(0, np.int64)
+        starts.append(rows["text_offset"][in_tar])
+        sizes.append(rows["text_size"][in_tar])
+        first = np.concatenate(starts).astype(np.int64)
+        blobs = _fetch(tars + [tars[i] for i in in_tar], first, first + np.concatenate(sizes), self.storage_options)
+        out = {
+            "uid_hi": np.ascontiguousarray(rows["uid_hi"]),
+            "uid_lo": np.ascontiguousarray(rows["uid_lo"]),
+            "image": self._resized(blobs[:n]),
+        }
+        if self.tokens:
+            texts: List[bytes] = [b""] * n
+            for i, blob in zip(in_tar.tolist(), blobs[n:]):
+                texts[i] = blob
+            for i in np.flatnonzero(rows["text_offset"] < 0).tolist():
+                start = -1 - int(rows["text_offset"][i])
+                texts[i] = captions[start:start + int(rows["text_size"][i])]
+            out["tokens"] = tokenize(self.arch, self.tokens, [t.decode("utf-8") for t in texts])
+        if self.labels:
+            out["label"] = rows["label"].astype(np.int64)
+        return out
+
     def images(self, rows: pa.Table) -> np.ndarray:
-        urls = rows["tar"].to_pylist()
         starts = rows["image_offset"].to_numpy()
         ends = starts + rows["image_size"].to_numpy()
-        out = np.empty((len(urls), 3, self.image_size, self.image_size), dtype=np.uint8)
-        paths, fs = {}, None
-        for url in set(urls):  # one filesystem per pool; few tars per task
-            fs, paths[url] = open_storage(url, self.storage_options)
-        if urls:  # one ranged read per image, issued together (concurrent on object stores)
-            blobs = fs.cat_ranges([paths[u] for u in urls], starts.tolist(), ends.tolist())
-            for i, blob in enumerate(blobs):
-                out[i] = resize_image(blob, self.image_size)
+        return self._resized(_fetch(rows["tar"].to_pylist(), starts, ends, self.storage_options))
+
+    def _resized(self, blobs: Sequence[bytes]) -> np.ndarray:
+        out = np.empty((len(blobs), 3, self.image_size, self.image_size), dtype=np.uint8)
+        for i, blob in enumerate(blobs):
+            out[i] = resize_image(blob, self.image_size)
         return out
+
+
+def _fetch(urls: List[str], starts: np.ndarray, ends: np.ndarray, options) -> List[bytes]:
+    """Bytes ``starts[i]:ends[i]`` of ``urls[i]``: one ranged read each, issued together (concurrent on object
+    stores)."""
+    if not urls:
+        return []
+    paths, fs = {}, None
+    for url in set(urls):  # one filesystem per pool; few tars per task
+        fs, paths[url] = open_storage(url, options)
+    return fs.cat_ranges([paths[u] for u in urls], starts.tolist(), ends.tolist())
 
 
 def resize_image(data: bytes, size: int) -> np.ndarray:
@@ -175,24 +218,10 @@ def _tokenizer(arch: Optional[str], context_length: int) -> Callable:
 # ------------------------------------------------------------------------------------------------ Ray Data
 
 
-def _pool(ref) -> pa.Table:
-    """The pool table behind an object ref, fetched once per worker process."""
-    import ray
-
-    key = ref.hex()
-    if key not in _POOLS:
-        _POOLS.clear()
-        _POOLS[key] = ray.get(ref)
-    return _POOLS[key]
-
-
-_POOLS: Dict[str, pa.Table] = {}
-
-
-def _decode_chunks(batch: Dict[str, np.ndarray], chunk_rows: int, total: int, pool_ref, decoder: Decoder):
+def _decode_chunks(batch: Dict[str, np.ndarray], chunk_rows: int, index, decoder: Decoder):
     chunks = [int(c) for c in batch["id"]]
-    idx = [np.arange(c * chunk_rows, min((c + 1) * chunk_rows, total)) for c in chunks]
-    out = decoder(_pool(pool_ref), np.concatenate(idx))
+    idx = [np.arange(c * chunk_rows, min((c + 1) * chunk_rows, index.num_rows)) for c in chunks]
+    out = decoder(index, np.concatenate(idx))
     out["chunk"] = np.repeat(np.array(chunks, dtype=np.int64), [len(i) for i in idx])
     return out
 
@@ -209,29 +238,28 @@ def _empty(decoder: Decoder) -> Dict[str, np.ndarray]:
 
 
 class StepDecoder:
-    """A decoding actor of one rank's stream: the pool table, tokenizer and filesystems are loaded once.
+    """A decoding actor of one rank's stream: the tokenizer and filesystems are loaded once.
 
     Long-lived actors rather than tasks: a stream that pauses when its buffer is full would otherwise let Ray reap
     the idle task processes, and every new one would import torch and open_clip again (seconds of CPU each).
     """
 
-    def __init__(self, plan: StepPlan, rank: int, first: int, pool_ref, decoder: Decoder) -> None:
-        self.plan, self.rank, self.first, self.decoder = plan, rank, first, decoder
-        self.pool = _pool(pool_ref)
+    def __init__(self, plan: StepPlan, rank: int, first: int, index, decoder: Decoder) -> None:
+        self.plan, self.rank, self.first, self.decoder, self.index = plan, rank, first, decoder, index
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         steps = [int(i) + self.first for i in batch["id"] if int(i) + self.first <= self.plan.total_steps]
         if not steps:
             return _empty(self.decoder)
         idx = [self.plan.rank_rows(s, self.rank) for s in steps]
-        out = self.decoder(self.pool, np.concatenate(idx))
+        out = self.decoder(self.index, np.concatenate(idx))
         counts = [len(i) for i in idx]
         out["step"] = np.repeat(np.array(steps, dtype=np.int64), counts)
         out["epoch"] = np.repeat(np.array([self.plan.epoch(s) for s in steps], dtype=np.int64), counts)
         return out
 
 
-def steps_dataset(plan: StepPlan, rank: int, pool_ref, decoder: Decoder, first_step: Callable[[], int],
+def steps_dataset(plan: StepPlan, rank: int, index, decoder: Decoder, first_step: Callable[[], int],
                   actors: int = 1, cpus: float = 0.5):
     """A factory for rank ``rank``'s training stream, from the step after ``first_step()`` to the end, decoded by
     up to ``actors`` actors of ``cpus`` CPUs each."""
@@ -245,21 +273,22 @@ def steps_dataset(plan: StepPlan, rank: int, pool_ref, decoder: Decoder, first_s
         ds = _ids_dataset(np.arange(n), per_task)
         return ds.map_batches(StepDecoder, batch_size=per_task, batch_format="numpy", num_cpus=cpus,
                               compute=ActorPoolStrategy(min_size=1, max_size=actors),
-                              fn_constructor_kwargs=dict(plan=plan, rank=rank, first=first, pool_ref=pool_ref,
+                              fn_constructor_kwargs=dict(plan=plan, rank=rank, first=first, index=index,
                                                          decoder=decoder))
 
     return build
 
 
-def chunks_dataset(total: int, chunk_rows: int, chunks: Sequence[int], pool_ref, decoder: Decoder, cpus: float = 0.5):
-    """A factory for the given fixed-size chunks of a table (evaluation, comparison sets): a ``chunk`` column each.
-    Read once per worker (evaluation keeps what fits in memory), so tasks of ``cpus`` CPUs decode them."""
+def chunks_dataset(chunk_rows: int, chunks: Sequence[int], index, decoder: Decoder, cpus: float = 0.5):
+    """A factory for the given fixed-size chunks of a :class:`~pipelines.training.index.RowIndex` (evaluation,
+    comparison sets): a ``chunk`` column each.  Read once per worker (evaluation keeps what fits in memory), so
+    tasks of ``cpus`` CPUs decode them."""
 
     def build():
         per_task = max(1, SAMPLES_PER_TASK // chunk_rows)
         ds = _ids_dataset(np.asarray(chunks, dtype=np.int64), per_task)
         return ds.map_batches(_decode_chunks, batch_size=per_task, batch_format="numpy", num_cpus=cpus,
-                              fn_kwargs=dict(chunk_rows=chunk_rows, total=total, pool_ref=pool_ref, decoder=decoder))
+                              fn_kwargs=dict(chunk_rows=chunk_rows, index=index, decoder=decoder))
 
     return build
 

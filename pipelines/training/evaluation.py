@@ -8,7 +8,9 @@
 - retrieval recall@k over the whole held-out split.  Image->text ranks the distinct captions (each once, so that
   copies of one templated caption do not fill the ``k`` places): an image is found when its own caption is among
   its ``k`` most similar captions.  Text->image ranks the images: a text is found when one of its ``k`` most
-  similar images carries its caption (duplicate captions are not counted as misses).
+  similar images carries its caption (duplicate captions are not counted as misses).  Computed in chunks of query
+  rows against every candidate, keeping per query only the rank of its best match: memory is bounded by the chunk,
+  not ``N x N``.
 """
 
 from __future__ import annotations
@@ -33,28 +35,57 @@ def zero_shot_classifier(model, tokenize, names: Sequence[str], templates: Seque
     return F.normalize(emb.mean(1), dim=-1)
 
 
+# similarities held at once by :func:`retrieval_recall` (rows per chunk = this over the number of candidates)
+RETRIEVAL_CHUNK = 1 << 24
+
+
 def retrieval_recall(image_ND: torch.Tensor, text_ND: torch.Tensor, captions: Sequence[str],
-                     ks: Sequence[int] = (1, 5)) -> Dict[str, float]:
+                     ks: Sequence[int] = (1, 5), chunk_rows: Optional[int] = None) -> Dict[str, float]:
     """``i2t_recall@k`` and ``t2i_recall@k`` for normalised embeddings of matching rows (row ``i``'s image and text
     carry ``captions[i]``).
 
     Image->text ranks each distinct caption once, embedded as the text embedding of its first row (rows with the
     same caption go through the same text tower, so their embeddings agree): an image is found when its own caption
     is among its ``k`` most similar distinct captions.  Text->image ranks the images: a text is found when one of
-    its ``k`` most similar images carries its caption.
+    its ``k`` most similar images carries its caption.  Equal similarities rank by position (the first caption or
+    image first, a stable sort's order; a caption's place is its first row's).
+
+    Streams: ``chunk_rows`` query rows at a time (default :data:`RETRIEVAL_CHUNK` similarities per chunk) against
+    every candidate, and per query only the rank of its best match is kept (one pass of comparisons, no sort).
     """
     _, first, codes = np.unique(np.asarray(captions, dtype=object).astype(str), return_index=True,
                                 return_inverse=True)
-    codes = torch.from_numpy(codes.reshape(-1))  # row -> index of its caption among the distinct ones
-    sim = image_ND.float() @ text_ND.float().T  # [images, texts]
-    i2t_sim, t2i_sim = sim[:, torch.from_numpy(first)], sim.T  # [images, distinct captions], [texts, images]
+    img, txt = image_ND.float(), text_ND.float()
+    codes = torch.from_numpy(codes.reshape(-1)).to(img.device)  # row -> index of its caption among the distinct ones
+    first = torch.from_numpy(first).to(img.device)  # a distinct caption's first row: its place among equals
+    distinct = txt[first]  # [distinct captions, D]
+    n = len(img)
+    step = chunk_rows or max(1, RETRIEVAL_CHUNK // max(n, len(distinct), 1))
+    i2t, t2i = torch.zeros(len(ks), dtype=torch.int64), torch.zeros(len(ks), dtype=torch.int64)
+    limits = torch.tensor(list(ks), dtype=torch.int64)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        own = codes[rows]
+        own_caption = own[:, None] == torch.arange(len(distinct), device=img.device)
+        i2t += (_best_rank(img[rows] @ distinct.T, own_caption, first).cpu()[:, None] < limits).sum(0)
+        t2i += (_best_rank(txt[rows] @ img.T, own[:, None] == codes[None, :]).cpu()[:, None] < limits).sum(0)
     out = {}
-    for k in ks:
-        i2t = i2t_sim.topk(min(k, i2t_sim.shape[1]), dim=1).indices  # captions retrieved per image
-        t2i = t2i_sim.topk(min(k, t2i_sim.shape[1]), dim=1).indices  # images retrieved per text
-        out[f"i2t_recall@{k}"] = float((i2t == codes[:, None]).any(1).float().mean())
-        out[f"t2i_recall@{k}"] = float((codes[t2i] == codes[:, None]).any(1).float().mean())
+    for j, k in enumerate(ks):
+        out[f"i2t_recall@{k}"] = float(i2t[j]) / n if n else float("nan")
+        out[f"t2i_recall@{k}"] = float(t2i[j]) / n if n else float("nan")
     return out
+
+
+def _best_rank(sim: torch.Tensor, match: torch.Tensor, position: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per row of ``sim`` (``[queries, candidates]``), the 0-based place of its best ``match`` candidate when the
+    candidates are ranked by similarity, ties by ``position`` (distinct, default the column): found at ``k`` is
+    ``rank < k``.  A query whose best match is not a number (a diverged model) is never found."""
+    if position is None:
+        position = torch.arange(sim.shape[1], device=sim.device)
+    best = sim.masked_fill(~match, float("-inf")).max(1).values[:, None]
+    first = torch.where(match & (sim == best), position, position.max() + 1).min(1).values[:, None]
+    rank = (sim > best).sum(1) + ((sim == best) & (position < first)).sum(1)
+    return torch.where(best[:, 0].isnan() | ~match.any(1), torch.iinfo(torch.int64).max, rank)
 
 
 @dataclass

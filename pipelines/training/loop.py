@@ -11,7 +11,8 @@ weights are computed (softmax over the global batch) and the one backward leaves
 DDP averages into the single-process update; each sample's ``(score, weight, loss)`` joins the rank's score-log
 buffer.  Every ``eval_every`` steps every rank evaluates its share of the held-out chunks; every
 ``checkpoint_every`` steps (and at the end) the score-log buffers are flushed and a checkpoint (model, optimiser,
-scheduler, step, RNG, metrics so far) is reported: both become durable together.
+scheduler, step, RNG, counters) is reported, rank 0 writing the segment's metrics rows beside the score log: all
+become durable together.
 
 The step is :class:`~pipelines.training.step.Worker`'s, the held-out loop
 :func:`~pipelines.training.evaluation.heldout`, the checkpoints :mod:`pipelines.training.checkpoint`.
@@ -25,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from pipelines.formats.model import metrics_root
 from pipelines.formats.score_log import ScoreLogWriter, discard_after
 from pipelines.run.storage import open_storage
 from pipelines.training.batches import Replayable, step_batches
@@ -137,10 +139,12 @@ def start_worker(job: Job, comm: Comm) -> Tuple[Worker, Any]:
 
 
 def score_writer(job: Job, comm: Comm, worker: Worker) -> ScoreLogWriter:
-    """This rank's score-log writer, after rank 0 discarded the rows of a checkpoint that never registered."""
+    """This rank's score-log writer, after rank 0 discarded the score and metrics rows of a checkpoint that never
+    registered."""
     fs, scores_root = open_storage(job.scores_url, job.storage_options)
     if comm.rank == 0:
         discard_after(fs, scores_root, worker.step)
+        discard_after(fs, metrics_root(scores_root), worker.step)
     comm.barrier()
     return ScoreLogWriter(fs, scores_root, comm.rank, job.cfg.num_buckets, first_step=worker.step + 1)
 

@@ -111,9 +111,9 @@ def test_outputs_on_demand_read_only_their_columns(tmp_path, small_log):
 
     root, _, log = small_log
     lean = tmp_path / "lean"
-    for part in root.rglob("*.parquet"):
-        (lean / part.parent.name).mkdir(parents=True, exist_ok=True)
-        pq.write_table(pq.read_table(part, columns=["uid_hi", "uid_lo", "score"]), lean / part.parent.name / part.name)
+    lean.mkdir()
+    for part in root.glob("*.parquet"):  # the schema's metadata (the bucket index) goes along
+        pq.write_table(pq.read_table(part, columns=["uid_hi", "uid_lo", "score"]), lean / part.name)
     manifest, got = aggregate(tmp_path, lean, outputs=["mean_score"], binarisers=[], quality=None)
     want = reference(log)
     assert list(got.columns) == ["uid", "num_steps", "mean_score"] and manifest["quality_estimate"] is None
@@ -127,15 +127,47 @@ def test_bad_logs_are_refused(tmp_path, small_log):
     import pyarrow.parquet as pq
 
     root, _, _ = small_log
-    with pytest.raises(SpecError, match=r"scores: no score-log files \(scores/bucket=<b>/\*\.parquet\) under "):
+    with pytest.raises(SpecError, match=r"scores: no score-log files \(scores/part-s<first>-<last>-r<rank>\.parquet\) "
+                                        r"under "):
         aggregate(tmp_path, tmp_path / "empty")
     broken = tmp_path / "broken"
-    part = next(root.rglob("*.parquet"))
-    (broken / part.parent.name).mkdir(parents=True)
-    pq.write_table(pq.read_table(part).drop(["weight"]), broken / part.parent.name / part.name)
+    part = next(root.glob("*.parquet"))
+    broken.mkdir()
+    pq.write_table(pq.read_table(part).drop(["weight"]), broken / part.name)
     with pytest.raises(SpecError, match=r"scores: .*part-.*\.parquet: the score log has no column 'weight' "
                                         r"\(expected uid_hi, uid_lo, step, score, weight, batch_size\)"):
         aggregate(tmp_path, broken)
+
+
+def test_the_utility_does_not_depend_on_the_task_plan(tmp_path, small_log):
+    """More tasks than buckets (a bucket over ``task_rows`` split by uid into parts) or fewer: the same utility,
+    bit for bit, as the same sums are added in the same order."""
+    root, info, _ = small_log
+    options = dict(decay=0.9, chunk_rows=40, bins=64)
+    runs = {}
+    for name, task_rows in (("plain", 10**9), ("split", 50)):
+        manifest, got = aggregate(tmp_path, root, name=name, task_rows=task_rows, **options)
+        runs[name] = (manifest, got.sort_index())
+    (m1, a), (m2, b) = runs["plain"], runs["split"]
+    assert m1["tasks"] != m2["tasks"] and m2["tasks"] > m2["num_buckets"] == m1["num_buckets"] == 8
+    assert any("part-00001" in f for f in m2["files"]) and not any("part-00001" in f for f in m1["files"])
+    assert m1["rows_in"] == m2["rows_in"] == info["rows"] and m1["samples"] == m2["samples"] == len(a)
+    assert a.index.equals(b.index) and list(a.columns) == list(b.columns)
+    for c in a.columns:
+        assert (a[c].to_numpy() == b[c].to_numpy()).all(), c  # exact, not close
+    assert m1["kept_fraction"] == m2["kept_fraction"]
+
+
+def test_plan_follows_the_rows_not_the_buckets():
+    from pipelines.stages.aggregate.stage import plan_tasks
+
+    counts = np.array([5, 0, 3, 40, 2])
+    assert plan_tasks(counts, task_rows=10, target=6) == [
+        (0, 1, 0, 1), (2, 3, 0, 1), (3, 4, 0, 4), (3, 4, 1, 4), (3, 4, 2, 4), (3, 4, 3, 4), (4, 5, 0, 1)]
+    assert plan_tasks(counts, task_rows=100, target=100) == [(0, 5, 0, 1)]  # fewer tasks than buckets
+    assert plan_tasks(counts, task_rows=10, target=100) == [
+        (0, 3, 0, 1), (3, 4, 0, 4), (3, 4, 1, 4), (3, 4, 2, 4), (3, 4, 3, 4), (4, 5, 0, 1)]
+    assert plan_tasks(np.zeros(4, np.int64), 10, 10) == []
 
 
 @pytest.mark.parametrize("options, message", [

@@ -58,6 +58,62 @@ def test_image_to_text_recall_ranks_distinct_captions():
                                  "t2i_recall@5": 1.0})
 
 
+def dense_recall(img, txt, captions, ks):
+    """The full N x N matrix and a top-k per row (what the stage computed before it streamed)."""
+    _, first, codes = np.unique(np.asarray(captions, dtype=object).astype(str), return_index=True,
+                                return_inverse=True)
+    codes = torch.from_numpy(codes.reshape(-1))
+    sim = img.float() @ txt.float().T
+    i2t_sim, t2i_sim = sim[:, torch.from_numpy(first)], sim.T
+    out = {}
+    for k in ks:
+        i2t = i2t_sim.topk(min(k, i2t_sim.shape[1]), dim=1).indices
+        t2i = t2i_sim.topk(min(k, t2i_sim.shape[1]), dim=1).indices
+        out[f"i2t_recall@{k}"] = float((i2t == codes[:, None]).any(1).float().mean())
+        out[f"t2i_recall@{k}"] = float((codes[t2i] == codes[:, None]).any(1).float().mean())
+    return out
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 50, 64, None])
+def test_chunked_retrieval_recall_equals_the_full_matrix(chunk_rows):
+    """Random embeddings, 57 rows of 19 captions (copies share their text embedding): the chunked recall finds the
+    same rows as the full-matrix top-k and the explicit stable ranking, for chunk sizes that do and do not divide the rows."""
+    g = torch.Generator().manual_seed(1)
+    captions = [f"c{(i * 5) % 19}" for i in range(57)]
+    base = torch.randn(19, 16, generator=g)
+    txt = torch.nn.functional.normalize(base[[int(c[1:]) for c in captions]], dim=-1)
+    img = torch.nn.functional.normalize(txt + 0.9 * torch.randn(57, 16, generator=g), dim=-1)
+    ks = (1, 3, 5, 30)
+    got = retrieval_recall(img, txt, captions, ks=ks, chunk_rows=chunk_rows)
+    dense = dense_recall(img, txt, captions, ks)  # its fractions are float32 means: compare the counts
+    assert got.keys() == dense.keys() and all(round(got[m] * 57) == round(dense[m] * 57) for m in got)
+    assert got == pytest.approx(dense, rel=1e-6)
+    for k in ks:
+        assert (got[f"i2t_recall@{k}"], got[f"t2i_recall@{k}"]) == pytest.approx(brute_recall(img, txt, captions, k))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 9, 40])
+def test_chunked_retrieval_recall_breaks_ties_by_position(chunk_rows):
+    """Embeddings of small integers (every similarity exact, many equal), repeated images and captions: the chunked
+    recall equals a stable ranking's (the first caption or image of equal similarity first), exactly."""
+    rng = np.random.default_rng(2)
+    names = rng.integers(0, 6, 40)
+    captions = [f"t{c}" for c in names]
+    txt = torch.from_numpy(rng.integers(-1, 2, (6, 3))[names].astype(np.float32))
+    img = torch.from_numpy(rng.integers(-1, 2, (40, 3)).astype(np.float32))
+    img[20:30] = img[:10]  # repeated images: equal similarities for every text
+    for k in (1, 2, 3, 5, 8):
+        got = retrieval_recall(img, txt, captions, ks=(k,), chunk_rows=chunk_rows)
+        i2t, t2i = brute_recall(img, txt, captions, k)
+        assert got[f"i2t_recall@{k}"] == i2t and got[f"t2i_recall@{k}"] == t2i, k
+
+
+def test_a_diverged_model_finds_nothing():
+    img, txt = torch.full((4, 2), float("nan")), torch.eye(2)[[0, 1, 0, 1]]
+    assert retrieval_recall(img, txt, ["a", "b", "a", "b"], ks=(1, 5)) == {
+        "i2t_recall@1": 0.0, "i2t_recall@5": 0.0, "t2i_recall@1": 0.0, "t2i_recall@5": 0.0}
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_evaluate_stage_equals_brute_force(tmp_path):
     from safetensors.torch import save

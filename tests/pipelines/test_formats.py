@@ -71,11 +71,17 @@ def test_names_are_the_ones_runs_hold():
     assert (report.DIR, report.JSON, report.HTML) == ("report", "report.json", "report.html")
     files = ["shards/shard-00000.parquet", "shards/shard-00000.tar", "rejects.parquet", "shards/shard-00001.parquet"]
     assert pool.shard_parquets(files) == ["shards/shard-00000.parquet", "shards/shard-00001.parquet"]
-    assert utility.bucket_files(["utility/bucket=0/part-00000.parquet", "utility/bucket=12/part-00000.parquet"]) == {
-        0: "utility/bucket=0/part-00000.parquet", 12: "utility/bucket=12/part-00000.parquet"}
-    assert score_log.bucket_of("/bucket=3/part-s000000001-000000002-r0000.parquet") == 3
+    assert utility.part_path(5, 2) == "utility/bucket=5/part-00002.parquet"
+    assert utility.bucket_files(["utility/bucket=12/part-00000.parquet", "utility/bucket=0/part-00001.parquet",
+                                 "utility/bucket=0/part-00000.parquet"]) == {
+        0: ["utility/bucket=0/part-00000.parquet", "utility/bucket=0/part-00001.parquet"],
+        12: ["utility/bucket=12/part-00000.parquet"]}
+    assert score_log.bucket_of("utility/bucket=3/part-00000.parquet") == 3
     assert score_log.bucket_of("/other/part.parquet") is None
-    assert score_log.is_log_file("scores/bucket=1/x.parquet") and not score_log.is_log_file("model.json")
+    assert score_log.part_name(1, 20, 3) == "part-s000000001-000000020-r0003.parquet"
+    assert score_log.is_log_file("scores/part-s000000001-000000020-r0003.parquet")
+    assert not score_log.is_log_file("scores/bucket=1/x.parquet") and not score_log.is_log_file("model.json")
+    assert model.metrics_part_name(1, 20) == "part-s000000001-000000020.parquet" and model.METRICS_DIR == "metrics"
 
 
 def test_uids_round_trip():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.support.ingest import check_contract, image_bytes, read_output, run_ingest
+from pipelines.formats.pool import uid_of
+from tests.support.ingest import (
+    check_contract,
+    check_index,
+    image_bytes,
+    read_output,
+    run_ingest,
+    sample_members,
+    write_tar,
+)
 
 
 def test_caption_folder(tmp_path, ray_local):
@@ -77,9 +84,9 @@ def test_labelled_with_label_noise_and_split(tmp_path, ray_local):
 def test_datacomp_pool(tmp_path, ray_local):
     root = tmp_path / "pool"
     (root / "metadata").mkdir(parents=True)
-    (root / "shards").mkdir()
     uids = [f"{i:032x}" for i in range(1, 7)]
-    pq.write_table(pa.table({"uid": uids[:5], "text": ["a red square", "a dog", "", "a cat", "a tree"],
+    texts = ["a red square", "a dog", "", "a cat", "a tree"]
+    pq.write_table(pa.table({"uid": uids[:5], "text": texts,
                              "clip_b32_similarity_score": [0.31, 0.25, 0.1, 0.28, 0.22],
                              "source": ["web"] * 5}),  # collides with ingest's own column: kept as metadata_source
                    root / "metadata" / "part-0.parquet")
@@ -90,26 +97,23 @@ def test_datacomp_pool(tmp_path, ray_local):
                ("000000004", uids[5], image_bytes("JPEG")),  # uid not in metadata
                ("000000005", None, image_bytes("JPEG")),  # no json
                ("000000006", uids[0], image_bytes("JPEG"))]  # the same uid again
-    with tarfile.open(root / "shards" / "00000000.tar", "w") as tf:
-        for key, uid, img in samples:
-            entries = [(f"{key}.jpg", img)] if img else []
-            entries.append((f"{key}.txt", b"ignored: metadata wins"))
-            if uid:
-                entries.append((f"{key}.json", json.dumps({"uid": uid}).encode()))
-            for name, data in entries:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    manifest, out = run_ingest(tmp_path, {"source": {"kind": "datacomp", "path": str(root)}})
+    entries = [m for key, uid, img in samples for m in sample_members(key, uid, img, "ignored: metadata wins")]
+    write_tar(root / "shards" / "00000000.tar", entries)
+    originals = {f"00000000.tar/{key}": (img, texts[uids.index(uid)] if uid in uids[:5] else None)
+                 for key, uid, img in samples}
+    manifest, out = run_ingest(tmp_path, {"source": {"kind": "datacomp", "path": str(root), "validate_images": True}})
     rows, members, rejects = read_output(out, manifest)
-    check_contract(manifest, rows, members, rejects, out)
-    assert manifest["rows_in"] == 8 and manifest["rows_out"] == 2
+    check_index(manifest, rows, rejects, originals)
+    assert manifest["rows_in"] == 9 and manifest["rows_out"] == 2  # 8 samples in the tar, 1 metadata row without
     assert [(r["uid"], r["text"], r["clip_b32_similarity_score"], r["metadata_source"]) for r in rows] == \
         [(uids[0], "a red square", 0.31, "web"), (uids[1], "a dog", 0.25, "web")]
     assert {r["source"] for r in rows} == {"00000000.tar/000000000", "00000000.tar/000000001"}
-    reasons = sorted(r["reason"].split(":")[0] for r in rejects)
-    assert reasons == ["duplicate uid", "empty caption", "no image in tar", "no uid in json", "uid not in metadata",
-                       "unreadable image"]
+    assert all(r["text_offset"] == -1 for r in rows)  # the tar's .txt is not the metadata's caption
+    reasons = sorted(r["reason"] for r in rejects)
+    assert reasons == ["duplicate uid", "empty caption", "no image in tar", "no image in the shards",
+                       "no uid in json", "uid not in metadata",
+                       "unreadable image: UnidentifiedImageError: cannot identify image file"]
+    assert {r["source"] for r in rejects if r["reason"] == "no image in the shards"} == {"metadata/part-0.parquet#4"}
 
 
 def test_embedded_default_is_real_and_offline(tmp_path, ray_local):
@@ -137,3 +141,161 @@ def test_label_noise_needs_two_classes(tmp_path, ray_local):
     with pytest.raises(ValueError, match="label noise needs at least 2 classes, the source has 1"):
         run_ingest(tmp_path, {"source": {"kind": "labelled", "path": str(tmp_path / "one")},
                               "noise": {"kind": "label", "rate": 0.5}})
+
+
+def planted_pool(root):
+    """A DataComp pool of two tars and two metadata files with planted defects; returns the samples' originals
+    ``{source: (image, caption)}``."""
+    uids = [f"{i:032x}" for i in range(100, 113)]
+    captions = [f"caption number {i}" for i in range(13)]
+    colours = [(20 * i, 255 - 20 * i, 7 * i) for i in range(13)]
+    tars = {"a/00000000.tar": list(range(0, 6)), "b/00000001.tar": list(range(6, 12))}
+    originals, n = {}, 0
+    for name, members in tars.items():
+        entries = []
+        for i in members:
+            key, image = f"{n:09d}", image_bytes("JPEG" if i % 2 else "PNG", colours[i])
+            n += 1
+            if i == 9:
+                image = b"\xff\xd8 not a jpeg"  # corrupt: rejected only with validate_images
+            entries += sample_members(key, uids[i], image, captions[i], "jpg" if i % 2 else "png")
+            originals[f"{name}/{key}"] = (image, captions[i])
+        if name.startswith("b"):
+            dup = f"{n:09d}"  # uid 0 again, in the second tar: the first copy (tar a) is kept
+            entries += sample_members(dup, uids[0], image_bytes("PNG"), captions[0], "png")
+            originals[f"{name}/{dup}"] = (entries[-3][1], captions[0])
+            entries.append(("../evil.jpg", image_bytes("JPEG")))  # unsafe: never read
+        write_tar(root / "shards" / name, entries)
+    # uid 11 (in tar b) has no metadata row; uid 12 has a metadata row but no image anywhere
+    meta = [i for i in range(13) if i != 11]
+    for f, rows in enumerate((meta[:6], meta[6:])):
+        (root / "metadata").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"uid": [uids[i] for i in rows], "text": [captions[i] for i in rows],
+                                 "clip_b32_similarity_score": [i / 100 for i in rows]}),
+                       root / "metadata" / f"part-{f}.parquet")
+    return uids, originals
+
+
+def test_datacomp_index_in_place_with_planted_defects(tmp_path, ray_local):
+    root = tmp_path / "pool"
+    uids, originals = planted_pool(root)
+    stage = {"source": {"kind": "datacomp", "path": str(root), "validate_images": True}, "shard_size": 3,
+             "split": {"test_fraction": 0.25, "seed": 2}, "noise": {"kind": "caption", "rate": 1.0, "seed": 1}}
+    manifest, out = run_ingest(tmp_path, stage)
+    rows, members, rejects = read_output(out, manifest)
+    check_index(manifest, rows, rejects, originals)
+    assert manifest["shards"] > 1 and manifest["shards"] == len([f for f in manifest["files"] if "shard-" in f])
+    # 13 samples in the tars (12 + the duplicate) + the unsafe member + 1 metadata row without an image
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rejected"]) == (15, 10, 5)
+    assert sorted((r["source"], r["reason"]) for r in rejects) == [
+        ("b/00000001.tar/../evil.jpg", "unsafe member name '../evil.jpg'"),
+        ("b/00000001.tar/000000009", "unreadable image: UnidentifiedImageError: cannot identify image file"),
+        ("b/00000001.tar/000000011", "uid not in metadata"),
+        ("b/00000001.tar/000000012", "duplicate uid"),
+        ("metadata/part-1.parquet#5", "no image in the shards")]
+    assert sorted(r["uid"] for r in rows) == sorted(uids[i] for i in range(11) if i != 9)
+    assert {r["uid"]: r["source"] for r in rows}[uids[0]] == "a/00000000.tar/000000000"
+    assert {r["uid"]: r["clip_b32_similarity_score"] for r in rows}[uids[3]] == 0.03
+    assert manifest["corrupted"] == sum(r["corrupted"] for r in rows) > 0
+    assert manifest["test"] == sum(r["split"] == "test" for r in rows)
+    assert not any(r["corrupted"] for r in rows if r["split"] != "train")
+    for r in rows:  # a corrupted caption is another sample's, its pointers into this tar or none
+        assert r["corrupted"] == (r["text"] != originals[r["source"]][1])
+    # without validation the corrupt image is indexed (the train stage checks it when it decodes it)
+    plain, _ = run_ingest(tmp_path, {**stage, "source": {"kind": "datacomp", "path": str(root)}}, name="plain")
+    assert (plain["rows_out"], plain["rejected"]) == (11, 4)
+    # the same spec again: the same shards, row for row
+    again, out2 = run_ingest(tmp_path, stage, name="again")
+    assert again["files"] == manifest["files"]
+    for f in manifest["files"]:
+        assert out2.read_table(f).equals(out.read_table(f)), f
+
+
+def test_webdataset_index_in_place(tmp_path, ray_local):
+    root = tmp_path / "wds"
+    uid = "ab" * 16
+    samples = {"x/0.tar": [("s0", uid, "a red square"), ("s1", None, "  a dog\n"), ("s2", None, None)],
+               "x/y/1.tar": [("s0", None, ""), ("s9", uid, "the same uid again"), ("s3", None, "a cat")]}
+    originals = {}
+    for name, entries in samples.items():
+        members = []
+        for key, u, caption in entries:
+            image = image_bytes("PNG", (len(originals) * 30, 9, 9))
+            members += sample_members(key, u, image, caption, "png")
+            originals[f"{name}/{key}"] = (image, caption.strip() if caption else caption)
+        write_tar(root / name, members)
+    manifest, out = run_ingest(tmp_path, {"source": {"kind": "webdataset", "path": str(root)}})
+    rows, _, rejects = read_output(out, manifest)
+    check_index(manifest, rows, rejects, originals)
+    assert (manifest["rows_in"], manifest["rows_out"]) == (6, 3)
+    assert sorted((r["source"], r["reason"]) for r in rejects) == [
+        ("x/0.tar/s2", "missing caption"), ("x/y/1.tar/s0", "empty caption"), ("x/y/1.tar/s9", "duplicate uid")]
+    by_source = {r["source"]: r for r in rows}
+    assert by_source["x/0.tar/s0"]["uid"] == uid  # from its .json
+    assert by_source["x/0.tar/s1"]["uid"] == uid_of("webdataset:x/0.tar/s1")  # none: from where it is
+    assert by_source["x/0.tar/s1"]["text"] == "a dog" and by_source["x/0.tar/s1"]["text_size"] == 5
+    assert all(r["text_offset"] >= 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_train_reads_an_index_in_place(tmp_path, ray_local):
+    """A train stage runs on a DataComp pool indexed in place: its images and captions read from the source tars."""
+    from pipelines.run.runner import run_spec
+    from pipelines.run.spec import parse_spec
+
+    planted_pool(tmp_path / "pool")
+    spec = parse_spec({"name": "t", "storage": str(tmp_path / "runs"), "stages": [
+        {"stage": "ingest", "name": "pool", "shard_size": 3,
+         "source": {"kind": "datacomp", "path": str(tmp_path / "pool"), "validate_images": True}},
+        {"stage": "train", "name": "clip", "data": "pool", "batch_size": 4, "steps": 2, "checkpoint_every": 2,
+         "optimizer": {"lr": 1e-3}, "resources": {"num_workers": 1}}]})
+    manifests = run_spec(spec, stream=io.StringIO())
+    assert manifests["pool"]["rows_out"] == 10 and manifests["clip"]["steps"] == 2
+
+
+def test_datacomp_index_on_s3(tmp_path, s3_endpoint, ray_local):
+    """The pool and the run both on object storage: the index points at the source tars by their s3:// URLs."""
+    from pipelines.run.storage import open_storage
+
+    uids, originals = planted_pool(tmp_path / "pool")
+    fs, _ = open_storage("s3://gm-index")
+    fs.mkdir("gm-index")
+    fs.put(str(tmp_path / "pool"), "gm-index/pool", recursive=True)
+    manifest, out = run_ingest(tmp_path, {"source": {"kind": "datacomp", "path": "s3://gm-index/pool"},
+                                          "shard_size": 4}, storage="s3://gm-index/runs")
+    rows, _, rejects = read_output(out, manifest)
+    check_index(manifest, rows, rejects, originals)
+    assert (manifest["rows_in"], manifest["rows_out"]) == (15, 11)
+    assert all(r["tar"].startswith("s3://gm-index/pool/shards/") for r in rows)
+    assert not fs.exists(out.join("_index"))  # the scratch partitions are gone
+
+
+def test_image_validation_reasons_are_stable(monkeypatch):
+    """A decoder's error is a reason without memory addresses; PIL's pixel limit is respected (no Ray here)."""
+    from PIL import Image
+
+    from pipelines.stages.ingest.writer import image_problem
+
+    assert image_problem(image_bytes("PNG", size=(20, 20))) is None
+    assert image_problem(b"garbage") == "unreadable image: UnidentifiedImageError: cannot identify image file"
+    assert image_problem(image_bytes("JPEG")[:40]).startswith("unreadable image: OSError: ")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert image_problem(image_bytes("PNG", size=(15, 10))) == (  # over the limit: PIL only warns, still a reject
+        "unreadable image: DecompressionBombWarning: Image size (150 pixels) exceeds limit of 100 pixels, could be "
+        "decompression bomb DOS attack.")
+    assert image_problem(image_bytes("PNG", size=(20, 20))).startswith("unreadable image: DecompressionBombError: ")
+
+
+def test_datacomp_reshard_copies_into_tars(tmp_path, ray_local):
+    """``reshard: true``: the kept samples copied into the stage's own tars, the same rows as the index."""
+    planted_pool(tmp_path / "pool")
+    src = {"kind": "datacomp", "path": str(tmp_path / "pool"), "validate_images": True}
+    index, out_i = run_ingest(tmp_path, {"source": src, "shard_size": 3})
+    manifest, out = run_ingest(tmp_path, {"source": {**src, "reshard": True}, "shard_size": 3}, name="re")
+    rows, members, rejects = read_output(out, manifest)
+    check_contract(manifest, rows, members, rejects, out)
+    indexed, _, _ = read_output(out_i, index)
+    drop = ("key", "tar", "image", "image_offset", "image_size", "text_offset", "text_size")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in indexed]
+    assert manifest["shards"] == index["shards"] and manifest["rejected"] == index["rejected"]

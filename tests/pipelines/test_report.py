@@ -200,3 +200,110 @@ def test_label_noise_spec_end_to_end_shrunk(tmp_path):
         assert kept["clauses"][f"{by} top 50%"]["kept"] == half and kept["kept_in_scope"] == half + unscored
     page = (tmp_path / "label_noise/report/report.html").read_text()
     assert "label noise: test accuracy" in page and "data efficiency" in page
+
+
+def _committed(fs, path, tables, **manifest):
+    from pipelines.run.storage import StageDir
+
+    d = StageDir(fs, path)
+    d.begin()
+    for rel, t in tables.items():
+        d.write_table(rel, t)
+    d.commit({"files": list(tables), **manifest})
+    return StageDir(fs, path)
+
+
+def test_report_reads_only_what_it_shows_and_its_figures_equal_the_whole_join(tmp_path, monkeypatch):
+    """A pool of 600 rows in 5 shards (30% corrupted) and a utility over 500 of them in 4 bucket files: with
+    read_pool and read_utility made to fail, the report's figures equal detection() over the whole join, the ROC's
+    area is its AUROC, the gallery shows the 8 highest and 8 lowest samples of that join, and `show` lists the 5
+    highest and lowest with their captions."""
+    import pyarrow as pa
+
+    from pipelines.bench.scorelog import synthetic_uids
+    from pipelines.formats import pool as fpool
+    from pipelines.formats import utility as futil
+    from pipelines.report import build
+    from pipelines.report.metrics import detection
+    from pipelines.report.show import show_stage
+    from pipelines.run.storage import open_storage
+
+    rng = np.random.default_rng(3)
+    fs, root = open_storage(str(tmp_path))
+    hi, lo = synthetic_uids(600, 3)
+    bad = rng.random(600) < 0.3
+    pool = pd.DataFrame({"uid": fpool.uid_hex(hi, lo).to_pylist(), "uid_hi": hi, "uid_lo": lo,
+                         "text": [f"caption {i}" for i in range(600)], "tar": "shards/x.tar", "image": "k.png",
+                         "image_offset": np.arange(600), "image_size": 1, "corrupted": bad, "shard": np.arange(600) // 130})
+    shards = {f"shards/shard-{s:05d}.parquet": pa.Table.from_pandas(g, preserve_index=False)
+              for s, g in pool.groupby("shard")}
+    pool_dir = _committed(fs, f"{root}/r/pool", shards, rows_out=600)
+    scored = rng.permutation(600)[:500]
+    util = pd.DataFrame({"uid": pool["uid"].to_numpy()[scored], "uid_hi": hi[scored], "uid_lo": lo[scored],
+                         "num_steps": 3, "mean_score": np.where(bad[scored], -0.4, 0.4) + rng.normal(0, 0.5, 500),
+                         "vote_gmm": rng.integers(0, 5, 500) / 4, "vote_threshold": rng.integers(0, 3, 500) / 2})
+    util.loc[util.index[:40], "mean_score"] = np.round(util["mean_score"][:40], 0)  # ties, across files
+    files = {f"utility/bucket={b}/part-00000.parquet": pa.Table.from_pandas(util[util["uid_lo"] % 4 == b],
+                                                                            preserve_index=False) for b in range(4)}
+    util_dir = _committed(fs, f"{root}/r/util", files, num_buckets=4, quality_estimate=0.7)
+
+    def whole(*_args, **_kw):
+        raise AssertionError("read a whole table")
+
+    monkeypatch.setattr(fpool, "read_pool", whole)
+    monkeypatch.setattr(futil, "read_utility", whole)
+    shown, plotted = [], []
+    monkeypatch.setattr(build, "gallery", lambda rows, _opts: shown.append(rows) or "")
+    monkeypatch.setattr(build.plots, "detection_plots", lambda counts, det: plotted.append(det) or "")
+    stages = {"mimic": {"config": {"data": "pool"}}, "pool": {"dir": pool_dir},
+              "util": {"dir": util_dir, "manifest": util_dir.manifest(),
+                       "config": {"binarisers": ["gmm", "threshold"], "min_vote": 0.5}}}
+    report = {}
+    build._utility(stages, {"mimic": "mimic", "utility": "util"}, report, {}, None)
+
+    joined = pool.merge(util, on=["uid_hi", "uid_lo"])
+    want = detection(joined, ["gmm", "threshold"], 0.5)
+    assert report["true_clean_fraction"] == float(1 - joined["corrupted"].mean())
+    assert report["detection_auroc"] == want["detection_auroc"]
+    for key in (k for k in want if k[0] in "prf"):
+        assert report[key] == want[key], key
+    fpr, tpr = plotted[0]["_roc"]
+    assert np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2) == pytest.approx(want["detection_auroc"], rel=1e-12)
+    ranked = joined.sort_values(["mean_score", "uid_hi", "uid_lo"])
+    assert [list(rows["text"]) for rows in shown] == [list(ranked["text"][::-1][:8]), list(ranked["text"][:8])]
+    assert all((rows["tar"] == fs.unstrip_protocol(pool_dir.join("shards/x.tar"))).all() for rows in shown)
+    assert list(shown[0]["mean_score"]) == list(ranked["mean_score"][::-1][:8])
+
+    # show: committed_stages reads the run's resolved spec, which names the stages
+    (tmp_path / "r/spec.resolved.yaml").write_text(
+        "stages: [{stage: ingest, name: pool}, {stage: train, name: mimic}, {stage: aggregate, name: util}]\n")
+    _committed(fs, f"{root}/r/mimic", {}, config={"data": "pool"})
+    _committed(fs, f"{root}/r/util", files, num_buckets=4, config={"scores": "mimic"}, stage="aggregate",
+               name="util", config_hash="h")
+    listed = [line for line in show_stage(f"{root}/r/util").splitlines() if "score " in line]
+    assert [line.rsplit("  ", 1)[1] for line in listed] == [
+        t + (" [corrupted]" if c else "") for t, c in [*zip(ranked["text"][::-1][:5], ranked["corrupted"][::-1][:5]),
+                                                       *zip(ranked["text"][:5], ranked["corrupted"][:5])]]
+
+
+@pytest.mark.parametrize("k", [1, 5, 13])
+def test_utility_extremes_file_by_file_equal_a_whole_sort_with_ties(tmp_path, k):
+    import pyarrow as pa
+
+    from pipelines.bench.scorelog import synthetic_uids
+    from pipelines.report.samples import extremes
+    from pipelines.run.storage import open_storage
+
+    rng = np.random.default_rng(k)
+    fs, root = open_storage(str(tmp_path))
+    hi, lo = synthetic_uids(300, k)
+    util = pd.DataFrame({"uid_hi": hi, "uid_lo": lo, "mean_score": rng.integers(-3, 4, 300) / 2.0})
+    util.loc[util.index[::17], "mean_score"] = np.nan  # never shown
+    files = {f"utility/bucket={b}/part-00000.parquet": pa.Table.from_pandas(util[util["uid_lo"] % 5 == b],
+                                                                            preserve_index=False) for b in range(5)}
+    high, low = extremes(_committed(fs, f"{root}/u", files), "mean_score", k, ["uid_hi", "uid_lo", "mean_score"])
+    scored = util.dropna()
+    want_high = scored.sort_values(["mean_score", "uid_hi", "uid_lo"], ascending=[False, True, True]).head(k)
+    want_low = scored.sort_values(["mean_score", "uid_hi", "uid_lo"]).head(k)
+    rows = lambda df: list(df.itertuples(index=False, name=None))  # noqa: E731 - per column, uids kept exact
+    assert rows(high) == rows(want_high) and rows(low) == rows(want_low) and len(high) == k

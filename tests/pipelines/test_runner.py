@@ -184,3 +184,83 @@ def test_the_newest_unfinished_attempt_of_a_config_is_reopened(tmp_path):
     reader = StageDir(fs, f"{root}/r/job")
     assert reader.begin("h1", resume=True) and reader.attempt == newer != older
     assert not reader.begin("h3", resume=True) and reader.attempt not in (older, newer)
+
+
+def map_context(tmp_path):
+    import io
+
+    from pipelines.run.context import Progress, StageContext
+
+    out = StageDir(open_storage(str(tmp_path))[0], str(tmp_path / "stage"))
+    return StageContext(out, {}, "m", Progress(io.StringIO()))
+
+
+def test_map_keeps_a_bounded_number_of_tasks_in_flight(tmp_path, ray_local, monkeypatch):
+    """200 tiny tasks through a map bounded to 3 in flight: a counter actor sees at most 3 running at once (all 4
+    CPUs would be used otherwise); results in order, and the fold sees every result once."""
+    import ray
+
+    from pipelines.run import context
+
+    @ray.remote(num_cpus=0)
+    class Gauge:
+        def __init__(self):
+            self.now, self.most = 0, 0
+
+        def enter(self):
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+        def leave(self):
+            self.now -= 1
+
+        def peak(self):
+            return self.most
+
+    gauge = Gauge.options(name="map-gauge").remote()
+
+    def square(i, pause):
+        import time
+
+        import ray
+
+        g = ray.get_actor("map-gauge")
+        ray.get(g.enter.remote())
+        time.sleep(pause)
+        ray.get(g.leave.remote())
+        return i * i
+
+    monkeypatch.setattr(context, "MAX_IN_FLIGHT", 3)
+    ctx = map_context(tmp_path)
+    tasks = [(i, 0.02 if i < 24 else 0.0) for i in range(200)]
+    assert ctx.map(square, tasks, rows=[1] * 200) == [i * i for i in range(200)]
+    assert 1 <= ray.get(gauge.peak.remote()) <= 3
+    assert ctx.map(square, tasks[:50], combine=lambda a, v: (a or 0) + v) == sum(i * i for i in range(50))
+    assert "m tasks: 200/200 (200 rows" in ctx.progress.stream.getvalue()
+    monkeypatch.setattr(context, "MAX_IN_FLIGHT", 1024)
+    monkeypatch.setattr(context, "IN_FLIGHT_PER_CPU", 3)
+    assert context.in_flight_bound() == context.MIN_IN_FLIGHT  # a small cluster: the floor
+    monkeypatch.setattr(context, "MIN_IN_FLIGHT", 1)
+    assert context.in_flight_bound() == 12  # the session's Ray has 4 CPUs
+    ray.kill(gauge)
+
+
+def test_a_failed_map_task_fails_the_map_and_sends_no_more(tmp_path, ray_local, monkeypatch):
+    from pipelines.run import context
+
+    started = tmp_path / "started"
+    started.mkdir()
+
+    def task(i):
+        import time
+
+        (started / str(i)).touch()
+        if i == 1:
+            raise ValueError("bad input 1")
+        time.sleep(0.05)
+        return i
+
+    monkeypatch.setattr(context, "MAX_IN_FLIGHT", 2)
+    with pytest.raises(ValueError, match="bad input 1"):
+        map_context(tmp_path).map(task, [(i,) for i in range(100)])
+    assert len(list(started.iterdir())) < 10  # task 1 failed within the first few: the rest were never sent

@@ -60,7 +60,7 @@ def test_defaults_and_types():
         (spec({**POOL, "shards": 3}), "s.yaml: stage 'pool' (ingest): shards: unknown key (expected one of source, noise, split, shard_size)"),
         (spec({**POOL, "shard_size": "big"}), "s.yaml: stage 'pool' (ingest): shard_size: expected an integer, got 'big'"),
         (spec({**POOL, "shard_size": 0}), "s.yaml: stage 'pool' (ingest): shard_size: must be >= 1, got 0"),
-        (spec({**POOL, "source": {"kind": "folder"}}), "s.yaml: stage 'pool' (ingest): source.kind: expected one of 'embedded', 'caption_folder', 'labelled', 'datacomp', got 'folder'"),
+        (spec({**POOL, "source": {"kind": "folder"}}), "s.yaml: stage 'pool' (ingest): source.kind: expected one of 'embedded', 'caption_folder', 'labelled', 'datacomp', 'webdataset', got 'folder'"),
         (spec({**POOL, "source": {"kind": "caption_folder"}}), "s.yaml: stage 'pool' (ingest): source.path: missing required field (a string)"),
         (spec({**POOL, "noise": {"kind": "label", "rate": 1.5}}), "s.yaml: stage 'pool' (ingest): noise.rate: expected a fraction in [0, 1], got 1.5"),
         (spec({**POOL, "noise": {"kind": "label"}}), "s.yaml: stage 'pool' (ingest): noise.rate: missing required field (a number)"),

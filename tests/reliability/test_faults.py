@@ -296,12 +296,15 @@ def test_non_finite_steps_are_skipped_counted_never_logged_and_stop_a_stage_when
     d = stage(storage, "n", "skips")
     m = d.manifest()
     assert m["nonfinite_steps"] == 2 and m["steps"] == 6 and m["score_rows"] == 4 * 16
-    from pipelines.formats.score_log import read_score_log
+    from pipelines.formats.score_log import log_files, read_score_log
 
-    log = read_score_log(d.fs, d.join("scores")).to_pandas()
+    files = log_files(m["files"])  # one file per rank per checkpoint, found through the manifest
+    assert files == [f"scores/part-s{a:09d}-{z:09d}-r{r:04d}.parquet" for a, z in ((1, 3), (4, 6)) for r in (0, 1)]
+    log = read_score_log(d.fs, "", files=[d.join(f) for f in files]).to_pandas()
     assert sorted(log.step.unique()) == [1, 3, 4, 6]
     assert np.isfinite(log[["score", "weight", "loss"]].to_numpy()).all()
     assert (log.groupby("step").size() == 16).all()
-    metrics = d.read_table("metrics.parquet").to_pandas()
+    metrics = d.read_table("metrics.parquet").to_pandas()  # the two checkpoints' metrics segments, concatenated
+    assert metrics.step.tolist() == [1, 2, 3, 4, 5, 6]
     assert metrics.nonfinite_steps.tolist() == [0, 1, 1, 1, 2, 2]
     assert metrics.loss.isna().tolist() == [False, True, False, False, True, False]

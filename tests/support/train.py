@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 
-from pipelines.formats.score_log import read_score_log
+from pipelines.formats.score_log import list_parts, log_files, read_score_log, segment_of
 from pipelines.models.build import ModelSpec
 from pipelines.run.storage import StageDir, open_storage
 
@@ -20,8 +22,16 @@ def stage_dir(storage: str, stage: str, name: str = "t") -> StageDir:
 
 
 def score_log(storage: str, stage: str, name: str = "t"):
+    """A committed train stage's log, found as readers find it (its manifest's ``files``), after checking that the
+    manifest names every segment there is and that each checkpoint wrote at most one file per rank."""
     d = stage_dir(storage, stage, name)
-    return read_score_log(d.fs, d.join("scores")).to_pandas().sort_values(["step", "uid_hi", "uid_lo"]).reset_index(drop=True)
+    m = d.manifest()
+    files = log_files(m["files"])
+    assert [f.rsplit("/", 1)[1] for f in files] == [p.rsplit("/", 1)[1] for p in list_parts(d.fs, d.join("scores"))]
+    per_checkpoint = Counter(segment_of(f)[:2] for f in files)
+    assert max(per_checkpoint.values(), default=0) <= m["workers"], per_checkpoint
+    log = read_score_log(d.fs, "", files=[d.join(f) for f in files]).to_pandas()
+    return log.sort_values(["step", "uid_hi", "uid_lo"]).reset_index(drop=True)
 
 
 def reference_file(path, task: str, seed: int = 0, scale: float = 0.05) -> str:

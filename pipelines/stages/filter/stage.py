@@ -93,7 +93,7 @@ class Plan:
     shard_paths: List[str]
     pool_cols: set
     util_stage: Any  # None: no utility
-    util_paths: Dict[int, str]
+    util_paths: Dict[int, List[str]]  # a bucket's utility parts
     util_cols: set
     from_util: List[str]
     from_pool: List[str]
@@ -117,14 +117,14 @@ def _plan(cfg: FilterConfig, ctx: StageContext) -> Plan:
     shard_paths = [pool.join(f) for f in shard_files]
     pool_cols = set(parquet_schema(fs, shard_paths[0]).names)
     util_cols: set = set()
-    util_paths: Dict[int, str] = {}
+    util_paths: Dict[int, List[str]] = {}
     parts = None
     util_stage = ctx.inputs[cfg.utility] if cfg.utility else None
     if util_stage is not None:
         um = UtilityManifest.read(util_stage)
         parts = int(um.num_buckets)
-        util_paths = {b: util_stage.join(f) for b, f in bucket_files(um.files).items()}
-        util_cols = set(parquet_schema(util_stage.fs, next(iter(util_paths.values()))).names)
+        util_paths = {b: [util_stage.join(f) for f in fs_] for b, fs_ in bucket_files(um.files).items()}
+        util_cols = set(parquet_schema(util_stage.fs, next(iter(util_paths.values()))[0]).names)
         util_cols -= {"uid", "uid_hi", "uid_lo"}
     for c in kr.columns(rule):
         if c not in pool_cols and c not in util_cols and c != kr.RANDOM:

@@ -90,7 +90,7 @@ class JoinArgs:
     seed: int = 0
 
 
-def _join(args: JoinArgs, part: int, util_path: Optional[str]):
+def _join(args: JoinArgs, part: int, util_paths: Optional[List[str]]):
     """Join a partition's pool keys with its utility rows; write ``_work/joined/p=<p>``; return counts and samples."""
     import pandas as pd
 
@@ -101,8 +101,9 @@ def _join(args: JoinArgs, part: int, util_path: Optional[str]):
         "shard": np.zeros(0, np.int32), "row": np.zeros(0, np.int64), **{c: np.zeros(0) for c in rule_cols}})
     extra = 0
     if util_fs is not None:
-        if util_path is not None:
-            util = read_parquet(util_fs, util_path, ["uid_hi", "uid_lo", *util_cols]).to_pandas()
+        if util_paths:  # the bucket's parts (several for a bucket the aggregate split by uid)
+            util = pa.concat_tables([read_parquet(util_fs, p, ["uid_hi", "uid_lo", *util_cols])
+                                     for p in util_paths]).to_pandas()
         else:  # an empty bucket: nobody here was scored
             util = pd.DataFrame({"uid_hi": np.zeros(0, np.uint64), "uid_lo": np.zeros(0, np.uint64),
                                  **{c: np.zeros(0) for c in util_cols}})

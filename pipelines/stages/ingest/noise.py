@@ -1,4 +1,5 @@
-"""Ingest's held-out splits and injected noise, decided on the driver from the listing (seeded, reproducible)."""
+"""Ingest's held-out splits and injected noise (seeded, reproducible): on the driver from the listing for the small
+sources, and per uid partition in the tasks of an index in place (:func:`swap_captions`)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ class SplitConfig:
                             f"{self.reference_fraction}")
 
 
-def assign_split(n: int, split: Optional[SplitConfig]) -> np.ndarray:
+def assign_split(n: int, split: Optional[SplitConfig], part: Optional[int] = None) -> np.ndarray:
+    """The split of ``n`` samples (of the whole listing, or with ``part`` of one uid partition of an index:
+    seeded by the spec's seed and the partition, so a rerun gives the same)."""
     out = np.array(["train"] * n, dtype=object)
     if split is not None and n:
-        order = np.random.default_rng(split.seed).permutation(n)
+        order = np.random.default_rng(split.seed if part is None else [split.seed, part]).permutation(n)
         n_test = int(round(split.test_fraction * n))
         n_ref = int(round(split.reference_fraction * n))
         out[order[:n_test]] = "test"
@@ -76,4 +79,26 @@ def inject_noise(listing: Listing, eligible: np.ndarray, noise: NoiseConfig, tem
         for j, i in enumerate(chosen):  # a rotation: every chosen sample gets another's caption
             listing.texts[i] = originals[(j + 1) % k]
             corrupted[i] = listing.texts[i] != originals[j]
+    return corrupted
+
+
+def swap_captions(texts: np.ndarray, tars: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
+                  eligible: np.ndarray, noise: NoiseConfig, part: int) -> np.ndarray:
+    """Caption noise on one uid partition of an index, in place and without touching a tar: ``rate`` of the
+    eligible rows (seeded by the spec's seed and ``part``) take each other's caption pointers in a rotation
+    (``text``, and ``text_offset`` / ``text_size`` where the caption comes from the same tar, else ``-1``: the
+    ``text`` column holds it).  Returns the ``corrupted`` flags."""
+    corrupted = np.zeros(len(texts), dtype=bool)
+    candidates = np.flatnonzero(eligible)
+    k = int(round(noise.rate * len(candidates)))
+    if k < 2:
+        return corrupted
+    chosen = np.sort(np.random.default_rng([noise.seed, part]).choice(candidates, size=k, replace=False))
+    donors = np.roll(chosen, -1)  # a rotation: every chosen row gets the next one's caption
+    same = tars[chosen] == tars[donors]
+    new_texts = texts[donors]
+    offsets[chosen] = np.where(same, offsets[donors], -1)
+    sizes[chosen] = np.where(same, sizes[donors], -1)
+    corrupted[chosen] = new_texts != texts[chosen]
+    texts[chosen] = new_texts
     return corrupted

@@ -1,29 +1,31 @@
-"""Ingest's sources: what each offers, listed on the driver (captions and labels are small; images are read later,
-one Ray task per output shard, by :mod:`.writer`).
+"""Ingest's sources: what each offers.  The small ones are listed on the driver (captions and labels are small;
+images are read later, one Ray task per output shard, by :mod:`.writer`):
 
 - ``embedded``: the real digits shipped in scikit-learn, captioned from templates;
 - ``caption_folder``: images with same-named ``.txt`` captions, searched recursively;
-- ``labelled``: ``<root>/<class>/*.jpg``, captioned from class names with prompt templates;
-- ``datacomp``: a DataComp-layout pool, parquet metadata plus webdataset tars whose ``.json`` holds the uid (only
-  headers and ``.json`` members are read while listing; unsafe members are recorded as rejects, never followed).
+- ``labelled``: ``<root>/<class>/*.jpg``, captioned from class names with prompt templates.
+
+Pools are indexed in place by tasks (:mod:`.index`), nothing per row on the driver:
+
+- ``datacomp``: a DataComp-layout pool, parquet metadata plus webdataset tars whose ``.json`` holds the uid;
+- ``webdataset``: webdataset tars alone (uid from ``.json`` where there is one, caption from ``.txt``).
+
+Only tar headers and ``.json`` / ``.txt`` members are read; unsafe members (:func:`unsafe_member`) are recorded
+as rejects, never followed.
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-import numpy as np
-import pyarrow as pa
-
-from pipelines.formats.pool import RESERVED, is_uid, uid_of
+from pipelines.formats.pool import uid_of
 from pipelines.run.config import doc
 from pipelines.run.context import StageContext
-from pipelines.run.errors import InputError, InputNotFound
-from pipelines.run.storage import open_storage, read_parquet
+from pipelines.run.errors import InputNotFound
+from pipelines.run.storage import open_storage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
@@ -58,9 +60,27 @@ class DataCompSource:
     path: str = doc("pool root holding the metadata parquet and the webdataset tars")
     metadata: str = doc("metadata folder under path (parquet with uid, text, ...)", default="metadata")
     shards: str = doc("tar folder under path", default="shards")
+    validate_images: bool = doc("decode every image while indexing (in parallel) and reject those that do not "
+                                "decode; otherwise images are checked when the train stage decodes them",
+                                default=False)
+    reshard: bool = doc("also copy the kept samples into new webdataset tars, one per index shard (the index then "
+                        "points at those); by default the index points into the source tars", default=False)
 
 
-Source = Union[EmbeddedSource, CaptionFolderSource, LabelledSource, DataCompSource]
+@dataclass(frozen=True)
+class WebDatasetSource:
+    kind: Literal["webdataset"]
+    path: str = doc("folder (local or URL) searched recursively for webdataset .tar files, or one .tar; a "
+                    "sample's uid is its .json member's 'uid' where it has one, its caption its .txt member")
+    validate_images: bool = doc("decode every image while indexing (in parallel) and reject those that do not "
+                                "decode; otherwise images are checked when the train stage decodes them",
+                                default=False)
+    reshard: bool = doc("also copy the kept samples into new webdataset tars, one per index shard (the index then "
+                        "points at those); by default the index points into the source tars", default=False)
+
+
+Source = Union[EmbeddedSource, CaptionFolderSource, LabelledSource, DataCompSource, WebDatasetSource]
+INDEXED = ("datacomp", "webdataset")  # indexed in place (:mod:`.index`); the other kinds are listed and copied
 
 
 # ------------------------------------------------------------------------------------------------ listing
@@ -155,29 +175,6 @@ def list_labelled(src: LabelledSource, ctx: Optional[StageContext] = None) -> Li
     return out
 
 
-def scan_tar(fs, tar_path: str) -> Dict[str, Dict[str, Any]]:
-    """``{key: {"image": member, "uid": ...}}`` of one webdataset tar, reading only headers and ``.json`` members."""
-    members: Dict[str, Dict[str, Any]] = {}
-    with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        for m in tf:
-            unsafe = unsafe_member(m)
-            if unsafe:  # never followed nor used as a name: recorded as a reject of its own
-                members.setdefault(f"{m.name}\0unsafe", {})["unsafe"] = unsafe
-                continue
-            if not m.isfile():
-                continue
-            key, ext = posixpath.splitext(m.name)
-            entry = members.setdefault(key, {})
-            if ext.lower() in IMAGE_EXTS:
-                entry["image"] = m.name
-            elif ext == ".json":
-                try:
-                    entry["uid"] = json.loads(tf.extractfile(m).read()).get("uid")
-                except (ValueError, AttributeError):
-                    entry["uid"] = None
-    return members
-
-
 def unsafe_member(m: tarfile.TarInfo) -> Optional[str]:
     """Why a tar member must not be read (a link, or a name that would leave a directory it were extracted to)."""
     if m.issym() or m.islnk():
@@ -190,65 +187,4 @@ def unsafe_member(m: tarfile.TarInfo) -> Optional[str]:
     return None
 
 
-def list_datacomp(src: DataCompSource, ctx: StageContext) -> Listing:
-
-    fs, root = open_storage(src.path)
-    meta_files = sorted(p for p in fs.find(posixpath.join(root, src.metadata)) if p.endswith(".parquet"))
-    tars = sorted(p for p in fs.find(posixpath.join(root, src.shards)) if p.endswith(".tar"))
-    if not meta_files:
-        raise InputNotFound(f"datacomp source {src.path}: no parquet under {src.metadata}/")
-    if not tars:
-        raise InputNotFound(f"datacomp source {src.path}: no .tar under {src.shards}/")
-    tables = []
-    for p in meta_files:
-        tables.append(read_parquet(fs, p))
-        for col in ("uid", "text"):
-            if col not in tables[-1].column_names:
-                raise InputError(f"datacomp metadata {fs.unstrip_protocol(p)}: missing column {col!r}")
-    meta = pa.concat_tables(tables, promote_options="default")
-    rows: Dict[Any, int] = {}
-    file_of = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
-    for i, u in enumerate(meta.column("uid").to_pylist()):
-        if u in rows:  # which sample would a score belong to? refuse, naming both places
-            first, again = meta_files[file_of[rows[u]]], meta_files[file_of[i]]
-            raise InputError(f"datacomp metadata {fs.unstrip_protocol(again)}: uid {u!r} appears twice (also in "
-                             f"{posixpath.basename(first)}); a pool's uids must be unique")
-        rows[u] = i
-    extra_cols = [c for c in meta.column_names if c not in ("uid", "text", "key", "shard")]
-    # metadata columns keep their data but never shadow a column ingest computes
-    extra_data = {(f"metadata_{c}" if c in RESERVED else c): meta.column(c).to_pylist() for c in extra_cols}
-    extra_cols = list(extra_data)
-    texts = meta.column("text").to_pylist()
-    out = Listing()
-    seen = set()
-    scans = ctx.map(scan_tar, [(fs, t) for t in tars], unit="tars scanned")
-    for tar_path, members in zip(tars, scans):
-        tar_url = fs.unstrip_protocol(tar_path)
-        for key in sorted(members):
-            entry = members[key]
-            uid = entry.get("uid")
-            source = f"{posixpath.basename(tar_path)}/{key.split(chr(0))[0]}"
-            row = rows.get(uid)
-            reason = entry.get("unsafe")
-            if reason:
-                uid = uid_of(f"datacomp:{source}")
-            elif not is_uid(uid):
-                reason, uid = "no uid in json", uid_of(f"datacomp:{source}")
-            elif "image" not in entry:
-                reason = "no image in tar"
-            elif row is None:
-                reason = "uid not in metadata"
-            elif uid in seen:
-                reason = "duplicate uid"
-            text = texts[row] if row is not None else None
-            if reason is None and not (text or "").strip():
-                reason = "empty caption"
-            if reason is None:
-                seen.add(uid)  # only a kept copy makes later ones duplicates
-            extras = {c: (extra_data[c][row] if row is not None else None) for c in extra_cols}
-            out.add(f"tar:{tar_url}::{entry.get('image', '')}", text, uid, source, reason, **extras)
-    return out
-
-
-LISTERS = {"embedded": list_embedded, "caption_folder": list_caption_folder, "labelled": list_labelled,
-           "datacomp": list_datacomp}
+LISTERS = {"embedded": list_embedded, "caption_folder": list_caption_folder, "labelled": list_labelled}

@@ -1,16 +1,19 @@
 """``ingest``: turn a source into sample shards (docs/architecture.md, "Formats").
 
 Sources: a folder of images with same-named ``.txt`` captions; a DataComp-layout pool (parquet metadata plus
-webdataset tars whose ``.json`` holds the uid); a labelled image set (``<root>/<class>/*.jpg``) captioned from
-class names with prompt templates; and the embedded default (real digits shipped in scikit-learn).
+webdataset tars whose ``.json`` holds the uid); webdataset tars alone; a labelled image set
+(``<root>/<class>/*.jpg``) captioned from class names with prompt templates; and the embedded default (real
+digits shipped in scikit-learn).
 
-Output, under the stage directory, the sample-shard contract of :mod:`pipelines.formats.pool`: webdataset tars
-and parquet shards of the kept samples (``label``, ``true_label`` and ``class_name`` for labelled sources, the
-DataComp metadata columns for a DataComp pool), and the rejects with their reasons (unreadable image, empty or
-missing caption, uid not in metadata).  The manifest's counts add up: ``rows_in = rows_out + rejected``.
+Output, under the stage directory, the sample-shard contract of :mod:`pipelines.formats.pool`: parquet shards of
+the kept samples (``label``, ``true_label`` and ``class_name`` for labelled sources, the DataComp metadata columns
+for a DataComp pool), and the rejects with their reasons (unreadable image, empty or missing caption, uid not in
+metadata, duplicate uid).  The manifest's counts add up: ``rows_in = rows_out + rejected``.
 
-Listing (:mod:`.sources`), noise and split (:mod:`.noise`) run on the driver (captions and labels are small);
-reading, checking and writing images (:mod:`.writer`) runs as one Ray task per output shard.
+A DataComp pool or webdataset source is indexed in place (:mod:`.index`): its shards point into the source tars
+and no image is copied; every row of work runs in tasks.  The small sources are listed, and their noise and split
+decided (:mod:`.noise`), on the driver; their images are read, checked and written into webdataset tars
+(:mod:`.writer`) by one Ray task per output shard.
 """
 
 from __future__ import annotations
@@ -25,18 +28,20 @@ from pipelines.formats import pool as fp
 from pipelines.formats.manifest import IngestManifest
 from pipelines.run.config import SpecError, doc, require
 from pipelines.run.context import StageContext
+from pipelines.stages.ingest.index import run_index
 from pipelines.stages.ingest.noise import NoiseConfig, SplitConfig, assign_split, inject_noise
-from pipelines.stages.ingest.sources import LISTERS, EmbeddedSource, Listing, Source
+from pipelines.stages.ingest.sources import INDEXED, LISTERS, EmbeddedSource, Listing, Source
 from pipelines.stages.ingest.writer import write_shard
 
 
 @dataclass(frozen=True)
 class IngestConfig:
-    source: Source = doc("where samples come from: kind embedded | caption_folder | labelled | datacomp",
-                          default=EmbeddedSource())
+    source: Source = doc("where samples come from: kind embedded | caption_folder | labelled | datacomp | "
+                         "webdataset", default=EmbeddedSource())
     noise: Optional[NoiseConfig] = doc("inject label or caption noise into the training split", default=None)
     split: Optional[SplitConfig] = doc("hold out a test split", default=None)
-    shard_size: int = doc("samples per output shard (one Ray task each)", default=1000)
+    shard_size: int = doc("samples per output shard (one Ray task each); for a pool indexed in place, the rows "
+                          "per uid partition aimed at (at most 1024 partitions)", default=1000)
 
     def validate(self) -> None:
         require(self, "shard_size", 1)
@@ -48,6 +53,8 @@ class IngestConfig:
 
 
 def run_ingest(cfg: IngestConfig, ctx: StageContext) -> Dict[str, Any]:
+    if cfg.source.kind in INDEXED:  # a pool in place: an index, built by tasks
+        return IngestManifest(**run_index(cfg, ctx)).to_json()
     listing, split, corrupted = _listing(cfg, ctx)
     n = len(listing)
     ok = [i for i in range(n) if listing.reasons[i] is None]

@@ -1,17 +1,20 @@
 """Ingest's shard writer: one Ray task per output shard reads its samples' images, checks they decode, and writes
-the shard's webdataset tar (:func:`pipelines.formats.pool.tar_records`)."""
+the shard's webdataset tar (:func:`pipelines.formats.pool.tar_records`); :func:`reshard_shard` does the same for
+an index shard of a pool indexed in place (``reshard``), and :func:`image_problem` checks one image."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import posixpath
+import re
 import tarfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from pipelines.formats.pool import tar_records
-from pipelines.run.storage import open_storage, write_file
+from pipelines.formats.pool import reshard, shard_tar, tar_records
+from pipelines.run.storage import open_storage, read_parquet, write_file, write_parquet
 
 
 class ImageReader:
@@ -57,18 +60,49 @@ def _digits() -> np.ndarray:
     return _DIGITS
 
 
-# what a corrupt or truncated file raises while decoding (UnidentifiedImageError is an OSError)
+# what a corrupt or truncated file raises while decoding (UnidentifiedImageError is an OSError); an image over
+# twice PIL's Image.MAX_IMAGE_PIXELS raises DecompressionBombError (checked by name: PIL is imported late)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
 
-def checked_image(data: bytes) -> Tuple[bytes, str]:
-    """``(bytes, ext)``: JPEG and PNG kept as they are, other formats re-encoded as PNG; raises if unreadable."""
+def decode_errors() -> tuple:
+    from PIL import Image
+
+    return DECODE_ERRORS + (Image.DecompressionBombError,)
+
+
+def decode_reason(exc: BaseException) -> str:
+    """A stable reject reason for an image that does not decode: the error's type and message, without the
+    memory addresses some messages carry (``<_io.BytesIO object at 0x...>``)."""
+    message = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    return f"unreadable image: {type(exc).__name__}: {message[:200]}"
+
+
+def image_problem(data: bytes) -> Optional[str]:
+    """``None`` if ``data`` decodes as an image, else the reason; an image over PIL's ``Image.MAX_IMAGE_PIXELS``
+    (a possible decompression bomb, which PIL only warns about up to twice that) is a reason too."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            checked_image(data, reencode=False)
+        except decode_errors() + (Image.DecompressionBombWarning,) as exc:
+            return decode_reason(exc)
+    return None
+
+
+def checked_image(data: bytes, reencode: bool = True) -> Tuple[bytes, str]:
+    """``(bytes, ext)``: JPEG and PNG kept as they are, other formats re-encoded as PNG (unless not
+    ``reencode``); raises if unreadable."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         fmt = (img.format or "").upper()
-        if fmt in ("JPEG", "PNG"):
+        if fmt in ("JPEG", "PNG") or not reencode:
             return data, "jpg" if fmt == "JPEG" else "png"
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="PNG")
@@ -78,8 +112,9 @@ def checked_image(data: bytes) -> Tuple[bytes, str]:
 def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
     """Write one webdataset tar of ``(key, ref, text, uid)`` records.
 
-    Returns ``(rejects, index)``: ``(key, reason)`` of the samples left out, and ``{key: (member, offset, size)}``
-    locating each written image's bytes in the tar.
+    Returns ``(rejects, index)``: ``(key, reason)`` of the samples left out, and
+    ``{key: (member, offset, size, text_offset, text_size)}`` locating each written image's bytes and its caption's
+    in the tar.
     """
     rejects = []
     good = []
@@ -89,10 +124,36 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
             data = reader.read(ref)  # I/O errors fail the task (Ray retries it), they are not the sample's fault
             try:
                 image, ext = checked_image(data)
-            except DECODE_ERRORS as exc:
-                rejects.append((key, f"unreadable image: {type(exc).__name__}: {str(exc)[:200]}"))
+            except decode_errors() as exc:
+                rejects.append((key, decode_reason(exc)))
                 continue
             good.append((key, ext, image, text, uid))
     data, index = tar_records(good)
     write_file(fs, path, data)
     return rejects, index
+
+
+def reshard_shard(fs, parquet_path: str, tar_path: str, shard: int) -> int:
+    """``reshard``: an index shard's images and captions copied into a new webdataset tar of its own (ranged
+    reads of the source tars, grouped by tar), its rows rewritten to point there; returns the rows."""
+    rows = read_parquet(fs, parquet_path)
+    urls = rows["tar"].to_pylist()
+    if set(urls) == {shard_tar(shard)}:  # done already (a retried task)
+        return rows.num_rows
+    starts, sizes = rows["image_offset"].to_numpy(), rows["image_size"].to_numpy()
+    images: List[bytes] = [b""] * rows.num_rows
+    by_tar: Dict[str, List[int]] = {}
+    for i, url in enumerate(urls):
+        by_tar.setdefault(url, []).append(i)
+    for url, at in sorted(by_tar.items()):
+        src_fs, path = open_storage(url)
+        got = src_fs.cat_ranges([path] * len(at), [int(starts[i]) for i in at],
+                                [int(starts[i] + sizes[i]) for i in at])
+        for i, data in zip(at, got):
+            images[i] = data
+    keys = [f"{shard:05d}{i:09d}" for i in range(rows.num_rows)]  # unique across the stage's tars
+    exts = [posixpath.splitext(m)[1].lstrip(".") for m in rows["image"].to_pylist()]
+    data, index = tar_records(list(zip(keys, exts, images, rows["text"].to_pylist(), rows["uid"].to_pylist())))
+    write_file(fs, tar_path, data)
+    write_parquet(fs, parquet_path, reshard(rows, shard, keys, [index[k] for k in keys]))
+    return rows.num_rows

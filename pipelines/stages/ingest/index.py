@@ -1,0 +1,421 @@
+"""Ingest in place: a DataComp pool or webdataset tars become an index, not a copy (docs/architecture.md,
+"Data flow").  Every row of work runs in tasks; the driver (:func:`run_index`) holds counts and file lists.
+
+1. One task per source tar (:func:`index_tar`) reads the tar's headers and its ``.json`` / ``.txt`` members
+   (images too, decoded, only with ``validate_images``) and writes one row per sample (uid, key, caption, where
+   the image and the caption's bytes are in that tar) into the partition of its uid
+   (``(uid_hi ^ uid_lo) % P``).
+2. For a DataComp pool, one task per metadata parquet (:func:`partition_metadata`) writes its rows the same way.
+3. One task per partition (:func:`join_partition`) joins the two on uid, keeps the first copy of every uid in the
+   order (tar, member) and rejects the others, assigns split and caption noise seeded by the spec and the
+   partition, and writes the partition's index shard and rejects part.  Source tars are never changed; with
+   ``reshard`` each shard's samples are then copied into a new tar of its own (:func:`reshard_shard`).
+
+The partition files are scratch under the attempt's ``_index/`` and are deleted once the shards are written.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import tarfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.formats import pool as fp
+from pipelines.run.errors import InputError, InputNotFound
+from pipelines.run.storage import open_storage, parquet_metadata, read_parquet, write_parquet
+from pipelines.stages.ingest.noise import assign_split, swap_captions
+from pipelines.stages.ingest.sources import IMAGE_EXTS, unsafe_member
+from pipelines.stages.ingest.writer import image_problem, reshard_shard
+
+MAX_PARTITIONS = 1024  # bounds the scratch files (tars x partitions) and the partition pass's fan-out
+TAR_SAMPLE_BYTES = 4096  # a guess at the bytes per sample of a webdataset tar, to size the partitions
+SCRATCH = "_index"
+TAR_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("uid_hi", pa.uint64()), ("uid_lo", pa.uint64()), ("key", pa.string()),
+    ("source", pa.string()), ("tar", pa.string()), ("image", pa.string()), ("image_offset", pa.int64()),
+    ("image_size", pa.int64()), ("text", pa.string()), ("text_offset", pa.int64()), ("text_size", pa.int64()),
+    ("reason", pa.string()), ("order", pa.int64())])
+META_KEYS = ("uid_hi", "uid_lo", "_valid", "_file", "_row", "_source")  # added to a metadata row by phase 2
+_HEX = np.zeros(256, dtype=np.uint64)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def uid_halves_of(uids: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+    """``(uid_hi, uid_lo)`` of a string array of valid uids (32 lowercase hex chars each), vectorised."""
+    uids = pa.array(uids, pa.string()) if not isinstance(uids, pa.Array) else uids
+    if len(uids) == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    offsets = np.frombuffer(uids.buffers()[1], dtype=np.int32)[uids.offset:uids.offset + len(uids) + 1]
+    chars = np.frombuffer(uids.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(len(uids), 32)
+    nibbles = _HEX[chars]
+    shifts = np.arange(60, -1, -4, dtype=np.uint64)
+    return (np.bitwise_or.reduce(nibbles[:, :16] << shifts, axis=1),
+            np.bitwise_or.reduce(nibbles[:, 16:] << shifts, axis=1))
+
+
+def partition_dir(work: str, part: int) -> str:
+    return posixpath.join(work, f"p{part:05d}")
+
+
+def write_partitions(fs, work: str, name: str, table: pa.Table, parts: int) -> None:
+    """``table``'s rows into ``<work>/pNNNNN/<name>.parquet`` by ``(uid_hi ^ uid_lo) % parts`` (only non-empty
+    ones)."""
+    if table.num_rows == 0:
+        return
+    part = (table["uid_hi"].to_numpy() ^ table["uid_lo"].to_numpy()) % np.uint64(parts)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    for p in np.flatnonzero(np.diff(bounds)):
+        rows = table.take(pa.array(order[bounds[p]:bounds[p + 1]]))
+        write_parquet(fs, posixpath.join(partition_dir(work, int(p)), f"{name}.parquet"), rows)
+
+
+def _caption(data: bytes, offset: int) -> Tuple[Optional[str], int, int]:
+    """A ``.txt`` member's caption, stripped, with where its bytes are (``-1`` if they are not its UTF-8)."""
+    stripped = data.strip()
+    lead = len(data) - len(data.lstrip())
+    try:
+        return stripped.decode("utf-8"), offset + lead, len(stripped)
+    except UnicodeDecodeError:
+        return stripped.decode("utf-8", errors="replace"), -1, -1
+
+
+# ------------------------------------------------------------------------------------------------ phase 1
+
+
+def read_tar(fs, path: str, validate: bool) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, str]]]:
+    """``({key: entry}, [(member, unsafe reason)])`` of one webdataset tar in member order, reading headers and
+    ``.json`` / ``.txt`` members (and images only to ``validate`` them)."""
+    import json
+
+    entries: Dict[str, Dict[str, Any]] = {}
+    unsafe: List[Tuple[str, str]] = []
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        for m in tf:
+            why = unsafe_member(m)
+            if why:  # never followed nor used as a name: a reject of its own
+                unsafe.append((m.name, why))
+                continue
+            if not m.isfile():
+                continue
+            key, ext = posixpath.splitext(m.name)
+            ext = ext.lower()
+            entry = entries.setdefault(key, {})
+            if ext in IMAGE_EXTS and "image" not in entry:
+                entry["image"] = (m.name, m.offset_data, m.size)
+                if validate:
+                    entry["problem"] = image_problem(tf.extractfile(m).read())
+            elif ext == ".json":
+                try:
+                    uid = json.loads(tf.extractfile(m).read()).get("uid")
+                except (ValueError, AttributeError):
+                    uid = None
+                entry["uid"] = uid if fp.is_uid(uid) else None
+            elif ext == ".txt":
+                entry["text"] = _caption(tf.extractfile(m).read(), m.offset_data)
+    return entries, unsafe
+
+
+def index_tar(fs, path: str, number: int, rel: str, kind: str, parts: int, out_fs, work: str,
+              validate: bool) -> int:
+    """Phase 1: one source tar's samples into the uid partitions; returns how many rows it wrote."""
+    entries, unsafe = read_tar(fs, path, validate)
+    url = fs.unstrip_protocol(path)
+    cols: Dict[str, list] = {name: [] for name in TAR_SCHEMA.names}
+    for i, (key, e) in enumerate(list(entries.items()) + [(name, {"unsafe": why}) for name, why in unsafe]):
+        source = f"{rel}/{key}"
+        uid, reason = e.get("uid"), e.get("unsafe")
+        if uid is None:
+            uid = fp.uid_of(f"{kind}:{source}")
+            if reason is None and kind == "datacomp":
+                reason = "no uid in json"
+        image, offset, size = e.get("image", ("", -1, -1))
+        text, text_offset, text_size = e.get("text", (None, -1, -1))
+        if reason is None and not image:
+            reason = "no image in tar"
+        reason = reason or e.get("problem")
+        for name, value in (("uid", uid), ("key", key), ("source", source), ("tar", url), ("image", image),
+                            ("image_offset", offset), ("image_size", size), ("text", text),
+                            ("text_offset", text_offset), ("text_size", text_size), ("reason", reason),
+                            ("order", (number << 32) | i)):
+            cols[name].append(value)
+    hi, lo = uid_halves_of(pa.array(cols["uid"], pa.string()))
+    cols["uid_hi"], cols["uid_lo"] = hi, lo
+    table = pa.table({name: pa.array(cols[name], TAR_SCHEMA.field(name).type) for name in TAR_SCHEMA.names})
+    write_partitions(out_fs, work, f"t{number:07d}", table, parts)
+    return table.num_rows
+
+
+# ------------------------------------------------------------------------------------------------ phase 2
+
+
+def metadata_schema(fs, path: str) -> Tuple[int, pa.Schema]:
+    """A metadata parquet's ``(rows, schema)`` from its footer, checking the columns a pool needs."""
+    meta = parquet_metadata(fs, path)
+    schema = meta.schema.to_arrow_schema()
+    for col in ("uid", "text"):
+        if col not in schema.names:
+            raise InputError(f"datacomp metadata {fs.unstrip_protocol(path)}: missing column {col!r}")
+    return meta.num_rows, schema
+
+
+def partition_metadata(fs, path: str, number: int, rel: str, schema: pa.Schema, parts: int, out_fs,
+                       work: str) -> int:
+    """Phase 2: one metadata parquet's rows into the uid partitions (cast to the pool's unified ``schema``)."""
+    table = read_parquet(fs, path)
+    table = pa.table({f.name: (table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows))
+                      .cast(f.type) for f in schema})
+    uids = pc.cast(table["uid"], pa.string()).combine_chunks() if table.num_rows else pa.array([], pa.string())
+    valid = pc.fill_null(pc.match_substring_regex(uids, "^[0-9a-f]{32}$"), False).to_numpy(zero_copy_only=False)
+    routed = uids
+    if not valid.all():  # a value that is no uid still lands in a partition, to be rejected there
+        fixed = uids.to_pylist()
+        for i in np.flatnonzero(~valid):
+            fixed[i] = fp.uid_of(f"datacomp-metadata:{rel}#{i}")
+        routed = pa.array(fixed, pa.string())
+    hi, lo = uid_halves_of(routed)
+    n = table.num_rows
+    table = (table.append_column("uid_hi", pa.array(hi, pa.uint64())).append_column("uid_lo", pa.array(lo, pa.uint64()))
+             .append_column("_valid", pa.array(valid, pa.bool_()))
+             .append_column("_file", pa.array(np.full(n, number, np.int32)))
+             .append_column("_row", pa.array(np.arange(n, dtype=np.int64)))
+             .append_column("_source", pa.array([f"{rel}#{i}" for i in range(n)], pa.string())))
+    write_partitions(out_fs, work, f"m{number:07d}", table, parts)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ phase 3
+
+
+def _read_part(fs, directory: str, prefix: str) -> List[pa.Table]:
+    try:
+        names = sorted(fs.ls(directory, detail=False))
+    except FileNotFoundError:
+        return []
+    return [read_parquet(fs, n) for n in names if posixpath.basename(n).startswith(prefix)]
+
+
+def _metadata_duplicate(meta: pa.Table) -> Optional[Tuple[str, int, int]]:
+    """``(uid, file of its first row, file of its second)`` of a uid twice in the metadata, or ``None``."""
+    valid = meta.filter(meta["_valid"])
+    counts = valid.group_by(["uid_hi", "uid_lo"]).aggregate([([], "count_all")])
+    twice = counts.filter(pc.greater(counts["count_all"], 1))
+    if twice.num_rows == 0:
+        return None
+    rows = valid.join(twice.slice(0, 1), ["uid_hi", "uid_lo"], join_type="inner").sort_by([("_file", "ascending"),
+                                                                                          ("_row", "ascending")])
+    uid = fp.uid_hex(rows["uid_hi"].to_numpy()[:1], rows["uid_lo"].to_numpy()[:1])[0].as_py()
+    return uid, int(rows["_file"][0].as_py()), int(rows["_file"][1].as_py())
+
+
+def _positions(left: pa.Table, right: pa.Table) -> np.ndarray:
+    """For each row of ``left``, the row of ``right`` with the same uid (``-1``: none); ``right``'s uids unique."""
+    keys = ["uid_hi", "uid_lo"]
+    a = left.select(keys).append_column("_l", pa.array(np.arange(left.num_rows, dtype=np.int64)))
+    b = right.select(keys).append_column("_r", pa.array(np.arange(right.num_rows, dtype=np.int64)))
+    joined = a.join(b, keys, join_type="left outer").sort_by("_l")
+    return pc.fill_null(joined["_r"], -1).to_numpy()
+
+
+def _join_metadata(tars: pa.Table, meta: pa.Table, reasons: np.ndarray, texts: np.ndarray, offsets: np.ndarray,
+                   sizes: np.ndarray) -> Tuple[Dict[str, pa.Array], pa.Table]:
+    """A DataComp partition: every tar row takes its metadata row's caption (the tar's bytes of it kept only where
+    they are the same caption) and columns (``extras``); returns those and the metadata rows no tar row has."""
+    valid = meta.filter(meta["_valid"])
+    at = _positions(tars, valid)
+    matched = at >= 0
+    reasons[(reasons == None) & ~matched] = "uid not in metadata"  # noqa: E711 - elementwise
+    meta_text = np.array(valid["text"].to_pylist(), dtype=object)
+    new = np.where(matched, meta_text[np.maximum(at, 0)] if len(meta_text) else None, None)
+    same = np.array([a == b for a, b in zip(new, texts)], dtype=bool)
+    offsets[~same], sizes[~same] = -1, -1
+    texts[:] = new
+    taken = pa.array(np.where(matched, at, 0), pa.int64())  # only matched rows are ever kept
+    extras = {}
+    for name in valid.column_names:
+        if name in ("uid", "text", "key", "shard") + META_KEYS:
+            continue
+        col = valid[name].take(taken) if valid.num_rows else pa.nulls(len(at), valid.schema.field(name).type)
+        # metadata columns keep their data but never shadow a column ingest computes
+        extras[f"metadata_{name}" if name in fp.RESERVED else name] = col
+    orphans = meta.join(tars.select(["uid_hi", "uid_lo"]).group_by(["uid_hi", "uid_lo"]).aggregate([]),
+                        ["uid_hi", "uid_lo"], join_type="left anti").sort_by([("_file", "ascending"),
+                                                                             ("_row", "ascending")])
+    return extras, orphans
+
+
+def _first_copies(hi: np.ndarray, lo: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Among the ``ok`` rows (in their order), the first of each uid."""
+    idx = np.flatnonzero(ok)
+    order = idx[np.lexsort((idx, lo[idx], hi[idx]))]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (hi[order][1:] != hi[order][:-1]) | (lo[order][1:] != lo[order][:-1])
+    keep = np.zeros(len(ok), dtype=bool)
+    keep[order[first]] = True
+    return keep
+
+
+def _part_rows(fs, work: str, part: int, kind: str, schema: Optional[pa.Schema]):
+    """The partition's tar rows (in (tar, member) order) and metadata rows."""
+    directory = partition_dir(work, part)
+    tars = _read_part(fs, directory, "t")
+    tars = pa.concat_tables(tars).sort_by("order") if tars else TAR_SCHEMA.empty_table()
+    meta = None
+    if kind == "datacomp":
+        full = pa.schema(list(schema) + [pa.field(name, tp) for name, tp in (
+            ("uid_hi", pa.uint64()), ("uid_lo", pa.uint64()), ("_valid", pa.bool_()), ("_file", pa.int32()),
+            ("_row", pa.int64()), ("_source", pa.string()))])
+        parts = _read_part(fs, directory, "m")
+        meta = pa.concat_tables(parts).cast(full) if parts else full.empty_table()
+    return tars, meta
+
+
+def join_partition(fs, work: str, part: int, kind: str, schema: Optional[pa.Schema], split, noise,
+                   shard_path: str, rejects_path: str) -> Dict[str, Any]:
+    """Phase 3: one uid partition's index shard and rejects part; returns its counts (and which files it wrote),
+    or ``{"duplicate": (uid, file, file)}`` for a uid twice in the metadata."""
+    tars, meta = _part_rows(fs, work, part, kind, schema)
+    if meta is not None and (dup := _metadata_duplicate(meta)) is not None:
+        return {"duplicate": dup}
+    reasons = np.array(tars["reason"].to_pylist(), dtype=object)
+    texts = np.array(tars["text"].to_pylist(), dtype=object)
+    offsets, sizes = tars["text_offset"].to_numpy().copy(), tars["text_size"].to_numpy().copy()
+    extras: Dict[str, pa.Array] = {}
+    orphans = None
+    if meta is not None:
+        extras, orphans = _join_metadata(tars, meta, reasons, texts, offsets, sizes)
+    for i in np.flatnonzero(reasons == None):  # noqa: E711 - elementwise
+        if texts[i] is None or not texts[i].strip():
+            reasons[i] = "missing caption" if texts[i] is None and kind == "webdataset" else "empty caption"
+    hi, lo = tars["uid_hi"].to_numpy(), tars["uid_lo"].to_numpy()
+    ok = reasons == None  # noqa: E711 - elementwise
+    keep = _first_copies(hi, lo, ok)
+    reasons[ok & ~keep] = "duplicate uid"
+    kept = np.flatnonzero(keep)
+    splits = assign_split(len(kept), split, part)
+    texts_k, offsets_k, sizes_k = texts[kept], offsets[kept], sizes[kept]
+    corrupted = np.zeros(len(kept), dtype=bool)
+    if noise is not None and noise.kind == "caption":
+        tar_names = np.array(tars["tar"].take(pa.array(kept)).to_pylist(), dtype=object)
+        corrupted = swap_captions(texts_k, tar_names, offsets_k, sizes_k, splits == "train", noise, part)
+    shard = _shard_table(tars, kept, part, texts_k, offsets_k, sizes_k, splits, corrupted, extras)
+    rejects = _rejects_table(tars, reasons, orphans)
+    if shard.num_rows:
+        write_parquet(fs, shard_path, shard)
+    if rejects.num_rows:
+        write_parquet(fs, rejects_path, rejects)
+    return {"rows_in": tars.num_rows + (orphans.num_rows if orphans is not None else 0),
+            "rows_out": shard.num_rows, "rejected": rejects.num_rows, "corrupted": int(corrupted.sum()),
+            "test": int((splits == "test").sum()), "reference": int((splits == "reference").sum()),
+            "shard": bool(shard.num_rows), "rejects": bool(rejects.num_rows)}
+
+
+def _shard_table(tars: pa.Table, kept: np.ndarray, part: int, texts, offsets, sizes, splits, corrupted,
+                 extras: Dict[str, pa.Array]) -> pa.Table:
+    take = pa.array(kept, pa.int64())
+    rows = tars.take(take)
+    cols = {
+        "uid": rows["uid"], "uid_hi": rows["uid_hi"], "uid_lo": rows["uid_lo"],
+        "text": pa.array(list(texts), pa.string()), "key": rows["key"],
+        "shard": pa.array(np.full(len(kept), part, np.int32)), "split": pa.array(list(splits), pa.string()),
+        "corrupted": pa.array(corrupted, pa.bool_()), "source": rows["source"], "tar": rows["tar"],
+        "image": rows["image"], "image_offset": rows["image_offset"], "image_size": rows["image_size"],
+        "text_offset": pa.array(offsets, pa.int64()), "text_size": pa.array(sizes, pa.int64()),
+    }
+    for name, values in extras.items():
+        cols[name] = values.take(take)
+    return pa.table(cols)
+
+
+def _rejects_table(tars: pa.Table, reasons: np.ndarray, orphans: Optional[pa.Table]) -> pa.Table:
+    bad = np.flatnonzero(reasons != None)  # noqa: E711 - elementwise
+    rows = tars.take(pa.array(bad, pa.int64()))
+    sources, uids, why = rows["source"].to_pylist(), rows["uid"].to_pylist(), list(reasons[bad])
+    if orphans is not None and orphans.num_rows:
+        valid = orphans["_valid"].to_numpy(zero_copy_only=False)
+        sources += orphans["_source"].to_pylist()
+        uids += fp.uid_hex(orphans["uid_hi"].to_numpy(), orphans["uid_lo"].to_numpy()).to_pylist()
+        why += ["no image in the shards" if v else "invalid uid in metadata" for v in valid]
+    return fp.rejects_table(sources, uids, why)
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+
+def _find(fs, root: str, suffix: str, what: str) -> List[Tuple[str, int]]:
+    """``(path, size)`` of every file under ``root`` ending with ``suffix`` (or ``root`` itself), sorted."""
+    if fs.isfile(root) and root.endswith(suffix):
+        return [(root, int(fs.size(root)))]
+    if not fs.isdir(root):
+        raise InputNotFound(f"{what} folder not found: {fs.unstrip_protocol(root)}")
+    found = fs.find(root, detail=True)
+    return sorted((p, int(info.get("size") or 0)) for p, info in found.items() if p.endswith(suffix))
+
+
+def _plan(src, ctx) -> Tuple[List[str], str, List[str], Optional[pa.Schema], int]:
+    """``(tars, their root, metadata files, the metadata's unified schema, estimated rows)``."""
+    fs, root = open_storage(src.path)
+    if src.kind == "datacomp":
+        metas = [p for p, _ in _find(fs, posixpath.join(root, src.metadata), ".parquet", "datacomp metadata")]
+        tar_root = posixpath.join(root, src.shards)
+        tars = _find(fs, tar_root, ".tar", "datacomp shards")
+        if not metas:
+            raise InputNotFound(f"datacomp source {src.path}: no parquet under {src.metadata}/")
+        if not tars:
+            raise InputNotFound(f"datacomp source {src.path}: no .tar under {src.shards}/")
+        footers = ctx.map(metadata_schema, [(fs, p) for p in metas], unit="metadata footers")
+        try:
+            schema = pa.unify_schemas([s for _, s in footers], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"datacomp source {src.path}: metadata files disagree on a column's type: {exc}") \
+                from None
+        return [p for p, _ in tars], tar_root, metas, schema, sum(n for n, _ in footers)
+    tars = _find(fs, root, ".tar", "webdataset")
+    if not tars:
+        raise InputNotFound(f"webdataset source {src.path}: no .tar under it")
+    return [p for p, _ in tars], root, [], None, sum(size for _, size in tars) // TAR_SAMPLE_BYTES
+
+
+def run_index(cfg, ctx) -> Dict[str, Any]:
+    """The stage for a pool indexed in place: three passes of tasks; returns the manifest's fields."""
+    src = cfg.source
+    fs, root = open_storage(src.path)
+    tars, tar_root, metas, schema, rows = _plan(src, ctx)
+    parts = min(MAX_PARTITIONS, max(1, math.ceil(rows / cfg.shard_size)))
+    out_fs, work = ctx.out.fs, ctx.out.join(SCRATCH)
+    rel = (lambda p, base: posixpath.relpath(p, base) if p != base else posixpath.basename(p))
+    ctx.map(index_tar, [(fs, t, i, rel(t, tar_root), src.kind, parts, out_fs, work, src.validate_images)
+                        for i, t in enumerate(tars)], unit="tars indexed")
+    if metas:
+        ctx.map(partition_metadata, [(fs, p, j, rel(p, root), schema, parts, out_fs, work)
+                                     for j, p in enumerate(metas)], unit="metadata files")
+    results = ctx.map(join_partition, [(out_fs, work, p, src.kind, schema, cfg.split, cfg.noise,
+                                        ctx.out.join(fp.shard_parquet(p)), ctx.out.join(fp.rejects_part(p)))
+                                       for p in range(parts)], unit="partitions joined")
+    dup = next((r["duplicate"] for r in results if "duplicate" in r), None)
+    if dup is not None:  # which sample would a score belong to? refuse, naming both places
+        uid, first, again = dup
+        raise InputError(f"datacomp metadata {fs.unstrip_protocol(metas[again])}: uid {uid!r} appears twice (also "
+                         f"in {posixpath.basename(metas[first])}); a pool's uids must be unique")
+    if out_fs.exists(work):
+        out_fs.rm(work, recursive=True)
+    total = {k: sum(r[k] for r in results) for k in ("rows_in", "rows_out", "rejected", "corrupted", "test",
+                                                     "reference")}
+    written = [p for p, r in enumerate(results) if r["shard"]]
+    shards = [fp.shard_parquet(p) for p in written]
+    if src.reshard:
+        ctx.map(reshard_shard, [(out_fs, ctx.out.join(fp.shard_parquet(p)), ctx.out.join(fp.shard_tar(p)), p)
+                                for p in written], unit="shards resharded")
+        shards = [f for p in written for f in (fp.shard_parquet(p), fp.shard_tar(p))]
+    files = shards + [fp.rejects_part(p) for p, r in enumerate(results) if r["rejects"]]
+    return {**total, "files": files, "shards": len(written)}
+
