@@ -47,9 +47,6 @@ UID_KEY = ("uid_hi", "uid_lo")
 IMAGE_COLUMNS = ("tar", "image", "image_offset", "image_size")
 TEXT_COLUMNS = ("text_offset", "text_size")  # the caption's bytes in the row's tar; -1 where it holds none
 REASON = "reason"
-# columns the train stage reads (``label`` too for a labelled pool), and the evaluate stage
-POOL_COLUMNS = ("uid_hi", "uid_lo", "split", "text", "tar", "image_offset", "image_size")
-EVAL_COLUMNS = ("uid_hi", "uid_lo", "text", "split", "tar", "image_offset", "image_size")
 
 
 # ------------------------------------------------------------------------------------------------ file names

@@ -4,21 +4,21 @@ CLIP: the held-out loss (mean per-sample symmetric InfoNCE over chunks of ``batc
 periodic evaluation computes it), zero-shot classification accuracy from the class prompts where the pool has
 classes, and image->text / text->image recall@1 and @5 over the whole split, in chunks of rows
 (:mod:`pipelines.training.evaluation`).
-Classifier: the held-out cross-entropy and accuracy.  Runs as one Ray task (``resources``); the split is decoded
-inside it, chunk by chunk.  Output: ``metrics.json``, the same figures in the manifest under ``metrics``.
+Classifier: the held-out cross-entropy and accuracy.  Runs as one Ray task (``resources``) on the split's rows as
+index tasks found them (no pool table on the driver); the rows are decoded inside it, chunk by chunk.  Output:
+``metrics.json``, the same figures in the manifest under ``metrics``.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import numpy as np
 
 from pipelines.formats import model as fm
 from pipelines.formats.manifest import DatasetManifest, EvaluationManifest
-from pipelines.formats.pool import EVAL_COLUMNS, read_pool, split_rows
 from pipelines.run.config import SpecError, doc, require
 from pipelines.run.context import StageContext
 
@@ -49,7 +49,8 @@ def model_spec_of(model_json: Dict[str, Any]):
 
 def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names, templates, batch_size: int,
                    use_gpu: bool, storage_options) -> Dict[str, float]:
-    """The model's metrics on ``rows``, decoded ``batch_size`` rows at a time (a Ray task's body)."""
+    """The model's metrics on ``rows`` (a :class:`~pipelines.training.index.RowIndex`), decoded ``batch_size``
+    rows at a time (a Ray task's body)."""
     import torch
 
     from gradmimic import load_state_dict
@@ -64,10 +65,16 @@ def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names
     model.eval()
     clip = spec.task == "clip"
     decoder = Decoder(spec.image_size, tokens=spec.context_length if clip else None, arch=spec.arch,
-                      labels="label" in rows.column_names, storage_options=storage_options)
-    chunks = (decoder(rows, np.arange(start, min(start + batch_size, rows.num_rows)))
-              for start in range(0, rows.num_rows, batch_size))
-    held = heldout(model, spec, chunks, device, zero_shot=(class_names, templates) if class_names else None,
+                      labels=bool(class_names), storage_options=storage_options, keep_text=clip)
+    captions: List[np.ndarray] = []
+
+    def chunks():
+        for start in range(0, rows.num_rows, batch_size):
+            batch = decoder(rows, np.arange(start, min(start + batch_size, rows.num_rows)))
+            captions.append(batch.pop("text", np.zeros(0, object)))
+            yield batch
+
+    held = heldout(model, spec, chunks(), device, zero_shot=(class_names, templates) if class_names else None,
                    keep_embeddings=clip)
     n = int(held.sums[2])
     out = {"test_loss": float(held.sums[0]) / max(n, 1), "rows": n}
@@ -75,32 +82,29 @@ def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names
         out["zero_shot_accuracy" if clip else "test_accuracy"] = float(held.sums[1]) / max(n, 1)
     if clip:
         out.update(retrieval_recall(torch.cat(held.images).to(device), torch.cat(held.texts).to(device),
-                                    rows["text"].to_pylist()))
+                                    np.concatenate(captions)))
     return out
 
 
 def run_evaluate(cfg: EvaluateConfig, ctx: StageContext) -> Dict[str, Any]:
+    """The split's rows are found by index tasks (:func:`~pipelines.training.index.build_index`): the driver holds
+    object refs and counts, the evaluation task decodes the rows itself."""
+    from pipelines.training.index import build_index
+
     model_stage, data = ctx.inputs[cfg.model], ctx.inputs[cfg.data]
     model_json = fm.read_model_json(model_stage)
     weights = fm.read_weights(model_stage)
     dm = DatasetManifest.read(data)
-    columns = list(EVAL_COLUMNS)
     class_names = dm.class_names or []
-    if class_names:
-        columns.append("label")
-    try:
-        rows = split_rows(read_pool(data, columns), cfg.split)
-    except ValueError as exc:
-        raise SpecError(f"data: {exc}") from None
-    if rows.num_rows == 0:
-        raise SpecError(f"split: stage {cfg.data!r} has no {cfg.split!r} rows")
     if model_json["task"] == "classify" and not class_names:
         raise SpecError(f"data: stage {cfg.data!r} has no classes to evaluate a classifier on")
     if model_json["task"] == "classify" and model_json.get("num_classes") != len(class_names):
         raise SpecError(f"data: stage {cfg.data!r} has {len(class_names)} classes, the model "
                         f"{model_json.get('num_classes')}")
-    if cfg.samples is not None:
-        rows = rows.slice(0, cfg.samples)
+    rows = build_index(ctx, data, labels=bool(class_names), text=model_json["task"] == "clip").split(cfg.split)
+    if rows.num_rows == 0:
+        raise SpecError(f"split: stage {cfg.data!r} has no {cfg.split!r} rows")
+    rows = rows.head(cfg.samples)
     templates = list(dm.templates or ["{}"])
     metrics = ctx.run_task(evaluate_model, model_json, weights, rows, class_names, templates, cfg.batch_size,
                            cfg.use_gpu, ctx.storage_options, num_cpus=cfg.cpus, num_gpus=1 if cfg.use_gpu else 0)

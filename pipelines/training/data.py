@@ -113,6 +113,7 @@ class Decoder:
     arch: Optional[str] = None  # the open_clip architecture whose tokenizer to use
     labels: bool = False
     storage_options: Optional[Dict[str, Any]] = None
+    keep_text: bool = False  # also return the captions (``text``, an object array): retrieval's distinct captions
 
     def __call__(self, pool, idx: np.ndarray) -> Dict[str, np.ndarray]:
         """The arrays of rows ``idx`` of ``pool``: a :class:`~pipelines.training.index.RowIndex` (images and
@@ -126,10 +127,15 @@ class Decoder:
             "image": self.images(rows),
         }
         if self.tokens:
-            out["tokens"] = tokenize(self.arch, self.tokens, rows["text"].to_pylist())
+            self._add_text(out, rows["text"].to_pylist())
         if self.labels:
             out["label"] = rows["label"].to_numpy().astype(np.int64)
         return out
+
+    def _add_text(self, out: Dict[str, np.ndarray], texts: List[str]) -> None:
+        out["tokens"] = tokenize(self.arch, self.tokens, texts)
+        if self.keep_text:
+            out["text"] = np.array(texts, dtype=object)
 
     def decode_index(self, rows: np.ndarray, urls: List[str], captions: bytes = b"") -> Dict[str, np.ndarray]:
         """The arrays of index rows (:data:`~pipelines.training.index.INDEX_DTYPE`) whose ``tar`` numbers ``urls``:
@@ -155,7 +161,7 @@ class Decoder:
             for i in np.flatnonzero(rows["text_offset"] < 0).tolist():
                 start = -1 - int(rows["text_offset"][i])
                 texts[i] = captions[start:start + int(rows["text_size"][i])]
-            out["tokens"] = tokenize(self.arch, self.tokens, [t.decode("utf-8") for t in texts])
+            self._add_text(out, [t.decode("utf-8") for t in texts])
         if self.labels:
             out["label"] = rows["label"].astype(np.int64)
         return out

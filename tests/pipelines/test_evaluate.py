@@ -115,7 +115,9 @@ def test_a_diverged_model_finds_nothing():
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_evaluate_stage_equals_brute_force(tmp_path):
+def test_evaluate_stage_equals_brute_force(tmp_path, monkeypatch):
+    """The stage's figures equal a brute-force evaluation of the same rows, and its driver reads no pool table
+    (the rows are found by index tasks and decoded in the evaluation task)."""
     from safetensors.torch import save
 
     from pipelines.formats.pool import read_pool, split_rows
@@ -143,8 +145,18 @@ def test_evaluate_stage_equals_brute_force(tmp_path):
         {"stage": "evaluate", "name": "ev", "model": "model", "data": "pool", "batch_size": 7}]}).stages[2].config
     out = StageDir(fs, f"{tmp_path}/e/ev")
     out.begin()
-    result = run_evaluate(cfg, StageContext(out, {"model": StageDir(fs, model_dir.path), "pool": pool}, "ev",
-                                            Progress(io.StringIO())))
+    from pipelines.formats import pool as fpool
+    from pipelines.run import storage
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver read a pool table")
+
+    with monkeypatch.context() as m:
+        for module, name in ((fpool, "read_pool"), (fpool, "split_rows"), (storage, "read_parquet"),
+                             (storage.StageDir, "read_table")):
+            m.setattr(module, name, refuse)
+        result = run_evaluate(cfg, StageContext(out, {"model": StageDir(fs, model_dir.path), "pool": pool}, "ev",
+                                                Progress(io.StringIO())))
     got = result["metrics"]
 
     rows = split_rows(read_pool(pool, ["uid_hi", "uid_lo", "text", "split", "tar", "image_offset", "image_size",
