@@ -22,56 +22,92 @@ from tests.support.ingest import (
 )
 
 
-def test_caption_folder(tmp_path, ray_local):
-    src = tmp_path / "imgs"
-    (src / "nested").mkdir(parents=True)
+def caption_folder(src):
+    """A caption folder with planted defects; returns ``{source: (image bytes, caption)}``."""
+    (src / "nested" / "deeper").mkdir(parents=True)
     files = {"a.jpg": image_bytes("JPEG"), "b.png": image_bytes("PNG"), "nested/c.webp": image_bytes("WEBP"),
-             "d.bmp": image_bytes("BMP"), "broken.jpg": b"not an image at all", "empty.png": image_bytes("PNG"),
-             "nocap.png": image_bytes("PNG"), "glob[1].png": image_bytes("PNG"), "glob1.png": image_bytes("PNG")}
+             "nested/deeper/d.bmp": image_bytes("BMP"), "broken.jpg": b"not an image at all",
+             "empty.png": image_bytes("PNG"), "nocap.png": image_bytes("PNG"), "glob[1].png": image_bytes("PNG"),
+             "glob1.png": image_bytes("PNG")}
+    originals = {}
     for name, data in files.items():
         (src / name).write_bytes(data)
-        if name != "nocap.png":
-            (src / name).with_suffix(".txt").write_text("" if name == "empty.png" else f"caption of {name}\n")
-    manifest, out = run_ingest(tmp_path, {"source": {"kind": "caption_folder", "path": str(src)}, "shard_size": 2})
+        caption = None if name == "nocap.png" else "" if name == "empty.png" else f"caption of {name}"
+        if caption is not None:
+            (src / name).with_suffix(".txt").write_text(caption + "\n")
+        originals[name] = (data, caption)
+    (src / "notes.md").write_text("not a sample")
+    return originals
+
+
+def test_caption_folder_indexed_in_place(tmp_path, ray_local):
+    """Images stay where they are: each row points at its file; folders are found by tasks at every depth; the
+    broken image is a reject only when images are validated (else the train stage finds it)."""
+    src = tmp_path / "imgs"
+    originals = caption_folder(src)
+    stage = {"source": {"kind": "caption_folder", "path": str(src), "validate_images": True}, "shard_size": 2}
+    manifest, out = run_ingest(tmp_path, stage)
     rows, members, rejects = read_output(out, manifest)
-    check_contract(manifest, rows, members, rejects, out)
-    assert manifest["rows_in"] == 9 and manifest["rows_out"] == 6
-    reasons = {r["source"]: r["reason"] for r in rejects}
-    assert reasons["empty.png"] == "empty caption" and reasons["nocap.png"] == "missing caption"
-    assert reasons["broken.jpg"].startswith("unreadable image: UnidentifiedImageError")
-    by_source = {r["source"]: r for r in rows}
-    assert by_source["nested/c.webp"]["text"] == "caption of nested/c.webp"
-    assert by_source["nested/c.webp"]["key"] + ".png" in members  # webp re-encoded as PNG
-    assert by_source["a.jpg"]["key"] + ".jpg" in members
-    assert members[by_source["a.jpg"]["key"] + ".jpg"] == files["a.jpg"]  # JPEG bytes kept as they are
-    assert {r["shard"] for r in rows} == {0, 1, 2, 3}  # 7 listed, 2 per shard; broken.jpg dropped while writing
-    assert by_source["glob[1].png"]["text"] == "caption of glob[1].png"  # a name that looks like a glob pattern
-    # deterministic: a forced rerun gives the same uids and keys
-    again, out2 = run_ingest(tmp_path, {"source": {"kind": "caption_folder", "path": str(src)}, "shard_size": 2}, name="t2")
-    rows2, _, _ = read_output(out2, again)
-    assert [(r["uid"], r["key"]) for r in rows2] == [(r["uid"], r["key"]) for r in rows]
+    check_index(manifest, rows, rejects, originals)
+    assert manifest["rows_in"] == 9 and manifest["rows_out"] == 6 and manifest["shards"] <= 5
+    assert {r["reason"] for r in rejects if r["source"] in ("empty.png", "nocap.png")} == {"empty caption",
+                                                                                           "missing caption"}
+    assert {r["source"]: r["reason"] for r in rejects}["broken.jpg"].startswith(
+        "unreadable image: UnidentifiedImageError")
+    assert {r["source"] for r in rows} == {"a.jpg", "b.png", "nested/c.webp", "nested/deeper/d.bmp", "glob[1].png",
+                                           "glob1.png"}  # a name that looks like a glob pattern is read as it is
+    assert all(r["image_offset"] == 0 and r["text_offset"] == -1 for r in rows)
+    # deterministic: a forced rerun gives the same rows in the same order; without validation broken.jpg is a row
+    again, out2 = run_ingest(tmp_path, {**stage, "source": {**stage["source"], "validate_images": False}}, name="t2")
+    rows2, _, rejects2 = read_output(out2, again)
+    assert [r["uid"] for r in rows2 if r["source"] != "broken.jpg"] == [r["uid"] for r in rows]
+    assert "broken.jpg" in {r["source"] for r in rows2} and len(rejects2) == 2
+
+
+def test_caption_folder_resharded(tmp_path, ray_local):
+    """``reshard: true`` copies the kept samples into tars of the stage's own, byte for byte."""
+    src = tmp_path / "imgs"
+    originals = caption_folder(src)
+    manifest, out = run_ingest(tmp_path, {"source": {"kind": "caption_folder", "path": str(src),
+                                                     "validate_images": True, "reshard": True}, "shard_size": 2})
+    rows, members, rejects = read_output(out, manifest)
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rejected"] == 9 and len(rejects) == 3
+    assert sorted(r["source"] for r in rows) == sorted(s for s, (_, c) in originals.items() if c and s != "broken.jpg")
+    assert len(members) == 3 * len(rows)  # image, caption, json: nothing else
+    for r in rows:  # every pointer reads the original bytes from the stage's own tar
+        image, caption = originals[r["source"]]
+        assert r["tar"] == f"shards/shard-{r['shard']:05d}.tar" and members[r["image"]] == image
+        assert out.fs.cat_file(out.join(r["tar"]), r["image_offset"], r["image_offset"] + r["image_size"]) == image
+        assert out.fs.cat_file(out.join(r["tar"]), r["text_offset"], r["text_offset"] + r["text_size"]).decode() \
+            == r["text"] == caption
 
 
 def test_labelled_with_label_noise_and_split(tmp_path, ray_local):
+    """Labels from the class folders (at any depth), captions from the templates, split and label noise per uid
+    partition (each partition exact, seeded by the spec and the partition)."""
     src = tmp_path / "set"
     for c, colour in (("tabby_cat", (9, 9, 9)), ("dog", (250, 250, 250)), ("owl", (100, 50, 0))):
-        (src / c).mkdir(parents=True)
+        (src / c / "more").mkdir(parents=True)
         for i in range(10):
-            (src / c / f"{i}.png").write_bytes(image_bytes("PNG", colour))
+            (src / c / ("more" if i % 4 == 0 else "") / f"{i}.png").write_bytes(image_bytes("PNG", colour))
     (src / "stray.png").write_bytes(image_bytes("PNG"))  # outside any class folder: not a sample
     stage = {"source": {"kind": "labelled", "path": str(src), "class_names": {"dog": "puppy"}},
              "noise": {"kind": "label", "rate": 0.5, "seed": 3},
              "split": {"test_fraction": 0.2, "reference_fraction": 0.2, "seed": 1}, "shard_size": 8}
     manifest, out = run_ingest(tmp_path, stage)
     rows, members, rejects = read_output(out, manifest)
-    check_contract(manifest, rows, members, rejects, out)
-    assert manifest["rows_in"] == 30 and not rejects
-    test = [r for r in rows if r["split"] == "test"]
-    train = [r for r in rows if r["split"] == "train"]
-    reference = [r for r in rows if r["split"] == "reference"]
-    assert len(test) == 6 and not any(r["corrupted"] for r in test)
-    assert len(reference) == 6 == manifest["reference"] and not any(r["corrupted"] for r in reference)
-    assert sum(r["corrupted"] for r in train) == 9 == manifest["corrupted"]  # round(0.5 * 18)
+    check_index(manifest, rows, rejects, {r["source"]: ((src / r["source"]).read_bytes(), r["text"]) for r in rows})
+    assert manifest["rows_in"] == 30 and not rejects and manifest["class_names"] == ["puppy", "owl", "tabby cat"]
+    for shard in {r["shard"] for r in rows}:  # one uid partition each
+        part = [r for r in rows if r["shard"] == shard]
+        test = [r for r in part if r["split"] == "test"]
+        reference = [r for r in part if r["split"] == "reference"]
+        train = [r for r in part if r["split"] == "train"]
+        assert len(test) == round(0.2 * len(part)) and len(reference) == round(0.2 * len(part))
+        assert not any(r["corrupted"] for r in test + reference)
+        assert sum(r["corrupted"] for r in train) == round(0.5 * len(train))
+    assert manifest["test"] == sum(r["split"] == "test" for r in rows)
+    assert manifest["corrupted"] == sum(r["corrupted"] for r in rows) > 0
     names = {0: "dog", 1: "owl", 2: "tabby cat"}
     for r in rows:
         assert r["corrupted"] == (r["label"] != r["true_label"])

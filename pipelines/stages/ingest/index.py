@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 from pipelines.formats import pool as fp
 from pipelines.run.errors import InputError, InputNotFound
 from pipelines.run.storage import open_storage, parquet_metadata, read_parquet, write_parquet
-from pipelines.stages.ingest.noise import assign_split, swap_captions
+from pipelines.stages.ingest import folders
+from pipelines.stages.ingest.noise import assign_split, flip_labels, swap_captions
 from pipelines.stages.ingest.sources import IMAGE_EXTS, unsafe_member
 from pipelines.stages.ingest.writer import image_problem, reshard_shard
 
@@ -41,25 +42,9 @@ TAR_SCHEMA = pa.schema([
     ("image_size", pa.int64()), ("text", pa.string()), ("text_offset", pa.int64()), ("text_size", pa.int64()),
     ("reason", pa.string()), ("order", pa.int64())])
 META_KEYS = ("uid_hi", "uid_lo", "_valid", "_file", "_row", "_source")  # added to a metadata row by phase 2
-_HEX = np.zeros(256, dtype=np.uint64)
-_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10, dtype=np.uint64)
-_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16, dtype=np.uint64)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def uid_halves_of(uids: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
-    """``(uid_hi, uid_lo)`` of a string array of valid uids (32 lowercase hex chars each), vectorised."""
-    uids = pa.array(uids, pa.string()) if not isinstance(uids, pa.Array) else uids
-    if len(uids) == 0:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    offsets = np.frombuffer(uids.buffers()[1], dtype=np.int32)[uids.offset:uids.offset + len(uids) + 1]
-    chars = np.frombuffer(uids.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(len(uids), 32)
-    nibbles = _HEX[chars]
-    shifts = np.arange(60, -1, -4, dtype=np.uint64)
-    return (np.bitwise_or.reduce(nibbles[:, :16] << shifts, axis=1),
-            np.bitwise_or.reduce(nibbles[:, 16:] << shifts, axis=1))
 
 
 def partition_dir(work: str, part: int) -> str:
@@ -148,7 +133,7 @@ def index_tar(fs, path: str, number: int, rel: str, kind: str, parts: int, out_f
                             ("text_offset", text_offset), ("text_size", text_size), ("reason", reason),
                             ("order", (number << 32) | i)):
             cols[name].append(value)
-    hi, lo = uid_halves_of(pa.array(cols["uid"], pa.string()))
+    hi, lo = fp.uid_halves(cols["uid"])
     cols["uid_hi"], cols["uid_lo"] = hi, lo
     table = pa.table({name: pa.array(cols[name], TAR_SCHEMA.field(name).type) for name in TAR_SCHEMA.names})
     write_partitions(out_fs, work, f"t{number:07d}", table, parts)
@@ -182,7 +167,7 @@ def partition_metadata(fs, path: str, number: int, rel: str, schema: pa.Schema, 
         for i in np.flatnonzero(~valid):
             fixed[i] = fp.uid_of(f"datacomp-metadata:{rel}#{i}")
         routed = pa.array(fixed, pa.string())
-    hi, lo = uid_halves_of(routed)
+    hi, lo = fp.uid_halves(routed)
     n = table.num_rows
     table = (table.append_column("uid_hi", pa.array(hi, pa.uint64())).append_column("uid_lo", pa.array(lo, pa.uint64()))
              .append_column("_valid", pa.array(valid, pa.bool_()))
@@ -264,11 +249,12 @@ def _first_copies(hi: np.ndarray, lo: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _part_rows(fs, work: str, part: int, kind: str, schema: Optional[pa.Schema]):
+def _part_rows(fs, work: str, part: int, kind: str, schema: Optional[pa.Schema], labelled: bool = False):
     """The partition's tar rows (in (tar, member) order) and metadata rows."""
     directory = partition_dir(work, part)
     tars = _read_part(fs, directory, "t")
-    tars = pa.concat_tables(tars).sort_by("order") if tars else TAR_SCHEMA.empty_table()
+    empty = pa.schema(list(TAR_SCHEMA) + [pa.field("label", pa.int64())]) if labelled else TAR_SCHEMA
+    tars = pa.concat_tables(tars).sort_by("order") if tars else empty.empty_table()
     meta = None
     if kind == "datacomp":
         full = pa.schema(list(schema) + [pa.field(name, tp) for name, tp in (
@@ -280,10 +266,11 @@ def _part_rows(fs, work: str, part: int, kind: str, schema: Optional[pa.Schema])
 
 
 def join_partition(fs, work: str, part: int, kind: str, schema: Optional[pa.Schema], split, noise,
-                   shard_path: str, rejects_path: str) -> Dict[str, Any]:
+                   shard_path: str, rejects_path: str, classes=None) -> Dict[str, Any]:
     """Phase 3: one uid partition's index shard and rejects part; returns its counts (and which files it wrote),
-    or ``{"duplicate": (uid, file, file)}`` for a uid twice in the metadata."""
-    tars, meta = _part_rows(fs, work, part, kind, schema)
+    or ``{"duplicate": (uid, file, file)}`` for a uid twice in the metadata.  ``classes``: a labelled source's
+    ``(class names, templates)``."""
+    tars, meta = _part_rows(fs, work, part, kind, schema, classes is not None)
     if meta is not None and (dup := _metadata_duplicate(meta)) is not None:
         return {"duplicate": dup}
     reasons = np.array(tars["reason"].to_pylist(), dtype=object)
@@ -295,7 +282,7 @@ def join_partition(fs, work: str, part: int, kind: str, schema: Optional[pa.Sche
         extras, orphans = _join_metadata(tars, meta, reasons, texts, offsets, sizes)
     for i in np.flatnonzero(reasons == None):  # noqa: E711 - elementwise
         if texts[i] is None or not texts[i].strip():
-            reasons[i] = "missing caption" if texts[i] is None and kind == "webdataset" else "empty caption"
+            reasons[i] = "missing caption" if texts[i] is None and kind != "datacomp" else "empty caption"
     hi, lo = tars["uid_hi"].to_numpy(), tars["uid_lo"].to_numpy()
     ok = reasons == None  # noqa: E711 - elementwise
     keep = _first_copies(hi, lo, ok)
@@ -307,6 +294,15 @@ def join_partition(fs, work: str, part: int, kind: str, schema: Optional[pa.Sche
     if noise is not None and noise.kind == "caption":
         tar_names = np.array(tars["tar"].take(pa.array(kept)).to_pylist(), dtype=object)
         corrupted = swap_captions(texts_k, tar_names, offsets_k, sizes_k, splits == "train", noise, part)
+    if classes is not None:  # a labelled source: labels over all the partition's rows, noise on the kept ones
+        truth = tars["label"].to_numpy()
+        labels, kept_labels = truth.copy(), truth[kept]
+        if noise is not None and noise.kind == "label":
+            uids = np.array(tars["uid"].take(pa.array(kept, pa.int64())).to_pylist(), dtype=object)
+            corrupted = flip_labels(kept_labels, texts_k, uids, splits == "train", noise, part, *classes)
+            labels[kept] = kept_labels
+        extras = {"label": pa.array(labels), "true_label": pa.array(truth),
+                  "class_name": pa.array(np.array(classes[0], dtype=object)[labels].tolist(), pa.string())}
     shard = _shard_table(tars, kept, part, texts_k, offsets_k, sizes_k, splits, corrupted, extras)
     rejects = _rejects_table(tars, reasons, orphans)
     if shard.num_rows:
@@ -385,21 +381,40 @@ def _plan(src, ctx) -> Tuple[List[str], str, List[str], Optional[pa.Schema], int
     return [p for p, _ in tars], root, [], None, sum(size for _, size in tars) // TAR_SAMPLE_BYTES
 
 
-def run_index(cfg, ctx) -> Dict[str, Any]:
-    """The stage for a pool indexed in place: three passes of tasks; returns the manifest's fields."""
-    src = cfg.source
+def _phase_one(src, cfg, ctx, out_fs, work: str):
+    """Phase 1 (tars or folders into the uid partitions); returns ``(fs, root, metadata files, schema, parts,
+    classes)``: what the later phases need."""
+    if src.kind in ("caption_folder", "labelled"):
+        fs, root, groups, names, rows = folders.plan_folders(src, ctx)
+        if cfg.noise is not None and cfg.noise.kind == "label" and len(names) < 2:
+            raise InputError(f"label noise needs at least 2 classes, the source has {len(names)}")
+        parts = min(MAX_PARTITIONS, max(1, math.ceil(rows / cfg.shard_size)))
+        templates = tuple(getattr(src, "templates", ()))
+        ctx.map(folders.index_folders, [(fs, root, g, i, src.kind, templates, names, parts, out_fs, work,
+                                         src.validate_images) for i, g in enumerate(groups)], unit="folder groups")
+        return fs, root, [], None, parts, (names, templates) if names is not None else None
     fs, root = open_storage(src.path)
     tars, tar_root, metas, schema, rows = _plan(src, ctx)
     parts = min(MAX_PARTITIONS, max(1, math.ceil(rows / cfg.shard_size)))
-    out_fs, work = ctx.out.fs, ctx.out.join(SCRATCH)
-    rel = (lambda p, base: posixpath.relpath(p, base) if p != base else posixpath.basename(p))
-    ctx.map(index_tar, [(fs, t, i, rel(t, tar_root), src.kind, parts, out_fs, work, src.validate_images)
+    ctx.map(index_tar, [(fs, t, i, _rel(t, tar_root), src.kind, parts, out_fs, work, src.validate_images)
                         for i, t in enumerate(tars)], unit="tars indexed")
+    return fs, root, metas, schema, parts, None
+
+
+def _rel(path: str, base: str) -> str:
+    return posixpath.relpath(path, base) if path != base else posixpath.basename(path)
+
+
+def run_index(cfg, ctx) -> Dict[str, Any]:
+    """The stage for a pool indexed in place: three passes of tasks; returns the manifest's fields."""
+    src = cfg.source
+    out_fs, work = ctx.out.fs, ctx.out.join(SCRATCH)
+    fs, root, metas, schema, parts, classes = _phase_one(src, cfg, ctx, out_fs, work)
     if metas:
-        ctx.map(partition_metadata, [(fs, p, j, rel(p, root), schema, parts, out_fs, work)
+        ctx.map(partition_metadata, [(fs, p, j, _rel(p, root), schema, parts, out_fs, work)
                                      for j, p in enumerate(metas)], unit="metadata files")
     results = ctx.map(join_partition, [(out_fs, work, p, src.kind, schema, cfg.split, cfg.noise,
-                                        ctx.out.join(fp.shard_parquet(p)), ctx.out.join(fp.rejects_part(p)))
+                                        ctx.out.join(fp.shard_parquet(p)), ctx.out.join(fp.rejects_part(p)), classes)
                                        for p in range(parts)], unit="partitions joined")
     dup = next((r["duplicate"] for r in results if "duplicate" in r), None)
     if dup is not None:  # which sample would a score belong to? refuse, naming both places
@@ -417,5 +432,7 @@ def run_index(cfg, ctx) -> Dict[str, Any]:
                                 for p in written], unit="shards resharded")
         shards = [f for p in written for f in (fp.shard_parquet(p), fp.shard_tar(p))]
     files = shards + [fp.rejects_part(p) for p, r in enumerate(results) if r["rejects"]]
-    return {**total, "files": files, "shards": len(written)}
+    names, templates = classes or (None, None)
+    return {**total, "files": files, "shards": len(written), "class_names": names,
+            "templates": list(templates) if templates else None}
 

@@ -102,3 +102,22 @@ def swap_captions(texts: np.ndarray, tars: np.ndarray, offsets: np.ndarray, size
     corrupted[chosen] = new_texts != texts[chosen]
     texts[chosen] = new_texts
     return corrupted
+
+
+def flip_labels(labels: np.ndarray, texts: np.ndarray, uids: np.ndarray, eligible: np.ndarray, noise: NoiseConfig,
+                part: int, names, templates) -> np.ndarray:
+    """Label noise on one uid partition of an index of a labelled folder, in place: ``rate`` of the eligible rows
+    (seeded by the spec's seed and ``part``) take one of the other classes, uniformly, and a caption of it from
+    the templates.  Returns the ``corrupted`` flags."""
+    corrupted = np.zeros(len(labels), dtype=bool)
+    candidates = np.flatnonzero(eligible)
+    k = int(round(noise.rate * len(candidates)))
+    if k == 0:
+        return corrupted
+    rng = np.random.default_rng([noise.seed, part])
+    chosen = np.sort(rng.choice(candidates, size=k, replace=False))
+    labels[chosen] = (labels[chosen] + rng.integers(1, len(names), size=k)) % len(names)
+    for i in chosen:
+        texts[i] = template(templates, uids[i], names[labels[i]])
+    corrupted[chosen] = True
+    return corrupted

@@ -1,31 +1,26 @@
-"""Ingest's sources: what each offers.  The small ones are listed on the driver (captions and labels are small;
-images are read later, one Ray task per output shard, by :mod:`.writer`):
+"""Ingest's sources: what each offers.
 
-- ``embedded``: the real digits shipped in scikit-learn, captioned from templates;
+Indexed in place by tasks (:mod:`.index`, :mod:`.folders`), nothing per row on the driver, no image copied:
+
 - ``caption_folder``: images with same-named ``.txt`` captions, searched recursively;
-- ``labelled``: ``<root>/<class>/*.jpg``, captioned from class names with prompt templates.
-
-Pools are indexed in place by tasks (:mod:`.index`), nothing per row on the driver:
-
+- ``labelled``: ``<root>/<class>/**/*.jpg``, captioned from class names with prompt templates;
 - ``datacomp``: a DataComp-layout pool, parquet metadata plus webdataset tars whose ``.json`` holds the uid;
 - ``webdataset``: webdataset tars alone (uid from ``.json`` where there is one, caption from ``.txt``).
 
-Only tar headers and ``.json`` / ``.txt`` members are read; unsafe members (:func:`unsafe_member`) are recorded
-as rejects, never followed.
+Of a tar only the headers and ``.json`` / ``.txt`` members are read; unsafe members (:func:`unsafe_member`) are
+recorded as rejects, never followed.  The embedded default (the real digits shipped in scikit-learn, captioned
+from templates: 1,797 samples) is listed on the driver and its images written into tars by :mod:`.writer`.
 """
 
 from __future__ import annotations
 
-import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 from pipelines.formats.pool import uid_of
 from pipelines.run.config import doc
 from pipelines.run.context import StageContext
-from pipelines.run.errors import InputNotFound
-from pipelines.run.storage import open_storage
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
@@ -40,18 +35,28 @@ class EmbeddedSource:
     limit: Optional[int] = doc("keep only the first N samples", default=None)
 
 
+_VALIDATE = ("decode every image while indexing (in parallel) and reject those that do not decode; otherwise "
+             "images are checked when the train stage decodes them")
+_RESHARD = ("also copy the kept samples into new webdataset tars, one per index shard (the index then points at "
+            "those); by default the index points at the source's images where they are")
+
+
 @dataclass(frozen=True)
 class CaptionFolderSource:
     kind: Literal["caption_folder"]
     path: str = doc("folder (local or URL) searched recursively for images with same-named .txt captions")
+    validate_images: bool = doc(_VALIDATE, default=False)
+    reshard: bool = doc(_RESHARD, default=False)
 
 
 @dataclass(frozen=True)
 class LabelledSource:
     kind: Literal["labelled"]
-    path: str = doc("folder with one sub-folder of images per class")
+    path: str = doc("folder with one sub-folder of images per class (searched recursively)")
     templates: Tuple[str, ...] = doc("caption templates, '{}' is the class name", default=PHOTO_TEMPLATES)
     class_names: Dict[str, str] = doc("folder name -> class name used in captions", default_factory=dict)
+    validate_images: bool = doc(_VALIDATE, default=False)
+    reshard: bool = doc(_RESHARD, default=False)
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,8 @@ class DataCompSource:
     path: str = doc("pool root holding the metadata parquet and the webdataset tars")
     metadata: str = doc("metadata folder under path (parquet with uid, text, ...)", default="metadata")
     shards: str = doc("tar folder under path", default="shards")
-    validate_images: bool = doc("decode every image while indexing (in parallel) and reject those that do not "
-                                "decode; otherwise images are checked when the train stage decodes them",
-                                default=False)
-    reshard: bool = doc("also copy the kept samples into new webdataset tars, one per index shard (the index then "
-                        "points at those); by default the index points into the source tars", default=False)
+    validate_images: bool = doc(_VALIDATE, default=False)
+    reshard: bool = doc(_RESHARD, default=False)
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,12 @@ class WebDatasetSource:
     kind: Literal["webdataset"]
     path: str = doc("folder (local or URL) searched recursively for webdataset .tar files, or one .tar; a "
                     "sample's uid is its .json member's 'uid' where it has one, its caption its .txt member")
-    validate_images: bool = doc("decode every image while indexing (in parallel) and reject those that do not "
-                                "decode; otherwise images are checked when the train stage decodes them",
-                                default=False)
-    reshard: bool = doc("also copy the kept samples into new webdataset tars, one per index shard (the index then "
-                        "points at those); by default the index points into the source tars", default=False)
+    validate_images: bool = doc(_VALIDATE, default=False)
+    reshard: bool = doc(_RESHARD, default=False)
 
 
 Source = Union[EmbeddedSource, CaptionFolderSource, LabelledSource, DataCompSource, WebDatasetSource]
-INDEXED = ("datacomp", "webdataset")  # indexed in place (:mod:`.index`); the other kinds are listed and copied
+INDEXED = ("caption_folder", "labelled", "datacomp", "webdataset")  # indexed in place (:mod:`.index`)
 
 
 # ------------------------------------------------------------------------------------------------ listing
@@ -128,53 +127,6 @@ def list_embedded(src: EmbeddedSource, ctx: Optional[StageContext] = None) -> Li
     return out
 
 
-def _find_files(url: str) -> Tuple[Any, str, List[str]]:
-    """Every file under a folder, in one recursive listing (one request per page on object stores)."""
-    fs, root = open_storage(url)
-    if not fs.isdir(root):
-        raise InputNotFound(f"source folder not found: {url}")
-    return fs, root, sorted(fs.find(root))
-
-
-def _images(files: List[str]) -> List[str]:
-    return [p for p in files if posixpath.splitext(p)[1].lower() in IMAGE_EXTS]
-
-
-def list_caption_folder(src: CaptionFolderSource, ctx: Optional[StageContext] = None) -> Listing:
-    fs, root, files = _find_files(src.path)
-    present = set(files)
-    captions = [posixpath.splitext(p)[0] + ".txt" for p in _images(files)]
-    wanted = [c for c in captions if c in present]
-    # cat_ranges: concurrent on object stores, and no glob expansion of names such as "a[1].txt"
-    texts = dict(zip(wanted, fs.cat_ranges(wanted, [None] * len(wanted), [None] * len(wanted)))) if wanted else {}
-    out = Listing()
-    for path, txt in zip(_images(files), captions):
-        rel = posixpath.relpath(path, root)
-        text = texts[txt].decode("utf-8", errors="replace").strip() if txt in present else None
-        reason = "missing caption" if text is None else (None if text else "empty caption")
-        out.add(f"file:{fs.unstrip_protocol(path)}", text, uid_of(f"caption_folder:{rel}"), rel, reason)
-    return out
-
-
-def list_labelled(src: LabelledSource, ctx: Optional[StageContext] = None) -> Listing:
-    fs, root, files = _find_files(src.path)
-    files = _images(files)
-    dirs = sorted({posixpath.relpath(p, root).split("/")[0] for p in files if "/" in posixpath.relpath(p, root)})
-    if not dirs:
-        raise InputNotFound(f"labelled source {src.path}: expected one sub-folder of images per class")
-    names = [src.class_names.get(d, d.replace("_", " ")) for d in dirs]
-    index = {d: i for i, d in enumerate(dirs)}
-    out = Listing(class_names=names)
-    for path in files:
-        rel = posixpath.relpath(path, root)
-        if "/" not in rel:
-            continue  # an image outside any class folder has no label
-        label = index[rel.split("/")[0]]
-        uid = uid_of(f"labelled:{rel}")
-        out.add(f"file:{fs.unstrip_protocol(path)}", template(src.templates, uid, names[label]), uid, rel, label=label)
-    return out
-
-
 def unsafe_member(m: tarfile.TarInfo) -> Optional[str]:
     """Why a tar member must not be read (a link, or a name that would leave a directory it were extracted to)."""
     if m.issym() or m.islnk():
@@ -187,4 +139,4 @@ def unsafe_member(m: tarfile.TarInfo) -> Optional[str]:
     return None
 
 
-LISTERS = {"embedded": list_embedded, "caption_folder": list_caption_folder, "labelled": list_labelled}
+LISTERS = {"embedded": list_embedded}  # the sources listed on the driver and copied

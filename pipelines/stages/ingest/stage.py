@@ -10,10 +10,11 @@ the kept samples (``label``, ``true_label`` and ``class_name`` for labelled sour
 for a DataComp pool), and the rejects with their reasons (unreadable image, empty or missing caption, uid not in
 metadata, duplicate uid).  The manifest's counts add up: ``rows_in = rows_out + rejected``.
 
-A DataComp pool or webdataset source is indexed in place (:mod:`.index`): its shards point into the source tars
-and no image is copied; every row of work runs in tasks.  The small sources are listed, and their noise and split
-decided (:mod:`.noise`), on the driver; their images are read, checked and written into webdataset tars
-(:mod:`.writer`) by one Ray task per output shard.
+Every source but the embedded default is indexed in place (:mod:`.index`, :mod:`.folders`): its shards point at
+the images where they are (a tar's member, or an image file) and no image is copied unless ``reshard``; every row
+of work, noise and split included, runs in tasks.  The embedded digits (1,797 samples) are listed, and their noise
+and split decided (:mod:`.noise`), on the driver; their images are written into webdataset tars (:mod:`.writer`)
+by one Ray task per output shard.
 """
 
 from __future__ import annotations

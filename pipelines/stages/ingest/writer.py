@@ -4,49 +4,15 @@ an index shard of a pool indexed in place (``reshard``), and :func:`image_proble
 
 from __future__ import annotations
 
-import contextlib
 import io
 import posixpath
 import re
-import tarfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from pipelines.formats.pool import reshard, shard_tar, tar_records
 from pipelines.run.storage import open_storage, read_parquet, write_file, write_parquet
-
-
-class ImageReader:
-    """Fetches image bytes by reference, keeping each source tar open (and indexed once) while a shard is written."""
-
-    def __init__(self) -> None:
-        self._tars: Dict[str, Tuple[Any, tarfile.TarFile]] = {}
-
-    def read(self, ref: str) -> bytes:
-        kind, _, where = ref.partition(":")
-        if kind == "digits":
-            from pipelines.stages.ingest.embedded import digit_png
-
-            return digit_png(_digits()[int(where)])
-        if kind == "file":
-            fs, path = open_storage(where)
-            return fs.cat_file(path)
-        if kind == "tar":
-            url, _, member = where.rpartition("::")
-            if url not in self._tars:
-                fs, path = open_storage(url)
-                handle = fs.open(path, "rb")
-                self._tars[url] = (handle, tarfile.open(fileobj=handle, mode="r:"))
-            return self._tars[url][1].extractfile(member).read()
-        raise ValueError(f"unknown image reference {ref!r}")
-
-    def close(self) -> None:
-        for handle, tf in self._tars.values():
-            tf.close()
-            handle.close()
-        self._tars.clear()
-
 
 _DIGITS: Optional[np.ndarray] = None
 
@@ -116,18 +82,20 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
     ``{key: (member, offset, size, text_offset, text_size)}`` locating each written image's bytes and its caption's
     in the tar.
     """
+    from pipelines.stages.ingest.embedded import digit_png
+
     rejects = []
     good = []
-    reader = ImageReader()
-    with contextlib.closing(reader):
-        for key, ref, text, uid in records:
-            data = reader.read(ref)  # I/O errors fail the task (Ray retries it), they are not the sample's fault
-            try:
-                image, ext = checked_image(data)
-            except decode_errors() as exc:
-                rejects.append((key, decode_reason(exc)))
-                continue
-            good.append((key, ext, image, text, uid))
+    for key, ref, text, uid in records:
+        kind, _, where = ref.partition(":")
+        if kind != "digits":
+            raise ValueError(f"unknown image reference {ref!r}")
+        try:
+            image, ext = checked_image(digit_png(_digits()[int(where)]))
+        except decode_errors() as exc:
+            rejects.append((key, decode_reason(exc)))
+            continue
+        good.append((key, ext, image, text, uid))
     data, index = tar_records(good)
     write_file(fs, path, data)
     return rejects, index
