@@ -306,6 +306,24 @@ def test_datacomp_index_on_s3(tmp_path, s3_endpoint, ray_local):
     assert not fs.exists(out.join("_index"))  # the scratch partitions are gone
 
 
+def test_caption_folder_on_s3(tmp_path, s3_endpoint, ray_local):
+    """A caption folder on object storage, indexed in place: rows point at the s3:// objects, same rows as local."""
+    from pipelines.run.storage import open_storage
+
+    originals = caption_folder(tmp_path / "imgs")
+    fs, _ = open_storage("s3://gm-folder")
+    fs.mkdir("gm-folder")
+    fs.put(str(tmp_path / "imgs"), "gm-folder/imgs", recursive=True)
+    stage = {"source": {"kind": "caption_folder", "path": "s3://gm-folder/imgs", "validate_images": True},
+             "shard_size": 2}
+    manifest, out = run_ingest(tmp_path, stage, storage="s3://gm-folder/runs")
+    rows, _, rejects = read_output(out, manifest)
+    check_index(manifest, rows, rejects, originals)
+    assert all(r["tar"] == "s3://gm-folder/imgs/" + r["source"] for r in rows)
+    local, out2 = run_ingest(tmp_path, {**stage, "source": {**stage["source"], "path": str(tmp_path / "imgs")}})
+    assert [(r["uid"], r["split"]) for r in rows] == [(r["uid"], r["split"]) for r in read_output(out2, local)[0]]
+
+
 def test_image_validation_reasons_are_stable(monkeypatch):
     """A decoder's error is a reason without memory addresses; PIL's pixel limit is respected (no Ray here)."""
     from PIL import Image
