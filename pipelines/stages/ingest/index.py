@@ -1,10 +1,11 @@
-"""Ingest in place: a DataComp pool or webdataset tars become an index, not a copy (docs/architecture.md,
-"Data flow").  Every row of work runs in tasks; the driver (:func:`run_index`) holds counts and file lists.
+"""Ingest in place: a pool's sources become an index, not a copy (docs/architecture.md, "Data flow").  Every row
+of work runs in tasks; the driver (:func:`run_index`) holds counts and file lists.
 
-1. One task per source tar (:func:`index_tar`) reads the tar's headers and its ``.json`` / ``.txt`` members
-   (images too, decoded, only with ``validate_images``) and writes one row per sample (uid, key, caption, where
-   the image and the caption's bytes are in that tar) into the partition of its uid
-   (``(uid_hi ^ uid_lo) % P``).
+1. One task per source tar, or per group of up to :data:`TARS_PER_TASK` on a large pool (:func:`index_tars`),
+   reads each tar's headers and its ``.json`` / ``.txt`` members (images too, decoded, only with
+   ``validate_images``) and writes one row per sample (uid, key, caption, where the image and the caption's bytes
+   are in that tar) into the partition of its uid (``(uid_hi ^ uid_lo) % P``); caption and labelled folders are
+   listed by :mod:`.folders` into the same partitions.
 2. For a DataComp pool, one task per metadata parquet (:func:`partition_metadata`) writes its rows the same way.
 3. One task per partition (:func:`join_partition`) joins the two on uid, keeps the first copy of every uid in the
    order (tar, member) and rejects the others, assigns split and caption noise seeded by the spec and the
@@ -33,7 +34,9 @@ from pipelines.stages.ingest.noise import assign_split, flip_labels, swap_captio
 from pipelines.stages.ingest.sources import IMAGE_EXTS, unsafe_member
 from pipelines.stages.ingest.writer import image_problem, reshard_shard
 
-MAX_PARTITIONS = 1024  # bounds the scratch files (tars x partitions) and the partition pass's fan-out
+MAX_PARTITIONS = 1024  # bounds the scratch files (tar groups x partitions) and the partition pass's fan-out
+TARS_PER_TASK = 64  # source tars indexed by one phase-1 task at most (~640,000 DataComp samples)
+MIN_TAR_TASKS = 256  # tars are grouped only beyond this many tasks (parallelism first, then fewer scratch files)
 TAR_SAMPLE_BYTES = 4096  # a guess at the bytes per sample of a webdataset tar, to size the partitions
 SCRATCH = "_index"
 TAR_SCHEMA = pa.schema([
@@ -110,9 +113,8 @@ def read_tar(fs, path: str, validate: bool) -> Tuple[Dict[str, Dict[str, Any]], 
     return entries, unsafe
 
 
-def index_tar(fs, path: str, number: int, rel: str, kind: str, parts: int, out_fs, work: str,
-              validate: bool) -> int:
-    """Phase 1: one source tar's samples into the uid partitions; returns how many rows it wrote."""
+def tar_rows(fs, path: str, number: int, rel: str, kind: str, validate: bool) -> pa.Table:
+    """One source tar's samples as rows of :data:`TAR_SCHEMA` (``order``: the tar's ``number``, then member order)."""
     entries, unsafe = read_tar(fs, path, validate)
     url = fs.unstrip_protocol(path)
     cols: Dict[str, list] = {name: [] for name in TAR_SCHEMA.names}
@@ -135,8 +137,15 @@ def index_tar(fs, path: str, number: int, rel: str, kind: str, parts: int, out_f
             cols[name].append(value)
     hi, lo = fp.uid_halves(cols["uid"])
     cols["uid_hi"], cols["uid_lo"] = hi, lo
-    table = pa.table({name: pa.array(cols[name], TAR_SCHEMA.field(name).type) for name in TAR_SCHEMA.names})
-    write_partitions(out_fs, work, f"t{number:07d}", table, parts)
+    return pa.table({name: pa.array(cols[name], TAR_SCHEMA.field(name).type) for name in TAR_SCHEMA.names})
+
+
+def index_tars(fs, tars: List[Tuple[str, int, str]], kind: str, parts: int, out_fs, work: str,
+               validate: bool) -> int:
+    """Phase 1: a group of source tars' (``(path, number, relative name)``) samples into the uid partitions, one
+    scratch file per partition for the whole group; returns how many rows it wrote."""
+    table = pa.concat_tables([tar_rows(fs, path, number, rel, kind, validate) for path, number, rel in tars])
+    write_partitions(out_fs, work, f"t{tars[0][1]:07d}", table, parts)
     return table.num_rows
 
 
@@ -396,8 +405,10 @@ def _phase_one(src, cfg, ctx, out_fs, work: str):
     fs, root = open_storage(src.path)
     tars, tar_root, metas, schema, rows = _plan(src, ctx)
     parts = min(MAX_PARTITIONS, max(1, math.ceil(rows / cfg.shard_size)))
-    ctx.map(index_tar, [(fs, t, i, _rel(t, tar_root), src.kind, parts, out_fs, work, src.validate_images)
-                        for i, t in enumerate(tars)], unit="tars indexed")
+    per = max(1, min(TARS_PER_TASK, len(tars) // MIN_TAR_TASKS))
+    named = [(t, i, _rel(t, tar_root)) for i, t in enumerate(tars)]
+    ctx.map(index_tars, [(fs, named[i:i + per], src.kind, parts, out_fs, work, src.validate_images)
+                         for i in range(0, len(named), per)], unit="tar groups indexed")
     return fs, root, metas, schema, parts, None
 
 
