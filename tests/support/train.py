@@ -56,3 +56,41 @@ def assert_exactly_once(log, batch: int, steps: int, sizes=None):
         assert not rows.duplicated(["uid_hi", "uid_lo"]).any()
     if sizes is not None:
         assert sorted(log.groupby(["step", "rank"]).size().unique().tolist()) == sorted(set(sizes))
+
+
+# ------------------------------------------------------------------------------------------------ undecodable images
+
+
+def truncated_jpeg() -> bytes:
+    """A JPEG cut short: its header parses, its pixel data ends early."""
+    from tests.support.ingest import image_bytes
+
+    data = image_bytes("JPEG", size=(64, 48))
+    return data[: len(data) // 2]
+
+
+def random_bytes(n: int = 600, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bomb_png() -> bytes:
+    """A PNG declaring 30000 x 30000 pixels that is tiny on disk: a decompression bomb."""
+    import zlib
+
+    return _png(30000, 30000, zlib.compress(b"\x00" * 64))
+
+
+def corrupt_png() -> bytes:
+    """A PNG whose header is fine and whose pixel data is not zlib."""
+    return _png(10, 10, b"this is not zlib data at all")
