@@ -55,6 +55,11 @@ SCHEMA = pa.schema([
 ])
 
 
+def skipped_root(scores_root: str) -> str:
+    """The folder of the skipped-sample segments, next to the score log's folder."""
+    return posixpath.join(posixpath.dirname(scores_root.rstrip("/")), DIR)
+
+
 def reason_names(codes: np.ndarray) -> List[str]:
     return [REASONS.get(int(c), f"code_{int(c)}") for c in codes]
 
