@@ -94,3 +94,21 @@ def bomb_png() -> bytes:
 def corrupt_png() -> bytes:
     """A PNG whose header is fine and whose pixel data is not zlib."""
     return _png(10, 10, b"this is not zlib data at all")
+
+
+def webdataset_pool(root, n: int, bad=None, per_tar: int = 40):
+    """A webdataset pool of ``n`` samples (small JPEGs of distinct colours, captions naming them, uids in ``.json``),
+    ``per_tar`` samples per tar; ``bad`` maps a sample number to the bytes its image member holds instead.  Returns
+    the uids (32 hex chars) by sample number."""
+    from tests.support.ingest import image_bytes, sample_members, write_tar
+
+    bad = bad or {}
+    uids = [f"{i + 1:032x}" for i in range(n)]
+    for t in range(0, n, per_tar):
+        members = []
+        for i in range(t, min(t + per_tar, n)):
+            colour = ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256)
+            image = bad.get(i, image_bytes("JPEG", colour, (20, 16)))
+            members += sample_members(f"s{i:05d}", uids[i], image, f"a {['red', 'green', 'blue'][i % 3]} patch {i % 7}")
+        write_tar(root / f"{t // per_tar:05d}.tar", members)
+    return uids
