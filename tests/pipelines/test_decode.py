@@ -62,3 +62,26 @@ def test_a_failed_read_raises_rather_than_skips(tmp_path):
     rows[0]["image_size"], rows[0]["text_offset"] = 10, -1
     with pytest.raises(FileNotFoundError):
         Decoder(16).decode_index(rows, [str(tmp_path / "missing.tar")])
+
+
+def test_heldout_leaves_undecodable_rows_out_and_counts_them():
+    import torch
+
+    from pipelines.models.build import ModelSpec
+    from pipelines.training.evaluation import heldout
+
+    spec = ModelSpec("clip", "tiny-clip")
+    model = spec.build(seed=0).eval()
+    rng = np.random.default_rng(0)
+    chunk = {"image": rng.integers(0, 256, (5, 3, spec.image_size, spec.image_size), dtype=np.uint8),
+             "tokens": rng.integers(1, 100, (5, spec.context_length)), "uid_lo": np.arange(5, dtype=np.uint64),
+             "reason": np.array([0, skipped.TRUNCATED, 0, 0, skipped.TOO_LARGE], np.uint8)}
+    ok = chunk["reason"] == 0
+    bad = heldout(model, spec, [chunk], torch.device("cpu"), keep_embeddings=True)
+    good = heldout(model, spec, [{k: v[ok] for k, v in chunk.items()}], torch.device("cpu"), keep_embeddings=True)
+    assert bad.sums[:3].tolist() == good.sums[:3].tolist() and bad.sums[2] == 3
+    assert bad.sums[3] == 2 and good.sums[3] == 0
+    assert np.array_equal(np.concatenate(bad.kept), ok)  # evaluate keeps the captions of these rows
+    assert torch.equal(torch.cat(bad.images), torch.cat(good.images))
+    all_bad = heldout(model, spec, [{**chunk, "reason": np.full(5, skipped.CORRUPT, np.uint8)}], torch.device("cpu"))
+    assert all_bad.sums.tolist() == [0, 0, 0, 5]  # a chunk with nothing decodable runs nothing
