@@ -13,7 +13,8 @@ billion-row pool costs what its batch costs.
 looks them up in the split's :class:`~pipelines.training.index.RowIndex` (fixed-width pieces in the object store:
 the driver holds no row of the pool) and fetches every image, and every caption, with one ranged read from its tar,
 resizing images to ``uint8`` on the cluster's CPUs (normalisation happens on the training device); a batch costs
-what its rows cost, whatever the pool size.  Evaluation and comparison sets are fixed-size chunks of a prefix or a
+what its rows cost, whatever the pool size.  A sample that does not decode never fails the stream: its row gets a
+zero image and a ``reason`` code (:func:`decode_image`, :mod:`pipelines.formats.skipped`), and the worker skips it.  Evaluation and comparison sets are fixed-size chunks of a prefix or a
 seeded sample of such an index.  The datasets are built by a factory Ray Train calls whenever it (re)starts the
 workers; it starts at the step after the run's latest checkpoint, so a resumed epoch skips what it already consumed
 without decoding it again.  The worker still checks the ``step`` column of every batch.
