@@ -119,6 +119,7 @@ class ModelManifest(Manifest):
     class_names: Optional[List[str]] = None
     restarts: int = 0
     worker_nodes: int = 0
+    skipped: Dict[str, int] = field(default_factory=dict)  # samples skipped as undecodable, by reason
 
 
 @dataclass

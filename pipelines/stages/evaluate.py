@@ -4,8 +4,9 @@ CLIP: the held-out loss (mean per-sample symmetric InfoNCE over chunks of ``batc
 periodic evaluation computes it), zero-shot classification accuracy from the class prompts where the pool has
 classes, and image->text / text->image recall@1 and @5 over the whole split, in chunks of rows
 (:mod:`pipelines.training.evaluation`).
-Classifier: the held-out cross-entropy and accuracy.  Runs as one Ray task (``resources``) on the split's rows as
-index tasks found them (no pool table on the driver); the rows are decoded inside it, chunk by chunk.  Output:
+Classifier: the held-out cross-entropy and accuracy.  Rows whose image does not decode are left out and counted
+(``skipped``, the manifest's ``rejected``).  Runs as one Ray task (``resources``) on the split's rows as index
+tasks found them (no pool table on the driver); the rows are decoded inside it, chunk by chunk.  Output:
 ``metrics.json``, the same figures in the manifest under ``metrics``.
 """
 
@@ -77,12 +78,12 @@ def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names
     held = heldout(model, spec, chunks(), device, zero_shot=(class_names, templates) if class_names else None,
                    keep_embeddings=clip)
     n = int(held.sums[2])
-    out = {"test_loss": float(held.sums[0]) / max(n, 1), "rows": n}
+    out = {"test_loss": float(held.sums[0]) / max(n, 1), "rows": n, "skipped": int(held.sums[3])}
     if held.labelled:
         out["zero_shot_accuracy" if clip else "test_accuracy"] = float(held.sums[1]) / max(n, 1)
     if clip:
-        out.update(retrieval_recall(torch.cat(held.images).to(device), torch.cat(held.texts).to(device),
-                                    np.concatenate(captions)))
+        decoded = np.concatenate(captions)[np.concatenate(held.kept)]  # the captions of the rows that decoded
+        out.update(retrieval_recall(torch.cat(held.images).to(device), torch.cat(held.texts).to(device), decoded))
     return out
 
 
@@ -109,5 +110,6 @@ def run_evaluate(cfg: EvaluateConfig, ctx: StageContext) -> Dict[str, Any]:
     metrics = ctx.run_task(evaluate_model, model_json, weights, rows, class_names, templates, cfg.batch_size,
                            cfg.use_gpu, ctx.storage_options, num_cpus=cfg.cpus, num_gpus=1 if cfg.use_gpu else 0)
     ctx.out.write_bytes(fm.EVAL_METRICS, json.dumps(metrics, indent=2, sort_keys=True).encode())
-    return EvaluationManifest(rows_in=rows.num_rows, rows_out=rows.num_rows, rejected=0, files=[fm.EVAL_METRICS],
+    return EvaluationManifest(rows_in=rows.num_rows, rows_out=metrics["rows"], rejected=metrics["skipped"],
+                              files=[fm.EVAL_METRICS],
                               metrics=metrics, task=model_json["task"], split=cfg.split).to_json()

@@ -18,6 +18,9 @@ Output, under the stage directory:
   ``direction_norm``, ``alignment``; on evaluation steps ``test_loss`` and ``test_accuracy``;
 - ``scores/part-s<first>-<last>-r<rank>.parquet``: the score log, one file per rank per checkpoint
   (:mod:`pipelines.formats.score_log`);
+- ``skipped/part-s<first>-<last>-r<rank>.parquet``: the samples a rank skipped because they did not decode, each
+  ``(step, uid)`` once with its reason (:mod:`pipelines.formats.skipped`; counts in the manifest's ``skipped``,
+  and ``rows_in = rows_out + rejected`` counts them);
 - ``train/``: Ray Train's checkpoints.
 """
 
@@ -29,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Tuple
 
 from pipelines.formats import model as fm
+from pipelines.formats import skipped as fs_skipped
 from pipelines.formats.manifest import DatasetManifest, ModelManifest
 from pipelines.formats.score_log import DIR as SCORES
 from pipelines.models.backbones import PACKAGED_WEIGHTS, packaged_weights_file
@@ -318,10 +322,14 @@ def _finish(cfg, ctx: StageContext, spec: ModelSpec, result, plan, pool: _Pool, 
         raise RuntimeError(f"{ctx.label}: the metrics segments hold {steps} steps of {state['step']}")
     ctx.out.write_bytes(fm.MODEL_JSON, model_json(spec, {"class_names": pool.class_names}))
     scores = [posixpath.relpath(p, ctx.out.join("")) for p in list_parts(ctx.out.fs, ctx.out.join(SCORES))]
+    skips = list_parts(ctx.out.fs, ctx.out.join(fs_skipped.DIR))
+    skipped = fs_skipped.total_counts(ctx.out.fs, skips)  # from the footers
     final = {k: last_eval[k] for k in ("test_loss", "test_accuracy") if last_eval.get(k) is not None}
     seen = state["samples_seen"]
     return ModelManifest(
-        rows_in=seen, rows_out=seen, rejected=0, files=[fm.WEIGHTS, fm.MODEL_JSON, fm.METRICS, *scores],
+        rows_in=seen + sum(skipped.values()), rows_out=seen, rejected=sum(skipped.values()), skipped=skipped,
+        files=[fm.WEIGHTS, fm.MODEL_JSON, fm.METRICS, *scores,
+               *(posixpath.relpath(p, ctx.out.join("")) for p in skips)],
         steps=state["step"], samples_seen=seen, score_rows=seen,
         samples_per_s=round(seen / max(state["train_seconds"], 1e-9), 1),
         train_rows=pool.train.num_rows, test_rows=pool.test.num_rows, workers=plan.world,

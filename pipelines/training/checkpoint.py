@@ -1,7 +1,7 @@
 """A worker's checkpoints: everything a restarted worker group needs to continue from the last one.
 
 Rank 0 writes the checkpoint (the ranks hold the same model, optimiser and direction); every rank flushes its score
-rows first (rank 0 also the segment's metrics rows: :func:`pipelines.formats.model.write_metrics_part`), and Ray
+rows and skipped samples first (rank 0 also the segment's metrics rows: :func:`pipelines.formats.model.write_metrics_part`), and Ray
 Train registers the checkpoint only once every rank has reported it, so the score log, the metrics and the
 checkpoint become durable together.  ``state.json`` holds counters only: a checkpoint's cost does not grow with
 the run.
@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
 from pipelines.formats.model import CHECKPOINT_STATE, CHECKPOINT_TRAINER, WEIGHTS, metrics_root, write_metrics_part
 from pipelines.formats.score_log import ScoreLogWriter
+from pipelines.formats.skipped import SkippedWriter
 from pipelines.models.build import load_weights
 
 if TYPE_CHECKING:
@@ -67,14 +68,17 @@ def restore(worker: Worker, directory: str) -> None:
     worker.train_seconds, worker.history = state["train_seconds"], []  # the metrics rows are in their segments
 
 
-def checkpoint_and_report(worker: Worker, writer: ScoreLogWriter, metrics: Dict[str, Any]) -> None:
-    """Flush this rank's score rows (rank 0: and the segment's metrics rows), then report the checkpoint (rank 0
-    writes it): durable together."""
+def checkpoint_and_report(worker: Worker, writer: ScoreLogWriter, metrics: Dict[str, Any],
+                          skipped: Optional[SkippedWriter] = None) -> None:
+    """Flush this rank's score rows and skipped samples (rank 0: and the segment's metrics rows), then report the
+    checkpoint (rank 0 writes it): durable together."""
     import ray.train
     from ray.train import Checkpoint
 
     first = writer.first
     writer.flush(worker.step)
+    if skipped is not None:
+        skipped.flush(worker.step)
     name = f"checkpoint_{worker.step:09d}"
     if worker.comm.rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)

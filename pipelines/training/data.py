@@ -13,7 +13,8 @@ billion-row pool costs what its batch costs.
 looks them up in the split's :class:`~pipelines.training.index.RowIndex` (fixed-width pieces in the object store:
 the driver holds no row of the pool) and fetches every image, and every caption, with one ranged read from its tar,
 resizing images to ``uint8`` on the cluster's CPUs (normalisation happens on the training device); a batch costs
-what its rows cost, whatever the pool size.  Evaluation and comparison sets are fixed-size chunks of a prefix or a
+what its rows cost, whatever the pool size.  A sample that does not decode never fails the stream: its row gets a
+zero image and a ``reason`` code (:func:`decode_image`, :mod:`pipelines.formats.skipped`), and the worker skips it.  Evaluation and comparison sets are fixed-size chunks of a prefix or a
 seeded sample of such an index.  The datasets are built by a factory Ray Train calls whenever it (re)starts the
 workers; it starts at the step after the run's latest checkpoint, so a resumed epoch skips what it already consumed
 without decoding it again.  The worker still checks the ``step`` column of every batch.
@@ -24,16 +25,19 @@ from __future__ import annotations
 import functools
 import io
 import posixpath
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 
+from pipelines.formats import skipped
 from pipelines.run.storage import open_storage
 from pipelines.training.dist import world_rank_sizes
 
 SAMPLES_PER_TASK = 1024  # decode work per Ray Data task: large enough to amortise a task, small enough to stream
+MAX_PIXELS = 1 << 26  # the decoders' bound on an image's pixels (8192 x 8192): a decompression bomb is a reject
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class Decoder:
     arch: Optional[str] = None  # the open_clip architecture whose tokenizer to use
     labels: bool = False
     storage_options: Optional[Dict[str, Any]] = None
+    max_pixels: int = MAX_PIXELS  # a larger image is rejected (``too_large``) before its pixels are decoded
     keep_text: bool = False  # also return the captions (``text``, an object array): retrieval's distinct captions
 
     def __call__(self, pool, idx: np.ndarray) -> Dict[str, np.ndarray]:
@@ -121,11 +126,9 @@ class Decoder:
         if not isinstance(pool, pa.Table):
             return self.decode_index(*pool.lookup(idx))
         rows = pool.take(pa.array(idx, type=pa.int64()))
-        out = {
-            "uid_hi": rows["uid_hi"].to_numpy(),
-            "uid_lo": rows["uid_lo"].to_numpy(),
-            "image": self.images(rows),
-        }
+        images, reason = self.images(rows)
+        out = {"uid_hi": rows["uid_hi"].to_numpy(), "uid_lo": rows["uid_lo"].to_numpy(), "image": images,
+               "reason": reason}
         if self.tokens:
             self._add_text(out, rows["text"].to_pylist())
         if self.labels:
@@ -140,7 +143,8 @@ class Decoder:
     def decode_index(self, rows: np.ndarray, urls: List[str], captions: bytes = b"") -> Dict[str, np.ndarray]:
         """The arrays of index rows (:data:`~pipelines.training.index.INDEX_DTYPE`) whose ``tar`` numbers ``urls``:
         each image and (for CLIP) each caption one ranged read, all issued together; a caption no tar holds is in
-        ``captions`` at ``-1 - text_offset``."""
+        ``captions`` at ``-1 - text_offset``.  A row that does not decode gets a zero image and its ``reason``
+        (:data:`~pipelines.formats.skipped.REASONS`; 0: decoded)."""
         n = len(rows)
         tars = [urls[t] for t in rows["tar"].tolist()]
         starts, sizes = [rows["image_offset"]], [rows["image_size"]]
@@ -149,11 +153,9 @@ class Decoder:
         sizes.append(rows["text_size"][in_tar])
         first = np.concatenate(starts).astype(np.int64)
         blobs = _fetch(tars + [tars[i] for i in in_tar], first, first + np.concatenate(sizes), self.storage_options)
-        out = {
-            "uid_hi": np.ascontiguousarray(rows["uid_hi"]),
-            "uid_lo": np.ascontiguousarray(rows["uid_lo"]),
-            "image": self._resized(blobs[:n]),
-        }
+        images, reason = self._resized(blobs[:n], rows["image_size"])
+        out = {"uid_hi": np.ascontiguousarray(rows["uid_hi"]), "uid_lo": np.ascontiguousarray(rows["uid_lo"]),
+               "image": images, "reason": reason}
         if self.tokens:
             texts: List[bytes] = [b""] * n
             for i, blob in zip(in_tar.tolist(), blobs[n:]):
@@ -161,39 +163,94 @@ class Decoder:
             for i in np.flatnonzero(rows["text_offset"] < 0).tolist():
                 start = -1 - int(rows["text_offset"][i])
                 texts[i] = captions[start:start + int(rows["text_size"][i])]
-            self._add_text(out, [t.decode("utf-8") for t in texts])
+            self._add_text(out, _captions(texts, rows["text_size"], reason))
         if self.labels:
             out["label"] = rows["label"].astype(np.int64)
         return out
 
-    def images(self, rows: pa.Table) -> np.ndarray:
-        starts = rows["image_offset"].to_numpy()
-        ends = starts + rows["image_size"].to_numpy()
-        return self._resized(_fetch(rows["tar"].to_pylist(), starts, ends, self.storage_options))
+    def images(self, rows: pa.Table) -> Tuple[np.ndarray, np.ndarray]:
+        starts, sizes = rows["image_offset"].to_numpy(), rows["image_size"].to_numpy()
+        return self._resized(_fetch(rows["tar"].to_pylist(), starts, starts + sizes, self.storage_options), sizes)
 
-    def _resized(self, blobs: Sequence[bytes]) -> np.ndarray:
-        out = np.empty((len(blobs), 3, self.image_size, self.image_size), dtype=np.uint8)
+    def _resized(self, blobs: Sequence[bytes], sizes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """``(images, reasons)``: a row that does not decode (or whose read is short) is zeros and its reason."""
+        out = np.zeros((len(blobs), 3, self.image_size, self.image_size), dtype=np.uint8)
+        reason = np.zeros(len(blobs), np.uint8)
         for i, blob in enumerate(blobs):
-            out[i] = resize_image(blob, self.image_size)
-        return out
+            if len(blob) != int(sizes[i]):
+                reason[i] = skipped.SHORT_READ
+                continue
+            image, reason[i] = decode_image(blob, self.image_size, self.max_pixels)
+            if image is not None:
+                out[i] = image
+        return out, reason
+
+
+def _captions(texts: List[bytes], sizes: np.ndarray, reason: np.ndarray) -> List[str]:
+    """The captions as text; one whose read is short or that is not UTF-8 is empty, its row marked ``bad_caption``
+    (unless its image already failed)."""
+    out = []
+    for i, t in enumerate(texts):
+        try:
+            if len(t) != int(sizes[i]):
+                raise ValueError(t)
+            out.append(t.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError is one
+            out.append("")
+            reason[i] = reason[i] or skipped.BAD_CAPTION
+    return out
 
 
 def _fetch(urls: List[str], starts: np.ndarray, ends: np.ndarray, options) -> List[bytes]:
     """Bytes ``starts[i]:ends[i]`` of ``urls[i]``: one ranged read each, issued together (concurrent on object
-    stores)."""
+    stores).  A read that fails raises (a missing tar, storage down: not one sample's fault, not skipped); one that
+    returns the wrong byte count is the decoder's ``short_read``."""
     if not urls:
         return []
     paths, fs = {}, None
     for url in set(urls):  # one filesystem per pool; few tars per task
         fs, paths[url] = open_storage(url, options)
-    return fs.cat_ranges([paths[u] for u in urls], starts.tolist(), ends.tolist())
+    out = fs.cat_ranges([paths[u] for u in urls], starts.tolist(), ends.tolist(), on_error="return")
+    for blob in out:
+        if isinstance(blob, BaseException):
+            raise blob
+    return out
 
 
-def resize_image(data: bytes, size: int) -> np.ndarray:
-    """Decode, resize the shorter side to ``size`` (bicubic), centre-crop: ``uint8 (3, size, size)`` (CLIP's own)."""
+def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> Tuple[Optional[np.ndarray], int]:
+    """``(image, 0)`` (:func:`resize_image`'s), or ``(None, reason)`` for bytes that do not decode: never raises for
+    bad data.  An image of more than ``max_pixels`` pixels is ``too_large`` before its pixels are decoded."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return resize_image(data, size, max_pixels), skipped.OK
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, _TooLarge):
+        return None, skipped.TOO_LARGE
+    except Image.UnidentifiedImageError:
+        return None, skipped.NOT_AN_IMAGE
+    except (EOFError, OSError) as exc:
+        return None, skipped.TRUNCATED if isinstance(exc, EOFError) or "truncated" in str(exc).lower() else skipped.CORRUPT
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - PIL's plugins raise many kinds (SyntaxError, ValueError, struct.error) on bad data
+        return None, skipped.CORRUPT
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def resize_image(data: bytes, size: int, max_pixels: Optional[int] = None) -> np.ndarray:
+    """Decode, resize the shorter side to ``size`` (bicubic), centre-crop: ``uint8 (3, size, size)`` (CLIP's own).
+    With ``max_pixels``, a larger image raises as soon as its header is read, before any pixel is decoded (PIL's
+    own ``MAX_IMAGE_PIXELS`` check, at twice its bound, applies too)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
+        if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+            raise _TooLarge(img.size)
         img = img.convert("RGB")
         w, h = img.size
         scale = size / min(w, h)
@@ -235,7 +292,8 @@ def _decode_chunks(batch: Dict[str, np.ndarray], chunk_rows: int, index, decoder
 def _empty(decoder: Decoder) -> Dict[str, np.ndarray]:
     s = decoder.image_size
     out = {"uid_hi": np.zeros(0, np.uint64), "uid_lo": np.zeros(0, np.uint64),
-           "image": np.zeros((0, 3, s, s), np.uint8), "step": np.zeros(0, np.int64), "epoch": np.zeros(0, np.int64)}
+           "image": np.zeros((0, 3, s, s), np.uint8), "reason": np.zeros(0, np.uint8), "step": np.zeros(0, np.int64),
+           "epoch": np.zeros(0, np.int64)}
     if decoder.tokens:
         out["tokens"] = np.zeros((0, decoder.tokens), np.int64)
     if decoder.labels:

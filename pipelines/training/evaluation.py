@@ -90,30 +90,46 @@ def _best_rank(sim: torch.Tensor, match: torch.Tensor, position: Optional[torch.
 
 @dataclass
 class HeldOut:
-    """What :func:`heldout` sums over its chunks (on the model's device, float64: loss, correct, rows)."""
+    """What :func:`heldout` sums over its chunks (on the model's device, float64: loss, correct, rows, rows skipped
+    as undecodable)."""
 
     sums: torch.Tensor
     labelled: bool = False  # some chunk had labels and predictions: sums[1] counts the correct ones
     images: List[torch.Tensor] = field(default_factory=list)  # normalised embeddings on the CPU (if kept)
     texts: List[torch.Tensor] = field(default_factory=list)
+    kept: List[np.ndarray] = field(default_factory=list)  # per chunk, which rows decoded (with the embeddings)
+
+
+def decodable(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The rows of a decoded batch that decoded (``reason`` 0: :mod:`pipelines.formats.skipped`); ``batch`` itself
+    when all did."""
+    ok = batch["reason"] == 0 if "reason" in batch else None
+    return batch if ok is None or ok.all() else {k: v[ok] for k, v in batch.items()}
 
 
 def heldout(model, spec: ModelSpec, chunks: Iterable[Dict[str, np.ndarray]], device: torch.device, *,
             zero_shot: Optional[Tuple[Sequence[str], Sequence[str]]] = None, precision: str = "fp32",
             keep_embeddings: bool = False) -> HeldOut:
     """The held-out loop over decoded ``chunks`` (one batch each), without gradients and under ``precision``'s
-    autocast; ``zero_shot`` (class names, templates) gives CLIP its predictions.  The caller sets eval mode."""
+    autocast; ``zero_shot`` (class names, templates) gives CLIP its predictions.  Rows that did not decode are left
+    out (CLIP's loss is over a chunk's decodable rows) and counted.  The caller sets eval mode."""
     from gradmimic import clip_per_sample_loss
     from pipelines.training.data import tokenize
 
-    out = HeldOut(torch.zeros(3, dtype=torch.float64, device=device))
+    out = HeldOut(torch.zeros(4, dtype=torch.float64, device=device))
     with torch.no_grad(), autocast(precision, device):
         classes = None
         if spec.task == "clip" and zero_shot:
             names, templates = zero_shot
             classes = zero_shot_classifier(model, lambda texts: tokenize(spec.arch, spec.context_length, texts),
                                            names, templates, device)
-        for batch in chunks:
+        for chunk in chunks:
+            batch = decodable(chunk)
+            out.sums[3] += len(chunk["image"]) - len(batch["image"])
+            if keep_embeddings:
+                out.kept.append(chunk["reason"] == 0 if "reason" in chunk else np.ones(len(chunk["image"]), bool))
+            if not len(batch["image"]):
+                continue
             x = to_images(batch, spec, device)
             if spec.task == "clip":
                 img = model.encode_image(x).float()

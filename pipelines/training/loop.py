@@ -5,7 +5,8 @@ few lines: Ray Train's ``get_dataset_shard`` / ``get_checkpoint`` / ``report``; 
 :class:`~pipelines.training.dist.Comm` (DDP, the global-batch gathers), which are identities for one worker;
 :class:`gradmimic.GradMimic` for every mode but ``plain``; and the score log.
 
-Per step ``s``: the rank's rows of the global batch arrive decoded from its Ray Data stream; for CLIP the embeddings
+Per step ``s``: the rank's rows of the global batch arrive decoded from its Ray Data stream; the rows that did not
+decode are dropped and recorded (:mod:`pipelines.formats.skipped`) and the ranks exchange their actual shares; for CLIP the embeddings
 of every rank are gathered with gradient so each rank's per-sample InfoNCE is over the global batch; scores and
 weights are computed (softmax over the global batch) and the one backward leaves the reweighted gradient, which
 DDP averages into the single-process update; each sample's ``(score, weight, loss)`` joins the rank's score-log
@@ -28,6 +29,7 @@ import torch
 
 from pipelines.formats.model import metrics_root
 from pipelines.formats.score_log import ScoreLogWriter, discard_after
+from pipelines.formats.skipped import SkippedWriter, skipped_root
 from pipelines.run.storage import open_storage
 from pipelines.training.batches import Replayable, step_batches
 from pipelines.training.checkpoint import checkpoint_and_report, restore
@@ -72,7 +74,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     job: Job = config["job"]
     comm = Comm.current()
     worker, board = start_worker(job, comm)
-    writer = score_writer(job, comm, worker)
+    writer, skips = score_writer(job, comm, worker)
     evaluator, stream = rank_streams(job, comm, worker)
     plan = job.plan
     t_prev, cpu_prev = time.perf_counter(), time.process_time()
@@ -80,7 +82,9 @@ def train_worker(config: Dict[str, Any]) -> None:
     batches = step_batches(stream, worker.step + 1) if worker.step < plan.total_steps else iter(())
     in_a_row = 0
     for step, batch in batches:
-        out = worker.train_step(batch, step)
+        batch, bad, sizes = worker.share(batch)  # the rows that decoded; the skipped ones are recorded
+        skips.add(step, plan.epoch(step), bad["uid_hi"], bad["uid_lo"], bad["reason"])
+        out = worker.train_step(batch, step, sizes)
         worker.step = step
         stats = out["stats"]
         if not out["finite"]:  # skipped on every rank alike: nothing trained, nothing logged
@@ -92,8 +96,9 @@ def train_worker(config: Dict[str, Any]) -> None:
         else:
             in_a_row = 0
             worker.samples += stats["batch_size"]
-            writer.add(step, plan.epoch(step), batch["uid_hi"], batch["uid_lo"], out["scores"], out["weights"],
-                       out["losses"], stats["batch_size"])
+            if len(batch["uid_lo"]):
+                writer.add(step, plan.epoch(step), batch["uid_hi"], batch["uid_lo"], out["scores"], out["weights"],
+                           out["losses"], stats["batch_size"])
         stats["nonfinite_steps"] = worker.nonfinite
         now = time.perf_counter()
         seconds, t_prev = now - t_prev, now  # data wait + compute: what the stage delivers
@@ -111,7 +116,7 @@ def train_worker(config: Dict[str, Any]) -> None:
                 board.update.remote({**row, "total": plan.total_steps, "train_seconds": worker.train_seconds})
                 last_report = now
         if step % job.cfg.checkpoint_every == 0 or step == plan.total_steps:
-            checkpoint_and_report(worker, writer, {"step": step, "loss": stats["loss"]})
+            checkpoint_and_report(worker, writer, {"step": step, "loss": stats["loss"]}, skips)
         t_prev, cpu_prev = time.perf_counter(), time.process_time()  # evaluation and checkpoints are not step time
     if worker.step != plan.total_steps:
         raise RuntimeError(f"rank {comm.rank}'s data ended at step {worker.step} of {plan.total_steps}")
@@ -138,15 +143,16 @@ def start_worker(job: Job, comm: Comm) -> Tuple[Worker, Any]:
     return worker, board
 
 
-def score_writer(job: Job, comm: Comm, worker: Worker) -> ScoreLogWriter:
-    """This rank's score-log writer, after rank 0 discarded the score and metrics rows of a checkpoint that never
-    registered."""
+def score_writer(job: Job, comm: Comm, worker: Worker) -> Tuple[ScoreLogWriter, SkippedWriter]:
+    """This rank's score-log writer and skipped-sample writer, after rank 0 discarded the score, skipped and
+    metrics rows of a checkpoint that never registered."""
     fs, scores_root = open_storage(job.scores_url, job.storage_options)
     if comm.rank == 0:
-        discard_after(fs, scores_root, worker.step)
-        discard_after(fs, metrics_root(scores_root), worker.step)
+        for root in (scores_root, skipped_root(scores_root), metrics_root(scores_root)):
+            discard_after(fs, root, worker.step)
     comm.barrier()
-    return ScoreLogWriter(fs, scores_root, comm.rank, job.cfg.num_buckets, first_step=worker.step + 1)
+    return (ScoreLogWriter(fs, scores_root, comm.rank, job.cfg.num_buckets, first_step=worker.step + 1),
+            SkippedWriter(fs, skipped_root(scores_root), comm.rank, first_step=worker.step + 1))
 
 
 def rank_streams(job: Job, comm: Comm, worker: Worker) -> Tuple[Optional[Replayable], Any]:

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from gradmimic import ClipSites, GradMimic, Weighting, capture_linear_sites, clip_per_sample_loss
+from pipelines.formats import skipped
 from pipelines.models.build import apply_trainable, load_weights, train_mode
 from pipelines.run import failpoints
 from pipelines.training.batches import autocast, to_images
 from pipelines.training.config import Job
 from pipelines.training.data import grouped
 from pipelines.training.dist import Comm, maybe_ddp
-from pipelines.training.evaluation import heldout
+from pipelines.training.evaluation import decodable, heldout
 from pipelines.training.optim import make_optimizer
 
 
@@ -93,11 +94,13 @@ class Worker:
 
     # -------------------------------------------------------------------------------------------- one step
 
-    def forward(self, batch: Dict[str, np.ndarray], net=None, gather: bool = True):
-        """``(loss_B, sites, sqnorms_fn, sizes)``: this rank's per-sample losses over the (global) batch."""
+    def forward(self, batch: Dict[str, np.ndarray], sizes: Optional[List[int]] = None, net=None):
+        """``(loss_B, sites, sqnorms_fn, sizes)``: this rank's per-sample losses over the global batch whose ranks'
+        shares are ``sizes`` (:meth:`share`), or over ``batch`` alone without ``sizes``."""
         net = net or self.net
         images = to_images(batch, self.job.model, self.device)
-        sizes = self.job.plan.local_sizes if gather else [len(images)]  # every rank's share: known, not exchanged
+        gather = sizes is not None
+        sizes = sizes if gather else [len(images)]
         if len(images) != sizes[self.comm.rank if gather else 0]:
             raise RuntimeError(f"rank {self.comm.rank} got {len(images)} samples, its share is {sizes[self.comm.rank]}")
         with self.autocast():
@@ -111,6 +114,25 @@ class Worker:
             with capture_linear_sites(self.model, self.job.params) as sites:
                 logits = net(images)
             return F.cross_entropy(logits.float(), labels, reduction="none"), dict(sites), None, sizes
+
+    def share(self, batch: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], List[int]]:
+        """``(rows, skipped, sizes)``: this rank's decodable rows of a step, the rows it skips (uid halves and
+        ``reason``) and every rank's count of decodable rows, exchanged (one tiny all-gather).  With nothing to skip
+        ``rows`` is ``batch`` and ``sizes`` the plan's.  A step where some rank has no decodable row is skipped on
+        every rank (its forward would have nothing to run on): all of its rows are skipped, ``empty_share`` for the
+        decodable ones."""
+        n = len(batch["uid_lo"])
+        if n != self.job.plan.local_sizes[self.comm.rank]:
+            raise RuntimeError(f"rank {self.comm.rank} got {n} samples, its share is "
+                               f"{self.job.plan.local_sizes[self.comm.rank]}")
+        reason = batch["reason"]
+        ok = reason == skipped.OK
+        sizes = self.comm.sizes(int(ok.sum()), self.device)
+        if min(sizes) == 0:
+            reason = np.where(ok, np.uint8(skipped.EMPTY_SHARE), reason)
+            ok[:] = False
+        bad = {"uid_hi": batch["uid_hi"][~ok], "uid_lo": batch["uid_lo"][~ok], "reason": reason[~ok]}
+        return (batch if ok.all() else {k: v[ok] for k, v in batch.items()}), bad, sizes
 
     def reference_losses(self, batch: Dict[str, np.ndarray], sizes: List[int]) -> torch.Tensor:
         """The rho rule's reference losses for this rank's samples (over the global batch for CLIP)."""
@@ -131,7 +153,10 @@ class Worker:
         total: Dict[str, torch.Tensor] = {}
         count = 0
         for batch in self.comparison:
-            loss, sites, _, _ = self.forward(batch, net=module, gather=False)
+            batch = decodable(batch)
+            if not len(batch["uid_lo"]):
+                continue
+            loss, sites, _, _ = self.forward(batch, net=module)
             grads = torch.autograd.grad(loss.sum(), [sites[n].outputs for n in self.job.params])
             for name, g in zip(self.job.params, grads):
                 pg = sites[name].param_grad(g).float()
@@ -144,11 +169,17 @@ class Worker:
         self.mimic.set_direction(direction)
         self.warm.set_direction(direction)
 
-    def train_step(self, batch: Dict[str, np.ndarray], step: int = 0) -> Dict[str, Any]:
-        """One step; ``finite`` is False (on every rank alike) when it was skipped for a non-finite loss, score,
-        weight or gradient on any rank: no update, and the caller logs no score rows for it."""
+    def train_step(self, batch: Dict[str, np.ndarray], step: int, sizes: List[int]) -> Dict[str, Any]:
+        """One step on this rank's decodable rows, every rank's share ``sizes`` (:meth:`share`); ``finite`` is False
+        (on every rank alike) when it was skipped for a non-finite loss, score, weight or gradient on any rank: no
+        update, and the caller logs no score rows for it.  A step some rank has no rows of does nothing."""
         self.opt.zero_grad(set_to_none=True)
-        loss_B, sites, sqnorms, sizes = self.forward(batch)
+        if min(sizes) == 0:
+            empty = np.zeros(0, np.float32)
+            stats = dict(loss=float("nan"), weight_entropy=float("nan"), lr=self.opt.param_groups[0]["lr"],
+                         batch_size=0)
+            return {"stats": stats, "scores": empty, "weights": empty, "losses": empty, "finite": True}
+        loss_B, sites, sqnorms, sizes = self.forward(batch, sizes)
         if self.inject_nan is not None and self.inject_nan(step):
             loss_B = loss_B * float("nan")
         global_b = sum(sizes)
@@ -211,7 +242,7 @@ class Worker:
                        precision=self.job.precision)
         train_mode(self.model)
         sums = self.comm.all_sum(held.sums)
-        out = {"test_loss": float(sums[0] / sums[2]) if sums[2] else float("nan")}
+        out = {"test_loss": float(sums[0] / sums[2]) if sums[2] else float("nan"), "test_skipped": int(sums[3])}
         if held.labelled:
             out["test_accuracy"] = float(sums[1] / sums[2]) if sums[2] else float("nan")
         return out

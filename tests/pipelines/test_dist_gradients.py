@@ -74,7 +74,7 @@ def rank_step(model, images, tokens, comm, reference, mode):
     if mode == "mimic":
         mimic = GradMimic(model, MIMIC, reference=reference, weighting=Weighting("mimic", "normed_proj", TEMPERATURE),
                           reweight="param")
-    sizes = list(SIZES)  # the step plan's local sizes: known to every rank, not exchanged
+    sizes = list(SIZES)  # every rank's share (Worker.share exchanges them once per step)
     start = comm.offset(sizes)
     mine = slice(start, start + sizes[comm.rank])
     model.zero_grad(set_to_none=True)

@@ -56,3 +56,59 @@ def assert_exactly_once(log, batch: int, steps: int, sizes=None):
         assert not rows.duplicated(["uid_hi", "uid_lo"]).any()
     if sizes is not None:
         assert sorted(log.groupby(["step", "rank"]).size().unique().tolist()) == sorted(set(sizes))
+
+
+# ------------------------------------------------------------------------------------------------ undecodable images
+
+
+def truncated_jpeg() -> bytes:
+    """A JPEG cut short: its header parses, its pixel data ends early."""
+    from tests.support.ingest import image_bytes
+
+    data = image_bytes("JPEG", size=(64, 48))
+    return data[: len(data) // 2]
+
+
+def random_bytes(n: int = 600, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bomb_png() -> bytes:
+    """A PNG declaring 30000 x 30000 pixels that is tiny on disk: a decompression bomb."""
+    import zlib
+
+    return _png(30000, 30000, zlib.compress(b"\x00" * 64))
+
+
+def corrupt_png() -> bytes:
+    """A PNG whose header is fine and whose pixel data is not zlib."""
+    return _png(10, 10, b"this is not zlib data at all")
+
+
+def webdataset_pool(root, n: int, bad=None, per_tar: int = 40):
+    """A webdataset pool of ``n`` samples (small JPEGs of distinct colours, captions naming them, uids in ``.json``),
+    ``per_tar`` samples per tar; ``bad`` maps a sample number to the bytes its image member holds instead.  Returns
+    the uids (32 hex chars) by sample number."""
+    from tests.support.ingest import image_bytes, sample_members, write_tar
+
+    bad = bad or {}
+    uids = [f"{i + 1:032x}" for i in range(n)]
+    for t in range(0, n, per_tar):
+        members = []
+        for i in range(t, min(t + per_tar, n)):
+            colour = ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256)
+            image = bad.get(i, image_bytes("JPEG", colour, (20, 16)))
+            members += sample_members(f"s{i:05d}", uids[i], image, f"a {['red', 'green', 'blue'][i % 3]} patch {i % 7}")
+        write_tar(root / f"{t // per_tar:05d}.tar", members)
+    return uids

@@ -1,0 +1,87 @@
+"""The decoders never raise for one bad sample: each undecodable row gets a zero image and a stable reason code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.formats import skipped
+from pipelines.training.data import Decoder, decode_image, resize_image
+from pipelines.training.index import INDEX_DTYPE
+from tests.support.ingest import image_bytes
+from tests.support.train import bomb_png, corrupt_png, random_bytes, truncated_jpeg
+
+GOOD = image_bytes("JPEG", size=(40, 30))
+
+
+@pytest.mark.parametrize("data, reason", [
+    (GOOD, skipped.OK),
+    (truncated_jpeg(), skipped.TRUNCATED),
+    (random_bytes(), skipped.NOT_AN_IMAGE),
+    (bomb_png(), skipped.TOO_LARGE),
+    (corrupt_png(), skipped.CORRUPT),
+    (b"", skipped.NOT_AN_IMAGE),
+])
+def test_reason_codes(data, reason):
+    image, code = decode_image(data, 16)
+    assert code == reason, skipped.REASONS.get(code)
+    if reason == skipped.OK:
+        assert np.array_equal(image, resize_image(GOOD, 16))  # a good image decodes exactly as before
+    else:
+        assert image is None
+
+
+def test_pixel_bound_is_a_reject_not_a_decode():
+    big = image_bytes("PNG", size=(300, 200))
+    assert decode_image(big, 16, max_pixels=300 * 200)[1] == skipped.OK
+    assert decode_image(big, 16, max_pixels=300 * 200 - 1)[1] == skipped.TOO_LARGE
+
+
+def test_decode_index_marks_bad_rows_and_keeps_good_ones(tmp_path):
+    blobs = [GOOD, truncated_jpeg(), random_bytes(), bomb_png(), GOOD, GOOD]
+    captions = [b"a dog", b"a cat", b"x", b"y", b"\xff\xfe not utf-8", b"short"]
+    path = tmp_path / "pool.bin"
+    data, rows = b"", np.zeros(len(blobs), INDEX_DTYPE)
+    for i, (blob, cap) in enumerate(zip(blobs, captions)):
+        rows[i]["uid_lo"], rows[i]["image_offset"], rows[i]["image_size"] = i, len(data), len(blob)
+        data += blob
+        rows[i]["text_offset"], rows[i]["text_size"] = len(data), len(cap)
+        data += cap
+    rows[5]["image_size"] += len(data)  # the index claims more bytes than the file holds: a short read
+    path.write_bytes(data)
+    out = Decoder(16, tokens=77, arch="tiny-clip", labels=True).decode_index(rows, [str(path)])
+    assert skipped.reason_names(out["reason"][1:]) == ["truncated", "not_an_image", "too_large", "bad_caption",
+                                                       "short_read"]
+    assert out["reason"][0] == skipped.OK and np.array_equal(out["image"][0], resize_image(GOOD, 16))
+    assert not out["image"][1:4].any() and not out["image"][5].any()
+    assert out["tokens"].shape == (6, 77) and out["uid_lo"].tolist() == list(range(6))
+
+
+def test_a_failed_read_raises_rather_than_skips(tmp_path):
+    rows = np.zeros(1, INDEX_DTYPE)
+    rows[0]["image_size"], rows[0]["text_offset"] = 10, -1
+    with pytest.raises(FileNotFoundError):
+        Decoder(16).decode_index(rows, [str(tmp_path / "missing.tar")])
+
+
+def test_heldout_leaves_undecodable_rows_out_and_counts_them():
+    import torch
+
+    from pipelines.models.build import ModelSpec
+    from pipelines.training.evaluation import heldout
+
+    spec = ModelSpec("clip", "tiny-clip")
+    model = spec.build(seed=0).eval()
+    rng = np.random.default_rng(0)
+    chunk = {"image": rng.integers(0, 256, (5, 3, spec.image_size, spec.image_size), dtype=np.uint8),
+             "tokens": rng.integers(1, 100, (5, spec.context_length)), "uid_lo": np.arange(5, dtype=np.uint64),
+             "reason": np.array([0, skipped.TRUNCATED, 0, 0, skipped.TOO_LARGE], np.uint8)}
+    ok = chunk["reason"] == 0
+    bad = heldout(model, spec, [chunk], torch.device("cpu"), keep_embeddings=True)
+    good = heldout(model, spec, [{k: v[ok] for k, v in chunk.items()}], torch.device("cpu"), keep_embeddings=True)
+    assert bad.sums[:3].tolist() == good.sums[:3].tolist() and bad.sums[2] == 3
+    assert bad.sums[3] == 2 and good.sums[3] == 0
+    assert np.array_equal(np.concatenate(bad.kept), ok)  # evaluate keeps the captions of these rows
+    assert torch.equal(torch.cat(bad.images), torch.cat(good.images))
+    all_bad = heldout(model, spec, [{**chunk, "reason": np.full(5, skipped.CORRUPT, np.uint8)}], torch.device("cpu"))
+    assert all_bad.sums.tolist() == [0, 0, 0, 5]  # a chunk with nothing decodable runs nothing
