@@ -211,8 +211,10 @@ def _metadata_duplicate(meta: pa.Table) -> Optional[Tuple[str, int, int]]:
     twice = counts.filter(pc.greater(counts["count_all"], 1))
     if twice.num_rows == 0:
         return None
-    rows = valid.join(twice.slice(0, 1), ["uid_hi", "uid_lo"], join_type="inner").sort_by([("_file", "ascending"),
-                                                                                          ("_row", "ascending")])
+    # keys only: Acero joins no nested columns (DataComp's face_bboxes)
+    rows = valid.select(["uid_hi", "uid_lo", "_file", "_row"]).join(
+        twice.slice(0, 1), ["uid_hi", "uid_lo"], join_type="inner").sort_by([("_file", "ascending"),
+                                                                            ("_row", "ascending")])
     uid = fp.uid_hex(rows["uid_hi"].to_numpy()[:1], rows["uid_lo"].to_numpy()[:1])[0].as_py()
     return uid, int(rows["_file"][0].as_py()), int(rows["_file"][1].as_py())
 
@@ -247,10 +249,12 @@ def _join_metadata(tars: pa.Table, meta: pa.Table, reasons: np.ndarray, texts: n
         col = valid[name].take(taken) if valid.num_rows else pa.nulls(len(at), valid.schema.field(name).type)
         # metadata columns keep their data but never shadow a column ingest computes
         extras[f"metadata_{name}" if name in fp.RESERVED else name] = col
-    orphans = meta.join(tars.select(["uid_hi", "uid_lo"]).group_by(["uid_hi", "uid_lo"]).aggregate([]),
-                        ["uid_hi", "uid_lo"], join_type="left anti").sort_by([("_file", "ascending"),
-                                                                             ("_row", "ascending")])
-    return extras, orphans
+    keys = meta.select(["uid_hi", "uid_lo", "_file", "_row"]).append_column(
+        "_i", pa.array(np.arange(meta.num_rows, dtype=np.int64)))  # keys only: no nested columns in a join
+    lone = keys.join(tars.select(["uid_hi", "uid_lo"]).group_by(["uid_hi", "uid_lo"]).aggregate([]),
+                     ["uid_hi", "uid_lo"], join_type="left anti").sort_by([("_file", "ascending"),
+                                                                          ("_row", "ascending")])
+    return extras, meta.take(lone["_i"])
 
 
 def _first_copies(hi: np.ndarray, lo: np.ndarray, ok: np.ndarray) -> np.ndarray:
