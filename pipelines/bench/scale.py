@@ -18,7 +18,8 @@ steps drew, aggregate the score log's) and ``rows_per_core_s`` (rows / wall / co
 may use); ``driver_peak_mb``, the driver's exact peak resident set during the stage (Linux: its high-water mark,
 reset before the stage through ``/proc/self/clear_refs``; elsewhere sampled), and ``driver_growth_mb``, that peak
 less its resident set just before the stage; ``worker_peak_mb``, the largest resident set of any Ray worker
-process (a task's or an actor's) sampled at 5 Hz during the stage, with ``worker_peak_task`` its process title;
+process (a task's or an actor's) sampled at 5 Hz during the stage while it ran a task or hosted an actor (not
+while idle: a worker keeps what an earlier stage's task grew it to), with ``worker_peak_task`` its process title;
 ``cpu_s``, the CPU seconds of the driver and every Ray worker during the stage (sampled, so approximate: a
 worker that starts and exits between two samples is missed), and ``rows_per_cpu_s``, rows per CPU second: on a
 shared machine, where wall time also counts other people's work, the rate to size a cluster from.
@@ -42,6 +43,7 @@ from pipelines.run.errors import InputError
 
 KEEP = {"minus": [{"clip_b32_similarity_score": {"top": 0.3}}, {"mean_score": {"bottom": 0.2}}]}
 MB = 2 ** 20
+AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # Ray's per-node agents: not workers
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=100_000,
                    help="ingest's rows per uid partition and the filter's kept rows per shard")
     p.add_argument("--num-cpus", type=int, default=0, help="Ray's logical CPUs (0: max(4, cores))")
+    p.add_argument("--until", choices=("ingest", "train", "aggregate", "filter"), default="filter",
+                   help="run the stages up to this one only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -120,7 +124,7 @@ class Sampler:
             try:
                 with p.oneshot():
                     title = " ".join(p.cmdline())
-                    if not title.startswith("ray::"):
+                    if not title.startswith("ray::") or title.startswith(AGENTS):
                         continue
                     rss, t = p.memory_info().rss, p.cpu_times()
                     cpu = t.user + t.system
@@ -129,7 +133,8 @@ class Sampler:
                 continue
             first = self.cpu.get(p.pid, (0.0 if new else cpu, cpu))[0]
             self.cpu[p.pid] = (first, cpu)
-            if rss > self.worker_peak:
+            # an idle worker's resident set is what an earlier task grew it to, not this stage's
+            if rss > self.worker_peak and not title.startswith("ray::IDLE"):
                 self.worker_peak, self.worker_title = rss, title.split()[0]
 
     def _run(self) -> None:
@@ -207,6 +212,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if os.path.exists(storage):
         raise InputError(f"--dir {args.dir}: holds a run already (give an empty or new directory)")
     plan = stages(pool, args)
+    plan = plan[:[s["stage"] for s in plan].index(args.until) + 1]
     result: Dict[str, Any] = {"rows": args.rows, "metadata_rows": shape.rows + shape.missing_rows,
                               "tars": shape.tars, "cores": min(cores, num_cpus), "ray_cpus": num_cpus,
                               "pool": pool, "pool_reused": reused, "generate_s": round(generate_s, 1)}

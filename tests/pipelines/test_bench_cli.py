@@ -107,7 +107,7 @@ def test_bench_scale_pool_is_datacomp_shaped_deterministic_and_reused(tmp_path):
 
     from pipelines.bench.poolgen import PoolShape, ensure_pool
     from pipelines.run.storage import open_storage
-    from pipelines.stages.ingest.index import read_tar
+    from pipelines.stages.ingest.tarscan import read_tar
 
     shape = PoolShape(25, per_tar=10, tars_per_file=2, missing=0.2)
     root, reused = ensure_pool(str(tmp_path / "a"), shape, 2)

@@ -299,3 +299,51 @@ def test_datacomp_reshard_copies_into_tars(tmp_path, ray_local):
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
         [{k: v for k, v in r.items() if k not in drop} for r in indexed]
     assert manifest["shards"] == index["shards"] and manifest["rejected"] == index["rejected"]
+
+
+def test_tar_scan_agrees_with_tarfile_or_defers_to_it(tmp_path):
+    """The header scan gives tarfile's members (name, data offset, size, the .json / .txt bytes) on plain tars,
+    and ``None`` (tarfile decides) on anything else."""
+    import tarfile
+
+    from pipelines.stages.ingest.tarscan import scan_tar
+
+    def tarfile_members(path):
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            return [(m.name, m.offset_data, m.size, tf.extractfile(m).read() if m.name.endswith((".json", ".txt"))
+                     else None) for m in tf if m.isfile()]
+
+    big = bytes(range(256)) * 300  # seeked over, not read
+    plain = [m for i in range(3) for m in sample_members(f"d/{i:03d}", "ab" * 16, image_bytes("JPEG"), f"cap {i}")]
+    write_tar(tmp_path / "plain.tar", plain + [("big.png", big), ("empty.txt", b"")])  # pax format, short names
+    got = scan_tar(open(tmp_path / "plain.tar", "rb"))
+    assert got == tarfile_members(tmp_path / "plain.tar") and len(got) == 11
+    with tarfile.open(tmp_path / "ustar.tar", "w", format=tarfile.USTAR_FORMAT) as tf:  # a name in prefix + name
+        info = tarfile.TarInfo("x" * 90 + "/" + "y" * 60 + ".txt")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"long"))
+    got = scan_tar(open(tmp_path / "ustar.tar", "rb"))
+    assert got == tarfile_members(tmp_path / "ustar.tar") and got[0][3] == b"long"
+    with tarfile.open(tmp_path / "dir.tar", "w") as tf:  # a directory member: skipped, as tarfile's isfile() does
+        info = tarfile.TarInfo("d")
+        info.type = tarfile.DIRTYPE
+        tf.addfile(info)
+    assert scan_tar(open(tmp_path / "dir.tar", "rb")) == []
+    odd = {"gnu": ("n" * 120 + ".txt", tarfile.GNU_FORMAT), "pax": ("é" * 120 + ".txt", tarfile.PAX_FORMAT),
+           "unsafe": ("../evil.txt", tarfile.USTAR_FORMAT)}
+    for label, (name, fmt) in odd.items():
+        with tarfile.open(tmp_path / f"{label}.tar", "w", format=fmt) as tf:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"hi"))
+        assert scan_tar(open(tmp_path / f"{label}.tar", "rb")) is None, label
+    with tarfile.open(tmp_path / "link.tar", "w") as tf:
+        info = tarfile.TarInfo("a.jpg")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+    data = (tmp_path / "plain.tar").read_bytes()
+    (tmp_path / "bad.tar").write_bytes(data[:148] + b"0000000\0" + data[156:])  # a wrong checksum
+    (tmp_path / "short.tar").write_bytes(data[:1000])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    for name in ("link", "bad", "short", "empty"):
+        assert scan_tar(open(tmp_path / f"{name}.tar", "rb")) is None, name

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import posixpath
-import tarfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -29,8 +28,8 @@ from pipelines.formats import pool as fp
 from pipelines.run.errors import InputError, InputNotFound
 from pipelines.run.storage import open_storage, parquet_metadata, read_parquet, write_parquet
 from pipelines.stages.ingest.noise import assign_split, swap_captions
-from pipelines.stages.ingest.sources import IMAGE_EXTS, unsafe_member
-from pipelines.stages.ingest.writer import image_problem, reshard_shard
+from pipelines.stages.ingest.tarscan import read_tar
+from pipelines.stages.ingest.writer import reshard_shard
 
 MAX_PARTITIONS = 1024  # bounds the scratch files (tars x partitions) and the partition pass's fan-out
 TAR_SAMPLE_BYTES = 4096  # a guess at the bytes per sample of a webdataset tar, to size the partitions
@@ -79,50 +78,7 @@ def write_partitions(fs, work: str, name: str, table: pa.Table, parts: int) -> N
         write_parquet(fs, posixpath.join(partition_dir(work, int(p)), f"{name}.parquet"), rows)
 
 
-def _caption(data: bytes, offset: int) -> Tuple[Optional[str], int, int]:
-    """A ``.txt`` member's caption, stripped, with where its bytes are (``-1`` if they are not its UTF-8)."""
-    stripped = data.strip()
-    lead = len(data) - len(data.lstrip())
-    try:
-        return stripped.decode("utf-8"), offset + lead, len(stripped)
-    except UnicodeDecodeError:
-        return stripped.decode("utf-8", errors="replace"), -1, -1
-
-
 # ------------------------------------------------------------------------------------------------ phase 1
-
-
-def read_tar(fs, path: str, validate: bool) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, str]]]:
-    """``({key: entry}, [(member, unsafe reason)])`` of one webdataset tar in member order, reading headers and
-    ``.json`` / ``.txt`` members (and images only to ``validate`` them)."""
-    import json
-
-    entries: Dict[str, Dict[str, Any]] = {}
-    unsafe: List[Tuple[str, str]] = []
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        for m in tf:
-            why = unsafe_member(m)
-            if why:  # never followed nor used as a name: a reject of its own
-                unsafe.append((m.name, why))
-                continue
-            if not m.isfile():
-                continue
-            key, ext = posixpath.splitext(m.name)
-            ext = ext.lower()
-            entry = entries.setdefault(key, {})
-            if ext in IMAGE_EXTS and "image" not in entry:
-                entry["image"] = (m.name, m.offset_data, m.size)
-                if validate:
-                    entry["problem"] = image_problem(tf.extractfile(m).read())
-            elif ext == ".json":
-                try:
-                    uid = json.loads(tf.extractfile(m).read()).get("uid")
-                except (ValueError, AttributeError):
-                    uid = None
-                entry["uid"] = uid if fp.is_uid(uid) else None
-            elif ext == ".txt":
-                entry["text"] = _caption(tf.extractfile(m).read(), m.offset_data)
-    return entries, unsafe
 
 
 def index_tar(fs, path: str, number: int, rel: str, kind: str, parts: int, out_fs, work: str,
