@@ -20,7 +20,7 @@ from pipelines.stages.ingest.writer import image_problem
 
 BLOCK = 512
 READ = (".json", ".txt")  # members whose bytes are read; the others are skipped
-SKIP_BY_READING = 1 << 16  # a member this small is read past (one buffered read), a larger one seeked over
+SKIP_BY_READING = 8192  # a member this small is read past (cheaper than a seek), a larger one (an image) seeked over
 Member = Tuple[str, int, int, Optional[bytes]]  # (name, data offset, size, data of a .json / .txt member)
 
 
