@@ -88,6 +88,8 @@ def test_datacomp_pool(tmp_path, ray_local):
     texts = ["a red square", "a dog", "", "a cat", "a tree"]
     pq.write_table(pa.table({"uid": uids[:5], "text": texts,
                              "clip_b32_similarity_score": [0.31, 0.25, 0.1, 0.28, 0.22],
+                             # nested, as DataComp's: never a join's payload (Acero joins no list columns)
+                             "face_bboxes": [[[0.1, 0.2, 0.3, 0.4]], [], [], [], [[0.5, 0.5, 0.6, 0.6]]],
                              "source": ["web"] * 5}),  # collides with ingest's own column: kept as metadata_source
                    root / "metadata" / "part-0.parquet")
     samples = [("00000000a", uids[1], b""),  # no .jpg written below: its uid must not block the good copy
@@ -105,8 +107,9 @@ def test_datacomp_pool(tmp_path, ray_local):
     rows, members, rejects = read_output(out, manifest)
     check_index(manifest, rows, rejects, originals)
     assert manifest["rows_in"] == 9 and manifest["rows_out"] == 2  # 8 samples in the tar, 1 metadata row without
-    assert [(r["uid"], r["text"], r["clip_b32_similarity_score"], r["metadata_source"]) for r in rows] == \
-        [(uids[0], "a red square", 0.31, "web"), (uids[1], "a dog", 0.25, "web")]
+    assert [(r["uid"], r["text"], r["clip_b32_similarity_score"], r["metadata_source"], r["face_bboxes"])
+            for r in rows] == [(uids[0], "a red square", 0.31, "web", [[0.1, 0.2, 0.3, 0.4]]),
+                               (uids[1], "a dog", 0.25, "web", [])]
     assert {r["source"] for r in rows} == {"00000000.tar/000000000", "00000000.tar/000000001"}
     assert all(r["text_offset"] == -1 for r in rows)  # the tar's .txt is not the metadata's caption
     reasons = sorted(r["reason"] for r in rejects)
