@@ -120,14 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure a stage or an exact step against its baselines, side by side in "
                                           "one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from pipelines.bench import aggregate, overhead, train
+    from pipelines.bench import aggregate, overhead, scale, train
     from pipelines.bench import filter as filter_bench
 
     for name, module, text in (
             ("overhead", overhead, "cost of an exact Grad-Mimic step vs a plain step and vmap"),
             ("train", train, "train-stage throughput (plain, mimic) vs a bare PyTorch loop"),
             ("aggregate", aggregate, "aggregate-stage throughput vs DuckDB and Ray Data's groupby"),
-            ("filter", filter_bench, "filter-stage throughput (the paper's combined rule) vs DuckDB")):
+            ("filter", filter_bench, "filter-stage throughput (the paper's combined rule) vs DuckDB"),
+            ("scale", scale, "ingest -> train -> aggregate -> filter on a generated DataComp pool: per stage wall, "
+                             "rows/s per core, driver and worker peak memory")):
         p = bench_sub.add_parser(name, help=text)
         module.add_arguments(p)
         p.set_defaults(func=module.run)

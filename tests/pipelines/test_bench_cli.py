@@ -98,3 +98,59 @@ def test_bench_filter_json_agrees_with_duckdb():
     # the paper's rule on train rows (99%): top 30% by CLIP score, less the mimic bottom 20% among them (~ 30% x 80%)
     assert 0.2 < out["kept"] / out["rows"] < 0.3
     assert out["gradmimic_rows_per_core_s"] == pytest.approx(out["gradmimic_rows_per_s"] / out["cores"], rel=1e-3)
+
+
+def test_bench_scale_pool_is_datacomp_shaped_deterministic_and_reused(tmp_path):
+    """The generated pool: every tar sample's uid once in the metadata, the failed downloads only there, the same
+    bytes for the same seed, and a complete pool reused as it is."""
+    import pyarrow.parquet as pq
+
+    from pipelines.bench.poolgen import PoolShape, ensure_pool
+    from pipelines.run.storage import open_storage
+    from pipelines.stages.ingest.tarscan import read_tar
+
+    shape = PoolShape(25, per_tar=10, tars_per_file=2, missing=0.2)
+    root, reused = ensure_pool(str(tmp_path / "a"), shape, 2)
+    assert not reused and (shape.tars, shape.files, shape.missing_rows) == (3, 2, 5)  # round(20 * .2), round(5 * .2)
+    fs, _ = open_storage(root)
+    in_tars = []
+    for t in range(3):
+        entries, unsafe = read_tar(fs, f"{root}/shards/{t:08d}.tar", validate=True)
+        assert not unsafe and len(entries) == shape.tar_rows(t)
+        assert all(e["image"][2] > 0 and e.get("problem") is None for e in entries.values())  # real JPEGs
+        in_tars += [(e["uid"], e["text"][0]) for e in entries.values()]
+    meta = pq.read_table(f"{root}/metadata").to_pylist()
+    assert len(meta) == 25 + 5 and {"clip_b32_similarity_score", "face_bboxes", "url"} <= set(meta[0])
+    by_uid = {r["uid"]: r["text"] for r in meta}
+    assert len(by_uid) == 30 and all(by_uid[u] == text for u, text in in_tars)  # captions agree with .txt
+    again, _ = ensure_pool(str(tmp_path / "b"), shape, 1)
+    for rel in ("shards/00000002.tar", "metadata/00000001.parquet"):
+        assert (tmp_path / "a" / again.rsplit("/", 1)[1] / rel).read_bytes() == open(f"{again}/{rel}", "rb").read()
+    assert ensure_pool(str(tmp_path / "a"), shape, 2) == (root, True)
+
+
+SCALE_STAGE_KEYS = {"wall_s", "rows", "rows_per_core_s", "driver_peak_mb", "driver_growth_mb", "worker_peak_mb",
+                    "worker_peak_task", "cpu_s"}
+
+
+@pytest.mark.slow
+def test_bench_scale_json_conserves_rows(tmp_path):
+    res = gradmimic("bench", "scale", "--rows", "2000", "--per-tar", "2000", "--steps", "2", "--batch-size", "32",
+                    "--cache", str(tmp_path / "cache"), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1, res.stdout[-2000:]
+    out = json.loads(lines[0])
+    assert out["rows"] == 2000 and out["metadata_rows"] == 2020 and out["tars"] == 1 and not out["pool_reused"]
+    stages = out["stages"]
+    assert list(stages) == ["pool", "train", "utility", "kept"]
+    for name, row in stages.items():
+        assert SCALE_STAGE_KEYS <= set(row), name
+        assert row["driver_peak_mb"] >= row["driver_base_mb"] > 0 and row["worker_peak_mb"] > 0
+    pool, kept = stages["pool"], stages["kept"]
+    # 2000 samples in the tar + 20 metadata rows whose download "failed": rejected as no image in the shards
+    assert (pool["rows_in"], pool["rows_out"], pool["rejected"]) == (2020, 2000, 20)
+    assert stages["train"]["rows"] == 2 * 32 and stages["utility"]["rows"] == 2 * 32  # one log row per drawn sample
+    assert kept["rows_in"] == pool["rows_out"] == kept["rows_out"] + kept["rejected"]
+    assert stages["utility"]["rows_out"] <= 64 and kept["rows_out"] < 64 + 20  # the scored, less the rule's cut;
+    # plus the test split passing through

@@ -124,6 +124,8 @@ def test_datacomp_pool(tmp_path, ray_local):
     texts = ["a red square", "a dog", "", "a cat", "a tree"]
     pq.write_table(pa.table({"uid": uids[:5], "text": texts,
                              "clip_b32_similarity_score": [0.31, 0.25, 0.1, 0.28, 0.22],
+                             # nested, as DataComp's: never a join's payload (Acero joins no list columns)
+                             "face_bboxes": [[[0.1, 0.2, 0.3, 0.4]], [], [], [], [[0.5, 0.5, 0.6, 0.6]]],
                              "source": ["web"] * 5}),  # collides with ingest's own column: kept as metadata_source
                    root / "metadata" / "part-0.parquet")
     samples = [("00000000a", uids[1], b""),  # no .jpg written below: its uid must not block the good copy
@@ -141,8 +143,9 @@ def test_datacomp_pool(tmp_path, ray_local):
     rows, members, rejects = read_output(out, manifest)
     check_index(manifest, rows, rejects, originals)
     assert manifest["rows_in"] == 9 and manifest["rows_out"] == 2  # 8 samples in the tar, 1 metadata row without
-    assert [(r["uid"], r["text"], r["clip_b32_similarity_score"], r["metadata_source"]) for r in rows] == \
-        [(uids[0], "a red square", 0.31, "web"), (uids[1], "a dog", 0.25, "web")]
+    assert [(r["uid"], r["text"], r["clip_b32_similarity_score"], r["metadata_source"], r["face_bboxes"])
+            for r in rows] == [(uids[0], "a red square", 0.31, "web", [[0.1, 0.2, 0.3, 0.4]]),
+                               (uids[1], "a dog", 0.25, "web", [])]
     assert {r["source"] for r in rows} == {"00000000.tar/000000000", "00000000.tar/000000001"}
     assert all(r["text_offset"] == -1 for r in rows)  # the tar's .txt is not the metadata's caption
     reasons = sorted(r["reason"] for r in rejects)
@@ -356,3 +359,51 @@ def test_datacomp_reshard_copies_into_tars(tmp_path, ray_local):
     assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
         [{k: v for k, v in r.items() if k not in drop} for r in indexed]
     assert manifest["shards"] == index["shards"] and manifest["rejected"] == index["rejected"]
+
+
+def test_tar_scan_agrees_with_tarfile_or_defers_to_it(tmp_path):
+    """The header scan gives tarfile's members (name, data offset, size, the .json / .txt bytes) on plain tars,
+    and ``None`` (tarfile decides) on anything else."""
+    import tarfile
+
+    from pipelines.stages.ingest.tarscan import scan_tar
+
+    def tarfile_members(path):
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            return [(m.name, m.offset_data, m.size, tf.extractfile(m).read() if m.name.endswith((".json", ".txt"))
+                     else None) for m in tf if m.isfile()]
+
+    big = bytes(range(256)) * 300  # seeked over, not read
+    plain = [m for i in range(3) for m in sample_members(f"d/{i:03d}", "ab" * 16, image_bytes("JPEG"), f"cap {i}")]
+    write_tar(tmp_path / "plain.tar", plain + [("big.png", big), ("empty.txt", b"")])  # pax format, short names
+    got = scan_tar(open(tmp_path / "plain.tar", "rb"))
+    assert got == tarfile_members(tmp_path / "plain.tar") and len(got) == 11
+    with tarfile.open(tmp_path / "ustar.tar", "w", format=tarfile.USTAR_FORMAT) as tf:  # a name in prefix + name
+        info = tarfile.TarInfo("x" * 90 + "/" + "y" * 60 + ".txt")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"long"))
+    got = scan_tar(open(tmp_path / "ustar.tar", "rb"))
+    assert got == tarfile_members(tmp_path / "ustar.tar") and got[0][3] == b"long"
+    with tarfile.open(tmp_path / "dir.tar", "w") as tf:  # a directory member: skipped, as tarfile's isfile() does
+        info = tarfile.TarInfo("d")
+        info.type = tarfile.DIRTYPE
+        tf.addfile(info)
+    assert scan_tar(open(tmp_path / "dir.tar", "rb")) == []
+    odd = {"gnu": ("n" * 120 + ".txt", tarfile.GNU_FORMAT), "pax": ("é" * 120 + ".txt", tarfile.PAX_FORMAT),
+           "unsafe": ("../evil.txt", tarfile.USTAR_FORMAT)}
+    for label, (name, fmt) in odd.items():
+        with tarfile.open(tmp_path / f"{label}.tar", "w", format=fmt) as tf:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"hi"))
+        assert scan_tar(open(tmp_path / f"{label}.tar", "rb")) is None, label
+    with tarfile.open(tmp_path / "link.tar", "w") as tf:
+        info = tarfile.TarInfo("a.jpg")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+    data = (tmp_path / "plain.tar").read_bytes()
+    (tmp_path / "bad.tar").write_bytes(data[:148] + b"0000000\0" + data[156:])  # a wrong checksum
+    (tmp_path / "short.tar").write_bytes(data[:1000])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    for name in ("link", "bad", "short", "empty"):
+        assert scan_tar(open(tmp_path / f"{name}.tar", "rb")) is None, name

@@ -249,7 +249,7 @@ def _write_kept(fs, work: str, jobs: List[Tuple[int, int, int]], sources, group_
 def _copy_images(fs, rows: pa.Table, keys: List[str], base: str, path: str) -> List[fp.Where]:
     """The rows' images (ranged reads from the pool's tars under ``base``) into a new tar at ``path``, under
     ``keys``; returns where each landed."""
-    tars = [posixpath.join(base, x) for x in rows["tar"].to_pylist()]
+    tars = fp.tar_urls(base, rows["tar"]).to_pylist()  # a pool indexed in place names its source tars by URL
     starts = rows["image_offset"].to_numpy()
     images = fs.cat_ranges(tars, list(starts), list(starts + rows["image_size"].to_numpy()))
     exts = [posixpath.splitext(m)[1].lstrip(".") for m in rows["image"].to_pylist()]

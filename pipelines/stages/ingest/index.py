@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import posixpath
-import tarfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -31,8 +30,8 @@ from pipelines.run.errors import InputError, InputNotFound
 from pipelines.run.storage import open_storage, parquet_metadata, read_parquet, write_parquet
 from pipelines.stages.ingest import folders
 from pipelines.stages.ingest.noise import assign_split, flip_labels, swap_captions
-from pipelines.stages.ingest.sources import IMAGE_EXTS, unsafe_member
-from pipelines.stages.ingest.writer import image_problem, reshard_shard
+from pipelines.stages.ingest.tarscan import read_tar
+from pipelines.stages.ingest.writer import reshard_shard
 
 MAX_PARTITIONS = 1024  # bounds the scratch files (tar groups x partitions) and the partition pass's fan-out
 TARS_PER_TASK = 64  # source tars indexed by one phase-1 task at most (~640,000 DataComp samples)
@@ -67,50 +66,7 @@ def write_partitions(fs, work: str, name: str, table: pa.Table, parts: int) -> N
         write_parquet(fs, posixpath.join(partition_dir(work, int(p)), f"{name}.parquet"), rows)
 
 
-def _caption(data: bytes, offset: int) -> Tuple[Optional[str], int, int]:
-    """A ``.txt`` member's caption, stripped, with where its bytes are (``-1`` if they are not its UTF-8)."""
-    stripped = data.strip()
-    lead = len(data) - len(data.lstrip())
-    try:
-        return stripped.decode("utf-8"), offset + lead, len(stripped)
-    except UnicodeDecodeError:
-        return stripped.decode("utf-8", errors="replace"), -1, -1
-
-
 # ------------------------------------------------------------------------------------------------ phase 1
-
-
-def read_tar(fs, path: str, validate: bool) -> Tuple[Dict[str, Dict[str, Any]], List[Tuple[str, str]]]:
-    """``({key: entry}, [(member, unsafe reason)])`` of one webdataset tar in member order, reading headers and
-    ``.json`` / ``.txt`` members (and images only to ``validate`` them)."""
-    import json
-
-    entries: Dict[str, Dict[str, Any]] = {}
-    unsafe: List[Tuple[str, str]] = []
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        for m in tf:
-            why = unsafe_member(m)
-            if why:  # never followed nor used as a name: a reject of its own
-                unsafe.append((m.name, why))
-                continue
-            if not m.isfile():
-                continue
-            key, ext = posixpath.splitext(m.name)
-            ext = ext.lower()
-            entry = entries.setdefault(key, {})
-            if ext in IMAGE_EXTS and "image" not in entry:
-                entry["image"] = (m.name, m.offset_data, m.size)
-                if validate:
-                    entry["problem"] = image_problem(tf.extractfile(m).read())
-            elif ext == ".json":
-                try:
-                    uid = json.loads(tf.extractfile(m).read()).get("uid")
-                except (ValueError, AttributeError):
-                    uid = None
-                entry["uid"] = uid if fp.is_uid(uid) else None
-            elif ext == ".txt":
-                entry["text"] = _caption(tf.extractfile(m).read(), m.offset_data)
-    return entries, unsafe
 
 
 def tar_rows(fs, path: str, number: int, rel: str, kind: str, validate: bool) -> pa.Table:
@@ -205,8 +161,10 @@ def _metadata_duplicate(meta: pa.Table) -> Optional[Tuple[str, int, int]]:
     twice = counts.filter(pc.greater(counts["count_all"], 1))
     if twice.num_rows == 0:
         return None
-    rows = valid.join(twice.slice(0, 1), ["uid_hi", "uid_lo"], join_type="inner").sort_by([("_file", "ascending"),
-                                                                                          ("_row", "ascending")])
+    # keys only: Acero joins no nested columns (DataComp's face_bboxes)
+    rows = valid.select(["uid_hi", "uid_lo", "_file", "_row"]).join(
+        twice.slice(0, 1), ["uid_hi", "uid_lo"], join_type="inner").sort_by([("_file", "ascending"),
+                                                                            ("_row", "ascending")])
     uid = fp.uid_hex(rows["uid_hi"].to_numpy()[:1], rows["uid_lo"].to_numpy()[:1])[0].as_py()
     return uid, int(rows["_file"][0].as_py()), int(rows["_file"][1].as_py())
 
@@ -241,10 +199,12 @@ def _join_metadata(tars: pa.Table, meta: pa.Table, reasons: np.ndarray, texts: n
         col = valid[name].take(taken) if valid.num_rows else pa.nulls(len(at), valid.schema.field(name).type)
         # metadata columns keep their data but never shadow a column ingest computes
         extras[f"metadata_{name}" if name in fp.RESERVED else name] = col
-    orphans = meta.join(tars.select(["uid_hi", "uid_lo"]).group_by(["uid_hi", "uid_lo"]).aggregate([]),
-                        ["uid_hi", "uid_lo"], join_type="left anti").sort_by([("_file", "ascending"),
-                                                                             ("_row", "ascending")])
-    return extras, orphans
+    keys = meta.select(["uid_hi", "uid_lo", "_file", "_row"]).append_column(
+        "_i", pa.array(np.arange(meta.num_rows, dtype=np.int64)))  # keys only: no nested columns in a join
+    lone = keys.join(tars.select(["uid_hi", "uid_lo"]).group_by(["uid_hi", "uid_lo"]).aggregate([]),
+                     ["uid_hi", "uid_lo"], join_type="left anti").sort_by([("_file", "ascending"),
+                                                                          ("_row", "ascending")])
+    return extras, meta.take(lone["_i"])
 
 
 def _first_copies(hi: np.ndarray, lo: np.ndarray, ok: np.ndarray) -> np.ndarray:
