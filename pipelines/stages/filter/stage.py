@@ -1,11 +1,16 @@
 """``filter``: join utilities with the pool by uid, evaluate a keep rule (:mod:`.keep_rule`), write the filtered
 dataset.
 
-Output, under the stage directory (the sample-shard contract of :mod:`pipelines.formats.pool`, as ``ingest``
-writes it, so a train stage can read it): the kept rows in parquet shards (and tars when the pool has images in
-tars), resharded to ``shard_size`` in pool order, every pool column carried (``key``, ``shard``, ``tar``,
-``image*`` rewritten); every dropped row with its pool columns and ``reason`` (the clause that dropped it, or
-``unscored``); and the subset file: the kept uids of the filtered splits as DataComp's resharder reads them.
+Output, under the stage directory (the sample-shard contract of :mod:`pipelines.formats.pool`, so a train stage,
+evaluate and the report read it as they read an ingest): the kept rows in parquet shards, resharded to
+``shard_size`` in pool order, every pool column carried (``key``, ``shard`` rewritten).  By default these shards
+are an **index**: no image is copied and each row's ``tar`` is the full URL of the tar that already holds its image
+(:func:`~pipelines.formats.pool.tar_urls` against the pool stage's committed directory: the pool's own tars, or
+the source tars of a pool indexed in place), its byte ranges unchanged.  With ``reshard: true`` the kept images and
+captions are copied by ranged reads (on the run's ``storage_options``) into ``shards/shard-NNNNN.tar``, DataComp's
+resharder, and ``tar`` / ``image*`` / ``text_offset`` / ``text_size`` point there.  Also: every dropped row with its
+pool columns and ``reason`` (the clause that dropped it, or ``unscored``); and the subset file: the kept uids of the
+filtered splits as DataComp's resharder reads them.
 
 Only rows of the ``apply_to`` splits are filtered; the others (the held-out test split) pass through, counted.
 The manifest records that kept + rejected = pool rows, and the uids on either side of the join that have no
@@ -15,9 +20,10 @@ partner: pool rows never scored (``unscored: keep | drop | error``) and utility 
 log's buckets) by one task per group of shards, joined per partition (one task each), and the decisions go back
 to the pool's shard groups through small files under the attempt's ``_work/`` (:mod:`.tasks`).  A ``top`` /
 ``bottom`` fraction is an exact rank over the whole population: a deterministic uid-hash sample brackets the
-cut-off, one more pass counts the rows before the bracket and collects the few inside it, and the driver picks
-the exact row (if the bracket missed, it widens and repeats).  The subset file is written range by range of
-``uid_hi``.
+cut-off, passes over the partitions count the rows before and inside the bracket (narrowing it with fresh
+uid-hash samples of it while it holds more than ``4 x sample_rows`` rows) and collect the keys inside once it
+holds no more, and the driver picks the exact row (:func:`_cutoff`).  The subset file is written range by range
+of ``uid_hi``.
 """
 
 from __future__ import annotations
