@@ -320,7 +320,7 @@ def _kept(cfg: FilterConfig, ctx: StageContext, plan: Plan, kept_per_shard: np.n
     offsets = np.concatenate([[0], np.cumsum(kept_per_shard)])
     sources = [(s, plan.shard_paths[s], int(offsets[s]), int(kept_per_shard[s])) for s in range(len(plan.shard_paths))]
     jobs = [(j, first, min(first + cfg.shard_size, kept)) for j, first in enumerate(range(0, kept, cfg.shard_size))]
-    per_task = max(1, cfg.rows_per_task // cfg.shard_size)
+    per_task = max(1, min(cfg.rows_per_task // cfg.shard_size, math.ceil(len(jobs) / _width(cfg))))
     args = KeptArgs(plan.fs, plan.work, plan.group_of, plan.fs.unstrip_protocol(plan.pool.join("")),
                     ctx.out.join(""), "tar" in plan.pool_cols, cfg.reshard, dict(ctx.storage_options))
     tasks = []
@@ -333,6 +333,15 @@ def _kept(cfg: FilterConfig, ctx: StageContext, plan: Plan, kept_per_shard: np.n
     for w in ctx.map(_write_kept, tasks, unit="output shard groups", rows=rows):
         files += w
     return files, len(jobs)
+
+
+def _width(cfg: FilterConfig) -> int:
+    """How many tasks the cluster runs at once (output shards are spread over at least that many; the files
+    written do not depend on it)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
+    return max(1, int(cpus // cfg.cpus_per_task))
 
 
 def _write_subset(fs, work: str, sizes: np.ndarray, path: str) -> None:
