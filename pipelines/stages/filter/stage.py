@@ -74,9 +74,9 @@ class FilterConfig:
     sample_rows: int = doc("uid-hash sample size that brackets each top / bottom cut-off; a bracket brings at most "
                            f"{BRACKET_CAP} x this many keys to the driver (else a fresh sample narrows it)",
                            default=200_000)
-    reshard: bool = doc("copy the kept samples' images and captions into the stage's own webdataset tars "
-                        "(shards/shard-NNNNN.tar, by ranged reads: DataComp's resharder); default: the output is an "
-                        "index whose tar column points at the images where they are, nothing copied", default=False)
+    reshard: bool = doc("copy the kept samples' images and captions into webdataset tars of the stage's own, one "
+                        "per output shard (by ranged reads: DataComp's resharder); default: the output is an index "
+                        "whose tar column points at the images where they are, nothing copied", default=False)
     cpus_per_task: float = doc("CPUs per task", default=1.0)
     seed: int = doc("seed of the rule's virtual column random (uniform in [0, 1) per uid): {random: {top: 0.7}} "
                     "keeps a random 70%, the baseline for a utility's top 70%", default=0)
