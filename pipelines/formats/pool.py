@@ -5,14 +5,16 @@ Under a dataset stage's directory:
 
 - ``shards/shard-NNNNN.parquet``: one row per sample: :data:`RESERVED` columns (``uid``, ``uid_hi``, ``uid_lo``,
   ``text``, ``key``, ``shard``, ``split``, ``corrupted``, ``source``; where its image is: ``tar`` the tar's path
-  relative to the stage directory (a tar the stage wrote) or the source tar's absolute URL (a webdataset or
-  DataComp pool indexed in place), ``image`` the member's name, ``image_offset`` / ``image_size`` the member's
+  relative to the stage directory (a tar the stage wrote) or an absolute URL (a webdataset or DataComp pool
+  indexed in place: the source tar's; a filter's index: the tar its pool's row resolved to), ``image`` the
+  member's name, ``image_offset`` / ``image_size`` the member's
   bytes in the tar, so one ranged read fetches it; ``text_offset`` / ``text_size`` the caption's UTF-8 bytes in
   the same tar (``-1`` / ``-1`` where that tar holds no copy of ``text``: read the ``text`` column then);
   ``label``, ``true_label``, ``class_name`` for labelled sources) and the source's extra columns (DataComp
   metadata such as ``clip_b32_similarity_score``);
 - ``shards/shard-NNNNN.tar``: webdataset tars of ``<key>.jpg|png``, ``<key>.txt``, ``<key>.json`` (``{"uid": ...}``),
-  only for the sources ingest copies (an index of a pool in place writes none);
+  only for the sources ingest copies and for ``reshard: true`` (an index of a pool in place, and a filter's
+  default output, write none);
 - ``rejects.parquet`` (ingest), or ``rejects/part-NNNNN.parquet`` (an ingest indexing in place, one part per uid
   partition): ``source``, ``uid``, ``reason`` of every sample left out;
 - ``rejected/part-NNNNN.parquet`` (filter): every dropped row with its pool columns and ``reason``;

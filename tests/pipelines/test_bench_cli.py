@@ -88,7 +88,8 @@ def test_bench_aggregate_compare():
 
 @pytest.mark.slow
 def test_bench_filter_json_agrees_with_duckdb():
-    res = gradmimic("bench", "filter", "--rows", "30000", "--shard-rows", "7000", "--json")
+    res = gradmimic("bench", "filter", "--rows", "30000", "--shard-rows", "7000", "--reshard-rows", "2000",
+                    "--image-bytes", "2000", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1, res.stdout[-2000:]
@@ -98,6 +99,9 @@ def test_bench_filter_json_agrees_with_duckdb():
     # the paper's rule on train rows (99%): top 30% by CLIP score, less the mimic bottom 20% among them (~ 30% x 80%)
     assert 0.2 < out["kept"] / out["rows"] < 0.3
     assert out["gradmimic_rows_per_core_s"] == pytest.approx(out["gradmimic_rows_per_s"] / out["cores"], rel=1e-3)
+    # reshard: the kept samples of the 2,000-row pool copied, each image at least 1,000 bytes (and its caption)
+    assert out["reshard_rows"] == 2000 and 0.2 < out["reshard_kept"] / 2000 < 0.3
+    assert out["reshard_bytes_copied"] > 1000 * out["reshard_kept"] and out["reshard_mb_per_s"] > 0
 
 
 def test_bench_scale_pool_is_datacomp_shaped_deterministic_and_reused(tmp_path):

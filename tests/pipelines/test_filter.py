@@ -1,5 +1,6 @@
 """The filter stage on hand-made pools and utilities: exact fractions with ties, every combinator, unscored rows,
-conservation, the subset file; the keep-rule parser's errors."""
+conservation, the subset file, a cut-off's bracket bounded on the driver; the index output of a pool indexed in
+place equal to the resharded one sample for sample, locally and on S3; the keep-rule parser's errors."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import pyarrow as pa
 import pytest
 
 from pipelines.bench.scorelog import synthetic_uids
-from pipelines.formats.pool import SUBSET, read_subset, uid_hex
+from pipelines.formats.pool import SUBSET, read_pool, read_subset, uid_hex
 from pipelines.run.config import SpecError
-from pipelines.run.runner import Progress, StageContext
+from pipelines.run.runner import Progress, StageContext, committed_stage, run_spec
 from pipelines.run.spec import parse_spec
 from pipelines.run.storage import StageDir, open_storage
 from pipelines.stages.filter import keep_rule as kr
-from pipelines.stages.filter.stage import run_filter
+from pipelines.stages.filter.stage import BRACKET_CAP, run_filter
+from tests.support.pools import SAMPLE_COLUMNS, datacomp_pool, samples
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 BUCKETS = 4
@@ -128,12 +130,33 @@ def test_kept_rows_equal_the_rule_evaluated_directly(tmp_path, keep, sample_rows
     for clause in kr.clauses(kr.parse_rule(keep)):
         if clause.ranked:
             n = int(train[clause.column].notna().sum())
-            assert result["clauses"][clause.label]["kept"] == int(np.floor(clause.value * n + 0.5))
+            found = result["clauses"][clause.label]
+            assert found["kept"] == int(np.floor(clause.value * n + 0.5))
+            assert found["driver_keys"] <= BRACKET_CAP * sample_rows
     subset = read_subset(fs, out.join(SUBSET))
     assert subset.dtype == np.dtype("u8,u8")
     assert (np.lexsort((subset["f1"], subset["f0"])) == np.arange(len(subset))).all()  # sorted
     in_scope = kept[kept["split"] == "train"]
     assert set(zip(subset["f0"].tolist(), subset["f1"].tolist())) == set(zip(in_scope["uid_hi"], in_scope["uid_lo"]))
+
+
+@pytest.mark.parametrize("sample_rows", [2, 5, 12])
+def test_a_bracket_over_its_cap_is_narrowed_and_the_cut_off_stays_exact(tmp_path, sample_rows):
+    """A sample so small that its bracket holds far more than ``4 x sample_rows`` rows: the driver never holds
+    more keys than that, fresh samples narrow the bracket, and the kept set is exactly the oracle's."""
+    fs, root, pool_dir, util_dir, joined = make_pool(tmp_path, n=1500, test=50)
+    keep = {"minus": [{"clip": {"top": 0.3}}, {"mean_score": {"bottom": 0.2}}]}
+    result, out = run(tmp_path, fs, root, pool_dir, util_dir, keep, sample_rows=sample_rows, shard_size=200)
+    train = joined[joined["split"] == "train"].reset_index(drop=True)
+    want = set(train["uid"][brute(kr.parse_rule(keep), train)]) | set(joined["uid"][joined["split"] == "test"])
+    kept = pd.concat([out.read_table(f).to_pandas() for f in result["files"] if f.startswith("shards/")])
+    assert set(kept["uid"]) == want and len(kept) == len(want) == result["rows_out"]
+    assert result["rows_in"] == 1500 == result["rows_out"] + result["rejected"]
+    for label in ("clip top 30%", "mean_score bottom 20%"):
+        found = result["clauses"][label]
+        assert found["driver_keys"] <= BRACKET_CAP * sample_rows and found["passes"] >= 3, found
+    top = train.assign(_k=-train["clip"]).dropna(subset=["clip"]).sort_values(["_k", "uid_hi", "uid_lo"])
+    assert result["clauses"]["clip top 30%"]["cutoff_value"] == top["clip"].iloc[int(np.floor(0.3 * len(top) + .5)) - 1]
 
 
 def test_reasons_name_the_clause_that_dropped_each_row(tmp_path):
@@ -245,3 +268,71 @@ def test_the_virtual_random_column_is_a_seeded_uniform_per_uid(tmp_path, keep):
         assert got == want and result["rows_in"] == result["rows_out"] + result["rejected"]
         kept_sets.append(got)
     assert kept_sets[0] != kept_sets[1]  # another seed, another draw
+
+
+# ------------------------------------------------------------------------------------------------ a pool in place
+
+
+def in_place_spec(storage: str, pool: str) -> dict:
+    """A DataComp pool indexed in place, then the same rule twice: the default index and ``reshard: true``."""
+    keep = {"clip_b32_similarity_score": {"top": 0.5}}
+    return parse_spec({"name": "p", "storage": storage, "stages": [
+        {"stage": "ingest", "name": "pool", "source": {"kind": "datacomp", "path": pool}, "shard_size": 7,
+         "split": {"test_fraction": 0.2, "seed": 1}},
+        {"stage": "filter", "name": "index", "data": "pool", "keep": keep, "shard_size": 5, "sample_rows": 4},
+        {"stage": "filter", "name": "copied", "data": "pool", "keep": keep, "shard_size": 5, "sample_rows": 4,
+         "reshard": True}]})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_index_output_equals_the_resharded_one_sample_for_sample(tmp_path, request, where):
+    """Filtering a pool indexed in place (absolute tar URLs) writes no tar by default: each kept row points at
+    its image in the source tar; ``reshard: true`` copies the same samples, in the same order, into the stage's
+    tars.  Both read back as the train stage reads them (``read_pool``, the ``Decoder``) give the same bytes."""
+    from pipelines.training.data import Decoder
+
+    datacomp_pool(tmp_path / "pool", n=40, per_tar=12)
+    if where == "s3":
+        request.getfixturevalue("s3_endpoint")
+        fs, _ = open_storage("s3://gm-filter")
+        fs.mkdir("gm-filter")
+        fs.put(str(tmp_path / "pool"), "gm-filter/pool", recursive=True)
+        spec = in_place_spec("s3://gm-filter/runs", "s3://gm-filter/pool")
+    else:
+        spec = in_place_spec(str(tmp_path / "runs"), str(tmp_path / "pool"))
+    manifests = run_spec(spec, stream=io.StringIO())
+    pool, index, copied = (committed_stage(spec, name) for name in ("pool", "index", "copied"))
+    m_index, m_copied = manifests["index"], manifests["copied"]
+    assert not [f for f in m_index["files"] if f.endswith(".tar")]
+    assert sorted(f for f in m_copied["files"] if f.endswith(".tar")) == \
+        [f"shards/shard-{j:05d}.tar" for j in range(m_copied["shards"])]
+    # the oracle: the pool's train rows ranked by score, ties by uid; the test split passes; pool order kept
+    source = read_pool(pool, ["uid", "uid_hi", "uid_lo", "split", "clip_b32_similarity_score", *SAMPLE_COLUMNS[4:]])
+    rows = source.to_pandas()
+    train = rows[rows["split"] == "train"].assign(_k=lambda d: -d["clip_b32_similarity_score"])
+    top = train.sort_values(["_k", "uid_hi", "uid_lo"])["uid"][:int(np.floor(0.5 * len(train) + 0.5))]
+    want = [u for u, split in zip(rows["uid"], rows["split"]) if split == "test" or u in set(top)]
+    a, b = samples(index), samples(copied)
+    assert [r["uid"] for r in a] == [r["uid"] for r in b] == want
+    for m in (m_index, m_copied):
+        assert m["rows_in"] == len(rows) == m["rows_out"] + m["rejected"] and m["rows_out"] == len(want)
+    by_uid = rows.set_index("uid")
+    for j, (x, y) in enumerate(zip(a, b)):
+        assert (x["key"], x["shard"]) == (y["key"], y["shard"]) == (f"{j:09d}", j // 5)
+        assert (x["split"], x["text"], x["caption"], x["image_bytes"]) == \
+            (y["split"], y["text"], y["caption"], y["image_bytes"])
+        assert x["caption"] == x["text"] == by_uid.loc[x["uid"], "text"]
+        original = by_uid.loc[x["uid"]]  # the index points where the image already is: the source tar
+        assert (x["tar"], x["image_offset"], x["image_size"]) == \
+            (original["tar"], original["image_offset"], original["image_size"])
+        assert "://" in x["tar"] and x["tar"].rsplit("/", 2)[-2:] != ["shards", f"shard-{j // 5:05d}.tar"]
+        assert y["tar"].endswith(f"/shards/shard-{j // 5:05d}.tar") and y["text_offset"] >= 0
+    decoder = Decoder(image_size=8)
+    images = [decoder.images(read_pool(d, ["tar", "image_offset", "image_size"])) for d in (index, copied)]
+    assert images[0].shape == (len(want), 3, 8, 8) and np.array_equal(images[0], images[1])
+
+
+def test_reshard_needs_images_in_tars(tmp_path):
+    fs, root, pool_dir, util_dir, _ = make_pool(tmp_path, n=50, test=5)
+    with pytest.raises(SpecError, match=r"^reshard: the pool \(stage 'pool'\) has no images in tars to copy$"):
+        run(tmp_path, fs, root, pool_dir, util_dir, {"clip": {"top": 0.3}}, reshard=True)

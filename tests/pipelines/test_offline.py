@@ -1,5 +1,6 @@
-"""aggregate and filter through the runner: resharded tars hold exactly the kept samples, both stages on S3
-(moto on loopback), an interrupted write commits nothing and a rerun completes, bad input is one line and exit 2."""
+"""aggregate and filter through the runner: the filter's default index points every kept row at its image in the
+pool's tars and ``reshard: true`` copies exactly the kept samples into new tars, both stages on S3 (moto on
+loopback), an interrupted write commits nothing and a rerun completes, bad input is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipelines.bench.scorelog import write_score_log
-from pipelines.formats.pool import SUBSET, read_pool, read_subset
+from pipelines.formats.pool import SUBSET, read_pool, read_subset, shard_parquets
 from pipelines.formats.utility import read_utility
 from pipelines.run.runner import committed_stage, run_spec
 from pipelines.run.spec import parse_spec
@@ -43,7 +45,31 @@ def tar_members(fs, path):
             return {m.name: tf.extractfile(m).read() for m in tf}
 
 
+def check_kept_index(s):
+    """The default output: no tar written; each kept row's ``tar`` is the full URL of the pool's tar holding its
+    image (the pool's own tars, written by ingest with relative names), its ranges unchanged."""
+    pool, kept = committed_stage(s, "pool"), committed_stage(s, "kept")
+    cols = ["uid", "text", "tar", "image", "image_offset", "image_size", "text_offset", "text_size", "split"]
+    source = read_pool(pool, cols).to_pandas().set_index("uid")
+    raw = pa.concat_tables([kept.read_table(f) for f in shard_parquets(kept.manifest()["files"])]).to_pandas()
+    out = read_pool(kept, ["key", *cols]).to_pandas()
+    m = kept.manifest()
+    assert len(out) == m["rows_out"] and m["rows_in"] == 90 == m["rows_out"] + m["rejected"]
+    assert not [f for f in m["files"] if f.endswith(".tar")] and m["shards"] == -(-len(out) // 16)
+    assert list(raw["tar"]) == list(out["tar"])  # stored as full URLs: readers resolve nothing
+    pool_url = pool.fs.unstrip_protocol(pool.join("shards"))
+    for row in out.itertuples():
+        assert row.tar.startswith(pool_url + "/shard-")
+        assert (row.tar, row.image, row.image_offset, row.image_size, row.text_offset, row.text_size, row.text) == \
+            tuple(source.loc[row.uid, ["tar", "image", "image_offset", "image_size", "text_offset", "text_size",
+                                       "text"]])
+    subset = read_subset(kept.fs, kept.join(SUBSET))
+    assert len(subset) == m["kept_in_scope"] == int((out["split"] == "train").sum())
+    return out
+
+
 def check_kept_tars(s):
+    """``reshard: true``: the kept samples copied into the stage's own tars, and nothing else."""
     pool, kept = committed_stage(s, "pool"), committed_stage(s, "kept")
     source = read_pool(pool, ["uid", "text", "tar", "image", "image_offset", "image_size", "split"]).to_pandas()
     out = read_pool(kept, ["uid", "key", "text", "tar", "image", "image_offset", "image_size", "split"]).to_pandas()
@@ -76,8 +102,10 @@ def check_kept_tars(s):
 
 
 def test_resharded_tars_hold_exactly_the_kept_samples(tmp_path):
-    s, manifests = filtered(str(tmp_path))
+    s, manifests = filtered(str(tmp_path), reshard=True)
     out = check_kept_tars(s)
+    index, _ = filtered(str(tmp_path), name="i")
+    assert list(check_kept_index(index)["uid"]) == list(out["uid"])  # the same samples, in the same order
     pool = read_pool(committed_stage(s, "pool"), ["uid", "label", "true_label", "split", "tar"]).to_pandas()
     train = pool[pool["split"] == "train"]
     top = train.sort_values(["true_label", "uid"], ascending=[False, True])  # uid hex order = (hi, lo) order
@@ -95,11 +123,13 @@ def test_aggregate_and_filter_on_s3(s3_endpoint):
     m = run_spec(s, stream=io.StringIO())["u"]
     assert m["rows_in"] == info["rows"] and m["samples"] == len(read_utility(committed_stage(s, "u")))
     s, _ = filtered("s3://gm-offline/runs", name="o2")
+    check_kept_index(s)
+    s, _ = filtered("s3://gm-offline/runs", name="o3", reshard=True)
     check_kept_tars(s)
 
 
 def test_an_interrupted_filter_commits_nothing_and_a_rerun_completes(tmp_path):
-    s, _ = filtered(str(tmp_path / "clean"))
+    s, _ = filtered(str(tmp_path / "clean"), reshard=True)
     want = check_kept_tars(s)
     storage = str(tmp_path / "broken")
     run_spec(spec(storage), stream=io.StringIO())
@@ -108,11 +138,11 @@ def test_an_interrupted_filter_commits_nothing_and_a_rerun_completes(tmp_path):
     saved = tar.read_bytes()
     tar.unlink()  # the kept-shard writer fails halfway through its reads
     with pytest.raises(Exception):
-        filtered(storage)
+        filtered(storage, reshard=True)
     s = spec(storage, {"stage": "filter", "name": "kept", "data": "pool", "keep": KEEP})
     assert committed_stage(s, "kept") is None
     tar.write_bytes(saved)
-    s, manifests = filtered(storage)
+    s, manifests = filtered(storage, reshard=True)
     got = check_kept_tars(s)
     assert list(got["uid"]) == list(want["uid"])
     kept = committed_stage(s, "kept")

@@ -64,7 +64,10 @@ def committed(storage: str, run: str, name: str) -> bool:
 
 
 def outputs(storage: str, run: str, name: str) -> dict:
-    """A committed stage's files, parquet as tables (their bytes carry a writer's metadata), others as bytes."""
+    """A committed stage's files, parquet as tables (their bytes carry a writer's metadata), others as bytes; a
+    ``tar`` column's full URLs (a filter's index points into its pool's committed attempt) as ``<stage>/<file>``,
+    so two runs' outputs compare whatever their storage and attempt ids."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     d = stage(storage, run, name)
@@ -73,6 +76,10 @@ def outputs(storage: str, run: str, name: str) -> dict:
     for rel in m["files"]:
         data = d.fs.cat_file(d.join(rel))
         out[rel] = pq.read_table(pa.BufferReader(data)) if rel.endswith(".parquet") else data
+        if rel.endswith(".parquet") and "tar" in out[rel].column_names:
+            t = out[rel]
+            tars = pc.replace_substring_regex(t["tar"], r"^.*/([^/]+)/_attempt-[0-9a-f]+/", r"\1/")
+            out[rel] = t.set_column(t.column_names.index("tar"), "tar", tars)
     return out
 
 

@@ -1,11 +1,16 @@
 """``filter``: join utilities with the pool by uid, evaluate a keep rule (:mod:`.keep_rule`), write the filtered
 dataset.
 
-Output, under the stage directory (the sample-shard contract of :mod:`pipelines.formats.pool`, as ``ingest``
-writes it, so a train stage can read it): the kept rows in parquet shards (and tars when the pool has images in
-tars), resharded to ``shard_size`` in pool order, every pool column carried (``key``, ``shard``, ``tar``,
-``image*`` rewritten); every dropped row with its pool columns and ``reason`` (the clause that dropped it, or
-``unscored``); and the subset file: the kept uids of the filtered splits as DataComp's resharder reads them.
+Output, under the stage directory (the sample-shard contract of :mod:`pipelines.formats.pool`, so a train stage,
+evaluate and the report read it as they read an ingest): the kept rows in parquet shards, resharded to
+``shard_size`` in pool order, every pool column carried (``key``, ``shard`` rewritten).  By default these shards
+are an **index**: no image is copied and each row's ``tar`` is the full URL of the tar that already holds its image
+(:func:`~pipelines.formats.pool.tar_urls` against the pool stage's committed directory: the pool's own tars, or
+the source tars of a pool indexed in place), its byte ranges unchanged.  With ``reshard: true`` the kept images and
+captions are copied by ranged reads (on the run's ``storage_options``) into ``shards/shard-NNNNN.tar``, DataComp's
+resharder, and ``tar`` / ``image*`` / ``text_offset`` / ``text_size`` point there.  Also: every dropped row with its
+pool columns and ``reason`` (the clause that dropped it, or ``unscored``); and the subset file: the kept uids of the
+filtered splits as DataComp's resharder reads them.
 
 Only rows of the ``apply_to`` splits are filtered; the others (the held-out test split) pass through, counted.
 The manifest records that kept + rejected = pool rows, and the uids on either side of the join that have no
@@ -15,9 +20,10 @@ partner: pool rows never scored (``unscored: keep | drop | error``) and utility 
 log's buckets) by one task per group of shards, joined per partition (one task each), and the decisions go back
 to the pool's shard groups through small files under the attempt's ``_work/`` (:mod:`.tasks`).  A ``top`` /
 ``bottom`` fraction is an exact rank over the whole population: a deterministic uid-hash sample brackets the
-cut-off, one more pass counts the rows before the bracket and collects the few inside it, and the driver picks
-the exact row (if the bracket missed, it widens and repeats).  The subset file is written range by range of
-``uid_hi``.
+cut-off, passes over the partitions count the rows before and inside the bracket (narrowing it with fresh
+uid-hash samples of it while it holds more than ``4 x sample_rows`` rows) and collect the keys inside once it
+holds no more, and the driver picks the exact row (:func:`_cutoff`).  The subset file is written range by range
+of ``uid_hi``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pipelines.run.storage import parquet_schema
 from pipelines.stages.filter import keep_rule as kr
 from pipelines.stages.filter.tasks import (
     JoinArgs,
+    KeptArgs,
     _bracket,
     _decide,
     _join,
@@ -48,6 +55,8 @@ from pipelines.stages.filter.tasks import (
 )
 
 UNSCORED = "unscored"
+BRACKET_CAP = 4  # a cut-off's bracket brings at most this many times sample_rows keys to the driver
+MAX_PASSES = 1000  # a safety net: each pass narrows the bracket (a few do at any realistic size)
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,12 @@ class FilterConfig:
     apply_to: Tuple[Literal["train", "test"], ...] = doc("splits filtered; other rows pass through", default=("train",))
     shard_size: int = doc("kept samples per output shard", default=1000)
     rows_per_task: int = doc("pool rows per task", default=1_000_000)
-    sample_rows: int = doc("uid-hash sample size that brackets each top / bottom cut-off", default=200_000)
+    sample_rows: int = doc("uid-hash sample size that brackets each top / bottom cut-off; a bracket brings at most "
+                           f"{BRACKET_CAP} x this many keys to the driver (else a fresh sample narrows it)",
+                           default=200_000)
+    reshard: bool = doc("copy the kept samples' images and captions into webdataset tars of the stage's own, one "
+                        "per output shard (by ranged reads: DataComp's resharder); default: the output is an index "
+                        "whose tar column points at the images where they are, nothing copied", default=False)
     cpus_per_task: float = doc("CPUs per task", default=1.0)
     seed: int = doc("seed of the rule's virtual column random (uniform in [0, 1) per uid): {random: {top: 0.7}} "
                     "keeps a random 70%, the baseline for a utility's top 70%", default=0)
@@ -130,6 +144,8 @@ def _plan(cfg: FilterConfig, ctx: StageContext) -> Plan:
         if c not in pool_cols and c not in util_cols and c != kr.RANDOM:
             where = f"the pool (stage {cfg.data!r})" + (f" nor the utility (stage {cfg.utility!r})" if util_stage else "")
             raise SpecError(f"keep: no column {c!r} in {where}; the pool has {', '.join(sorted(pool_cols))}")
+    if cfg.reshard and "tar" not in pool_cols:
+        raise SpecError(f"reshard: the pool (stage {cfg.data!r}) has no images in tars to copy")
     rule_cols = kr.columns(rule)
     rows_total = int(pm.rows_out or 0) or len(shard_files)
     groups = _shard_groups(shard_files, rows_total / len(shard_files), cfg.rows_per_task)
@@ -174,50 +190,109 @@ def _joins(cfg: FilterConfig, ctx: StageContext, plan: Plan, args: JoinArgs) -> 
     return joined
 
 
-def _cutoff(ctx: StageContext, fs, work: str, parts: int, clause: kr.Clause, n: int, k: int, sample, rate: float):
-    """The exact ``k``-th key (1-based) of the clause's order among ``n`` rows, from the sample and bracket
-    passes."""
-    keys, his, los = (np.concatenate([s[i] for s in sample]) for i in range(3))
+@dataclass(frozen=True)
+class Bracket:
+    """Keys ``[low, high]`` (``None``: unbounded) known to hold the cut-off: ``before`` rows of the population come
+    before ``low``, ``inside`` are in it."""
+
+    low: Any
+    high: Any
+    before: int
+    inside: int
+
+
+def _sorted_keys(parts) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(key, uid_hi, uid_lo)`` pieces concatenated and sorted in the clause's order."""
+    keys, his, los = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(3))
     order = np.lexsort((los, his, keys))
-    keys, his, los = keys[order], his[order], los[order]
+    return keys[order], his[order], los[order]
+
+
+class _Search:
+    """The passes over the joined partitions that find one clause's exact ``k``-th key, bringing at most ``cap``
+    keys to the driver in any pass (:func:`_cutoff`); counts the passes and the most keys held."""
+
+    def __init__(self, ctx: StageContext, plan: "Plan", clause: kr.Clause, k: int, cap: int) -> None:
+        self.ctx, self.plan, self.clause, self.k, self.cap = ctx, plan, clause, k, cap
+        self.passes, self.most_keys = 0, 0
+
+    def run(self, low, high, limit: int, rate: float = 0.0, salt: int = 0):
+        """One pass: ``(before, inside, keys, every)`` over every partition (``every``: the keys are all the
+        inside rows'); with a ``rate``, a sample of at most ``cap`` keys (``max(cap, parts)``: one per task)."""
+        plan = self.plan
+        most = max(1, self.cap // plan.parts)
+        got = self.ctx.map(_bracket, [(plan.fs, p, plan.work, self.clause, low, high, limit, rate, salt, most)
+                                      for p in range(plan.parts)], unit=f"{self.clause.label} pass")
+        self.passes += 1
+        keys = _sorted_keys([g[2] for g in got])
+        self.most_keys = max(self.most_keys, len(keys[0]))
+        return sum(g[0] for g in got), sum(g[1] for g in got), keys, all(g[2][3] for g in got)
+
+    def pick(self, before: int, keys) -> Tuple[Any, Any, Any]:
+        i = self.k - before - 1
+        return keys[0][i], keys[1][i], keys[2][i]
+
+    def narrow(self, bracket: Bracket, keys):
+        """One counting pass that cuts ``bracket`` at two of ``keys`` (a uid-hash sample of its rows) either side of
+        where the cut-off should be: ``(the piece that holds it, exact)``, ``exact`` the piece's keys when the middle
+        one holds it and its keys all came back, else ``None``."""
+        s, rank = len(keys[0]), self.k - bracket.before
+        if not s:
+            return bracket, None
+        p = rank / bracket.inside
+        q = p * s
+        margin = 4 * math.sqrt(max(q * (1 - p), 1.0)) + 2
+        a = min(max(int(q - margin), 0), s - 1)
+        b = min(max(int(math.ceil(q + margin)), a), s - 1)
+        low, high = (keys[0][a], keys[1][a], keys[2][a]), (keys[0][b], keys[1][b], keys[2][b])
+        before, inside, got, every = self.run(low, high, self.cap // self.plan.parts)
+        if self.k <= before:  # before low: [bracket.low, low] (low itself is a row of it)
+            return Bracket(bracket.low, low, bracket.before, before - bracket.before + 1), None
+        if self.k > before + inside:  # after high: [high, bracket.high]
+            end = bracket.before + bracket.inside
+            return Bracket(high, bracket.high, before + inside - 1, end - (before + inside - 1)), None
+        return Bracket(low, high, before, inside), (got if every else None)
+
+
+def _cutoff(ctx: StageContext, plan: "Plan", clause: kr.Clause, n: int, k: int, sample, rate: float, cap: int):
+    """``(key, stats)``: the exact ``k``-th key (1-based) of the clause's order among ``n`` rows, and how it was
+    found.  A bracket known to hold it starts as everything; while it holds more than ``cap`` rows, a pass counts
+    the rows before and inside two keys of a uid-hash sample of it (first the join's, then a fresh one restricted to
+    it) around the expected rank, and the piece holding the ``k``-th row becomes the bracket (each task sends the
+    middle piece's keys with its counts when it has at most its share of ``cap``); once the bracket holds at most
+    ``cap`` rows their keys come to the driver and the pick is exact.  No pass brings more than about ``cap`` keys
+    to the driver."""
+    search = _Search(ctx, plan, clause, k, cap)
+    keys = _sorted_keys(sample)
     if rate >= 1:  # the sample is the whole population
-        return keys[k - 1], his[k - 1], los[k - 1]
-    s = len(keys)
-    q = k / n * s
-    margin = 4 * math.sqrt(max(q * (1 - k / n), 1.0)) + 8
-    for attempt in range(3):
-        a, b = int(q - margin), int(math.ceil(q + margin))
-        low = (keys[a], his[a], los[a]) if a >= 0 and attempt < 2 else None
-        high = (keys[b], his[b], los[b]) if b < s and attempt < 2 else None
-        got = ctx.map(_bracket, [(fs, p, work, clause, low, high) for p in range(parts)], unit=f"{clause.label} pass")
-        before = sum(g[0] for g in got)
-        inside = [np.concatenate([g[i] for g in got]) for i in (1, 2, 3)]
-        if before < k <= before + len(inside[0]):
-            o = np.lexsort((inside[2], inside[1], inside[0]))
-            i = o[k - before - 1]
-            return inside[0][i], inside[1][i], inside[2][i]
-        margin *= 8
-    raise RuntimeError(f"no cut-off found for {clause.label}")  # unreachable: the last pass is unbounded
+        return search.pick(0, keys), {"passes": 0, "driver_keys": len(keys[0])}
+    bracket, salt = Bracket(None, None, 0, n), 0
+    for _ in range(MAX_PASSES):
+        if bracket.inside <= cap:
+            before, _, exact, _ = search.run(bracket.low, bracket.high, cap)
+            return search.pick(before, exact), {"passes": search.passes, "driver_keys": search.most_keys}
+        bracket, exact = search.narrow(bracket, keys)
+        if exact is not None:
+            return search.pick(bracket.before, exact), {"passes": search.passes, "driver_keys": search.most_keys}
+        if bracket.inside > cap:  # a fresh sample of the bracket: about cap / 2 keys, at most cap
+            salt += 1
+            keys = search.run(bracket.low, bracket.high, 0, cap / 2 / bracket.inside, salt)[2]
+    raise RuntimeError(f"no cut-off found for {clause.label} in {MAX_PASSES} passes")
 
 
-def _shard_groups(shard_files: List[str], rows_per_shard: float, rows_per_task: int) -> List[List[int]]:
-    per = max(1, int(rows_per_task // max(rows_per_shard, 1)))
-    return [list(range(i, min(i + per, len(shard_files)))) for i in range(0, len(shard_files), per)]
-
-
-def _cutoffs(ctx: StageContext, plan: Plan, ranked: List[kr.Clause], joined, rate: float):
+def _cutoffs(ctx: StageContext, plan: Plan, ranked: List[kr.Clause], joined, rate: float, cap: int):
     """``(cutoffs, clause_stats)``: each ranked clause's exact cut-off key, and its population, kept count and
     cut-off value for the manifest."""
     cutoffs, clause_stats = {}, {}
     for i, clause in enumerate(ranked):
         n = sum(j["ranked"][i][0] for j in joined)
         k = int(math.floor(clause.value * n + 0.5))
-        cut = None
+        cut, found = None, {}
         if k > 0:
-            cut = _cutoff(ctx, plan.fs, plan.work, plan.parts, clause, n, k, [j["ranked"][i][1:] for j in joined], rate)
+            cut, found = _cutoff(ctx, plan, clause, n, k, [j["ranked"][i][1:] for j in joined], rate, cap)
             cutoffs[clause] = cut
         value = None if cut is None else float(-cut[0] if clause.op == "top" else cut[0])
-        clause_stats[clause.label] = {"population": n, "kept": k, "cutoff_value": value}
+        clause_stats[clause.label] = {"population": n, "kept": k, "cutoff_value": value, **found}
     return cutoffs, clause_stats
 
 
@@ -245,19 +320,28 @@ def _kept(cfg: FilterConfig, ctx: StageContext, plan: Plan, kept_per_shard: np.n
     offsets = np.concatenate([[0], np.cumsum(kept_per_shard)])
     sources = [(s, plan.shard_paths[s], int(offsets[s]), int(kept_per_shard[s])) for s in range(len(plan.shard_paths))]
     jobs = [(j, first, min(first + cfg.shard_size, kept)) for j, first in enumerate(range(0, kept, cfg.shard_size))]
-    per_task = max(1, cfg.rows_per_task // cfg.shard_size)
+    per_task = max(1, min(cfg.rows_per_task // cfg.shard_size, math.ceil(len(jobs) / _width(cfg))))
+    args = KeptArgs(plan.fs, plan.work, plan.group_of, plan.fs.unstrip_protocol(plan.pool.join("")),
+                    ctx.out.join(""), "tar" in plan.pool_cols, cfg.reshard, dict(ctx.storage_options))
     tasks = []
     for i in range(0, len(jobs), per_task):
         mine = jobs[i:i + per_task]
         lo, hi = mine[0][1], mine[-1][2]
-        srcs = [src for src in sources if src[3] and src[2] < hi and src[2] + src[3] > lo]
-        tasks.append((plan.fs, plan.work, mine, srcs, plan.group_of, plan.pool.join(""), ctx.out.join(""),
-                      "tar" in plan.pool_cols))
+        tasks.append((args, mine, [src for src in sources if src[3] and src[2] < hi and src[2] + src[3] > lo]))
     files: List[str] = []
-    rows = [sum(j[2] - j[1] for j in t[2]) for t in tasks]
+    rows = [sum(j[2] - j[1] for j in t[1]) for t in tasks]
     for w in ctx.map(_write_kept, tasks, unit="output shard groups", rows=rows):
         files += w
     return files, len(jobs)
+
+
+def _width(cfg: FilterConfig) -> int:
+    """How many tasks the cluster runs at once (output shards are spread over at least that many; the files
+    written do not depend on it)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
+    return max(1, int(cpus // cfg.cpus_per_task))
 
 
 def _write_subset(fs, work: str, sizes: np.ndarray, path: str) -> None:
@@ -286,7 +370,7 @@ def run_filter(cfg: FilterConfig, ctx: StageContext) -> Dict[str, Any]:
     args = JoinArgs(plan.fs, plan.util_stage.fs if plan.util_stage else None, plan.from_util, kr.columns(rule),
                     ranked, tuple(cfg.apply_to), rate, plan.work, cfg.seed)
     joined = _joins(cfg, ctx, plan, args)
-    cutoffs, clause_stats = _cutoffs(ctx, plan, ranked, joined, rate)
+    cutoffs, clause_stats = _cutoffs(ctx, plan, ranked, joined, rate, BRACKET_CAP * cfg.sample_rows)
     decided = _decisions(cfg, ctx, plan, cutoffs, joined)
     kept_per_shard = np.sum([d["kept_per_shard"] for d in decided], axis=0)
     reason_counts = np.sum([d["reasons"] for d in decided], axis=0)

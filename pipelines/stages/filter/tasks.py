@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipelines.formats import pool as fp
 from pipelines.formats.score_log import buckets_of
 from pipelines.run.errors import InputError
-from pipelines.run.storage import read_parquet, write_file, write_parquet
+from pipelines.run.storage import open_storage, read_parquet, write_file, write_parquet
 from pipelines.stages.filter import keep_rule as kr
 
 _HASH = np.uint64(0x9E3779B97F4A7C15)
@@ -49,7 +49,8 @@ def _sampled(hi: np.ndarray, lo: np.ndarray, rate: float) -> np.ndarray:
     """A deterministic uid-hash Bernoulli sample."""
     if rate >= 1:
         return np.ones(len(hi), bool)
-    h = (hi ^ (lo * _HASH)) * _HASH
+    with np.errstate(over="ignore"):
+        h = (hi ^ (lo * _HASH)) * _HASH
     return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < rate
 
 
@@ -140,16 +141,28 @@ def _join(args: JoinArgs, part: int, util_paths: Optional[List[str]]):
     return out
 
 
-def _bracket(fs, part: int, work: str, clause: kr.Clause, low, high):
-    """Rows of the population before ``low``, and the keys in ``[low, high]`` (``None``: unbounded)."""
-    t = read_parquet(fs, posixpath.join(work, "joined", f"p={part}.parquet"))
-    v = t[f"v:{clause.column}"].to_numpy()
+def _bracket(fs, part: int, work: str, clause: kr.Clause, low, high, limit: int, rate: float = 0.0, salt: int = 0,
+             most: int = 0):
+    """``(before, inside, keys)``: rows of the population before ``low`` and in ``[low, high]`` (``None``:
+    unbounded), and keys ``(key, uid_hi, uid_lo, every)`` of the inside rows: every one when there are at most
+    ``limit`` (``every`` is then ``True``), else a uid-hash sample of them at ``rate`` (``salt``), at most ``most``
+    of it (those with the smallest hashes: still a uniform sample)."""
+    name = f"v:{clause.column}"
+    t = read_parquet(fs, posixpath.join(work, "joined", f"p={part}.parquet"), ["uid_hi", "uid_lo", "in_scope",
+                                                                               "scored", name])
+    v = t[name].to_numpy()
     hi, lo = t["uid_hi"].to_numpy(), t["uid_lo"].to_numpy()
     ok = t["in_scope"].to_numpy() & t["scored"].to_numpy() & ~np.isnan(v)
     key = kr.rank_key(clause, v)
     before = ok & kr.key_lt(key, hi, lo, low) if low is not None else np.zeros(len(v), bool)
-    inside = ok & ~before & (kr.key_le(key, hi, lo, high) if high is not None else True)
-    return int(before.sum()), key[inside], hi[inside], lo[inside]
+    at = np.flatnonzero(ok & ~before & (kr.key_le(key, hi, lo, high) if high is not None else True))
+    count, every = len(at), len(at) <= limit
+    if not every:
+        u = uid_uniform(hi[at], lo[at], -salt - 1)
+        at = at[u < rate]
+        if len(at) > most:
+            at = np.sort(at[np.argsort(u[u < rate], kind="stable")[:most]])
+    return int(before.sum()), count, (key[at], hi[at], lo[at], every)
 
 
 def _decide(fs, part: int, work: str, rule: kr.Rule, cutoffs: Dict[kr.Clause, Any], unscored: str,
@@ -214,45 +227,88 @@ def _write_rejects(fs, work: str, group: int, shards: List[Tuple[int, str]], rea
     return sum(t.num_rows for t in tables)
 
 
-def _kept_rows(fs, work: str, shard: int, path: str, group: int, cache: dict) -> pa.Table:
-    if group not in cache:
-        cache.clear()
-        cache[group] = Decisions(fs, work, group)
-    rows, keep, _ = cache[group].of(shard)
-    return read_parquet(fs, path).take(rows[keep])
+@dataclass(frozen=True)
+class KeptArgs:
+    """What every kept-shard task shares: where the decisions are, the pool's committed URL (``tar`` is resolved
+    against it), the output directory, and whether images are copied (``reshard``) or pointed at."""
+
+    fs: Any
+    work: str
+    group_of: np.ndarray  # pool shard -> its shard group (the decisions' layout)
+    pool_url: str  # the pool stage's committed directory, as a URL
+    out_dir: str
+    has_tars: bool  # the pool's rows locate images in tars
+    reshard: bool
+    storage_options: Optional[Dict[str, Any]] = None
 
 
-def _write_kept(fs, work: str, jobs: List[Tuple[int, int, int]], sources, group_of, base: str,
-                out_dir: str, has_tars: bool):
+class _KeptSource:
+    """The kept rows of one pool shard at a time (output shards are cut in pool order: each source is read once)."""
+
+    def __init__(self, args: KeptArgs) -> None:
+        self.args, self.shard, self.rows, self.decisions = args, None, None, None
+
+    def get(self, shard: int, path: str) -> pa.Table:
+        if shard != self.shard:
+            group = int(self.args.group_of[shard])
+            if self.decisions is None or self.decisions[0] != group:
+                self.decisions = (group, Decisions(self.args.fs, self.args.work, group))
+            rows, keep, _ = self.decisions[1].of(shard)
+            self.shard, self.rows = shard, read_parquet(self.args.fs, path).take(rows[keep])
+        return self.rows
+
+
+def _write_kept(args: KeptArgs, jobs: List[Tuple[int, int, int]], sources):
     """Output shards ``jobs`` = ``(shard j, first, last)`` (global kept indices); ``sources`` the pool shards with
-    their global offsets.  Rewrites shard / key / tar / image columns; copies images by ranged reads."""
-    cache: dict = {}
+    their global offsets.  Rewrites ``shard`` / ``key``; ``tar`` becomes the full URL of the image's tar (an index:
+    nothing copied), or, with ``reshard``, the images and captions are copied into the shard's own tar by ranged
+    reads and ``tar`` / ``image*`` / ``text_offset`` / ``text_size`` point there."""
+    import pyarrow.compute as pc
+
+    source = _KeptSource(args)
     written = []
     for j, first, last in jobs:
         pieces = []
         for shard, path, start, count in sources:
             lo, hi = max(first, start), min(last, start + count)
             if lo < hi:
-                rows = _kept_rows(fs, work, shard, path, int(group_of[shard]), cache)
-                pieces.append(rows.slice(lo - start, hi - lo))
+                pieces.append(source.get(shard, path).slice(lo - start, hi - lo))
         t = pa.concat_tables(pieces, promote_options="default")
         keys = [f"{i:09d}" for i in range(first, last)]
         where = None
-        if has_tars:
-            where = _copy_images(fs, t, keys, base, posixpath.join(out_dir, fp.shard_tar(j)))
-            written.append(fp.shard_tar(j))
-        write_parquet(fs, posixpath.join(out_dir, fp.shard_parquet(j)), fp.reshard(t, j, keys, where))
+        if args.has_tars:
+            tars = fp.tar_urls(args.pool_url, pc.cast(t["tar"], pa.string()))
+            t = t.set_column(t.column_names.index("tar"), "tar", tars)
+            if args.reshard:
+                where = _copy_images(args, t, keys, posixpath.join(args.out_dir, fp.shard_tar(j)))
+                written.append(fp.shard_tar(j))
+        write_parquet(args.fs, posixpath.join(args.out_dir, fp.shard_parquet(j)), fp.reshard(t, j, keys, where))
         written.append(fp.shard_parquet(j))
     return written
 
 
-def _copy_images(fs, rows: pa.Table, keys: List[str], base: str, path: str) -> List[fp.Where]:
-    """The rows' images (ranged reads from the pool's tars under ``base``) into a new tar at ``path``, under
-    ``keys``; returns where each landed."""
-    tars = fp.tar_urls(base, rows["tar"]).to_pylist()  # a pool indexed in place names its source tars by URL
+def read_ranges(urls: List[str], starts: np.ndarray, ends: np.ndarray, options=None) -> List[bytes]:
+    """Bytes ``starts[i]:ends[i]`` of ``urls[i]`` (full URLs, any mix of filesystems): one ranged read each,
+    issued together per tar."""
+    out: List[bytes] = [b""] * len(urls)
+    by_url: Dict[str, List[int]] = {}
+    for i, url in enumerate(urls):
+        by_url.setdefault(url, []).append(i)
+    for url, at in by_url.items():
+        fs, path = open_storage(url, options)
+        got = fs.cat_ranges([path] * len(at), [int(starts[i]) for i in at], [int(ends[i]) for i in at])
+        for i, data in zip(at, got):
+            out[i] = data
+    return out
+
+
+def _copy_images(args: KeptArgs, rows: pa.Table, keys: List[str], path: str) -> List[fp.Where]:
+    """The rows' images (``tar`` already full URLs) into a new webdataset tar at ``path`` under ``keys``, with
+    their captions; returns where each landed."""
     starts = rows["image_offset"].to_numpy()
-    images = fs.cat_ranges(tars, list(starts), list(starts + rows["image_size"].to_numpy()))
+    images = read_ranges(rows["tar"].to_pylist(), starts, starts + rows["image_size"].to_numpy(),
+                         args.storage_options)
     exts = [posixpath.splitext(m)[1].lstrip(".") for m in rows["image"].to_pylist()]
     data, index = fp.tar_records(list(zip(keys, exts, images, rows["text"].to_pylist(), rows["uid"].to_pylist())))
-    write_file(fs, path, data)
+    write_file(args.fs, path, data)
     return [index[k] for k in keys]
