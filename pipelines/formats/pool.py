@@ -224,6 +224,19 @@ def tar_records(records: List[Tuple[str, str, bytes, str, str]]) -> Tuple[bytes,
     return buf.getvalue(), index
 
 
+def copy_samples(fs, rows: pa.Table, keys: List[str], path: str, options=None) -> List[Where]:
+    """Resharding: the rows' images (``tar`` full URLs, byte ranges read in place) and captions copied into a new
+    webdataset tar at ``path`` on ``fs`` under ``keys``; returns where each landed (for :func:`reshard`)."""
+    from pipelines.run.storage import read_ranges, write_file
+
+    starts = rows["image_offset"].to_numpy()
+    images = read_ranges(rows["tar"].to_pylist(), starts, starts + rows["image_size"].to_numpy(), options)
+    exts = [posixpath.splitext(m)[1].lstrip(".") for m in rows["image"].to_pylist()]
+    data, index = tar_records(list(zip(keys, exts, images, rows["text"].to_pylist(), rows["uid"].to_pylist())))
+    write_file(fs, path, data)
+    return [index[k] for k in keys]
+
+
 # ------------------------------------------------------------------------------------------------ reading
 
 

@@ -14,7 +14,7 @@ import json
 import posixpath
 import time
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -30,6 +30,26 @@ def open_storage(url: str, options: Optional[Dict[str, Any]] = None):
     """``(filesystem, root path)`` for a local path or a URL such as ``s3://bucket/prefix``."""
     fs, root = fsspec.core.url_to_fs(url, **(options or {}))
     return fs, root.rstrip("/")
+
+
+def read_ranges(urls: Sequence[str], starts, ends, options: Optional[Dict[str, Any]] = None) -> List[bytes]:
+    """Bytes ``starts[i]:ends[i]`` of ``urls[i]`` (full URLs, any mix of filesystems): one ranged read each, issued
+    together per filesystem (concurrent on object stores).  A read that fails raises (a missing file, storage
+    down); a short one returns the bytes there are (the caller checks the sizes)."""
+    out: List[bytes] = [b""] * len(urls)
+    where: Dict[str, Any] = {url: open_storage(url, options) for url in dict.fromkeys(urls)}  # (fs, path)
+    groups: Dict[int, List[int]] = {}
+    for i, url in enumerate(urls):
+        groups.setdefault(id(where[url][0]), []).append(i)
+    for idx in groups.values():
+        fs = where[urls[idx[0]]][0]
+        got = fs.cat_ranges([where[urls[i]][1] for i in idx], [int(starts[i]) for i in idx],
+                            [int(ends[i]) for i in idx], on_error="return")
+        for i, blob in zip(idx, got):
+            if isinstance(blob, BaseException):
+                raise blob
+            out[i] = blob
+    return out
 
 
 class StageDir:

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.formats import skipped
-from pipelines.run.storage import open_storage
+from pipelines.run.storage import read_ranges
 from pipelines.training.dist import world_rank_sizes
 
 SAMPLES_PER_TASK = 1024  # decode work per Ray Data task: large enough to amortise a task, small enough to stream
@@ -152,7 +152,7 @@ class Decoder:
         starts.append(rows["text_offset"][in_tar])
         sizes.append(rows["text_size"][in_tar])
         first = np.concatenate(starts).astype(np.int64)
-        blobs = _fetch(tars + [tars[i] for i in in_tar], first, first + np.concatenate(sizes), self.storage_options)
+        blobs = read_ranges(tars + [tars[i] for i in in_tar], first, first + np.concatenate(sizes), self.storage_options)
         images, reason = self._resized(blobs[:n], rows["image_size"])
         out = {"uid_hi": np.ascontiguousarray(rows["uid_hi"]), "uid_lo": np.ascontiguousarray(rows["uid_lo"]),
                "image": images, "reason": reason}
@@ -170,7 +170,7 @@ class Decoder:
 
     def images(self, rows: pa.Table) -> Tuple[np.ndarray, np.ndarray]:
         starts, sizes = rows["image_offset"].to_numpy(), rows["image_size"].to_numpy()
-        return self._resized(_fetch(rows["tar"].to_pylist(), starts, starts + sizes, self.storage_options), sizes)
+        return self._resized(read_ranges(rows["tar"].to_pylist(), starts, starts + sizes, self.storage_options), sizes)
 
     def _resized(self, blobs: Sequence[bytes], sizes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """``(images, reasons)``: a row that does not decode (or whose read is short) is zeros and its reason."""
@@ -198,22 +198,6 @@ def _captions(texts: List[bytes], sizes: np.ndarray, reason: np.ndarray) -> List
         except ValueError:  # UnicodeDecodeError is one
             out.append("")
             reason[i] = reason[i] or skipped.BAD_CAPTION
-    return out
-
-
-def _fetch(urls: List[str], starts: np.ndarray, ends: np.ndarray, options) -> List[bytes]:
-    """Bytes ``starts[i]:ends[i]`` of ``urls[i]``: one ranged read each, issued together (concurrent on object
-    stores).  A read that fails raises (a missing tar, storage down: not one sample's fault, not skipped); one that
-    returns the wrong byte count is the decoder's ``short_read``."""
-    if not urls:
-        return []
-    paths, fs = {}, None
-    for url in set(urls):  # one filesystem per pool; few tars per task
-        fs, paths[url] = open_storage(url, options)
-    out = fs.cat_ranges([paths[u] for u in urls], starts.tolist(), ends.tolist(), on_error="return")
-    for blob in out:
-        if isinstance(blob, BaseException):
-            raise blob
     return out
 
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipelines.formats import pool as fp
 from pipelines.formats.score_log import buckets_of
 from pipelines.run.errors import InputError
-from pipelines.run.storage import open_storage, read_parquet, write_file, write_parquet
+from pipelines.run.storage import read_parquet, write_parquet
 from pipelines.stages.filter import keep_rule as kr
 
 _HASH = np.uint64(0x9E3779B97F4A7C15)
@@ -280,35 +280,9 @@ def _write_kept(args: KeptArgs, jobs: List[Tuple[int, int, int]], sources):
             tars = fp.tar_urls(args.pool_url, pc.cast(t["tar"], pa.string()))
             t = t.set_column(t.column_names.index("tar"), "tar", tars)
             if args.reshard:
-                where = _copy_images(args, t, keys, posixpath.join(args.out_dir, fp.shard_tar(j)))
+                where = fp.copy_samples(args.fs, t, keys, posixpath.join(args.out_dir, fp.shard_tar(j)),
+                                        args.storage_options)
                 written.append(fp.shard_tar(j))
         write_parquet(args.fs, posixpath.join(args.out_dir, fp.shard_parquet(j)), fp.reshard(t, j, keys, where))
         written.append(fp.shard_parquet(j))
     return written
-
-
-def read_ranges(urls: List[str], starts: np.ndarray, ends: np.ndarray, options=None) -> List[bytes]:
-    """Bytes ``starts[i]:ends[i]`` of ``urls[i]`` (full URLs, any mix of filesystems): one ranged read each,
-    issued together per tar."""
-    out: List[bytes] = [b""] * len(urls)
-    by_url: Dict[str, List[int]] = {}
-    for i, url in enumerate(urls):
-        by_url.setdefault(url, []).append(i)
-    for url, at in by_url.items():
-        fs, path = open_storage(url, options)
-        got = fs.cat_ranges([path] * len(at), [int(starts[i]) for i in at], [int(ends[i]) for i in at])
-        for i, data in zip(at, got):
-            out[i] = data
-    return out
-
-
-def _copy_images(args: KeptArgs, rows: pa.Table, keys: List[str], path: str) -> List[fp.Where]:
-    """The rows' images (``tar`` already full URLs) into a new webdataset tar at ``path`` under ``keys``, with
-    their captions; returns where each landed."""
-    starts = rows["image_offset"].to_numpy()
-    images = read_ranges(rows["tar"].to_pylist(), starts, starts + rows["image_size"].to_numpy(),
-                         args.storage_options)
-    exts = [posixpath.splitext(m)[1].lstrip(".") for m in rows["image"].to_pylist()]
-    data, index = fp.tar_records(list(zip(keys, exts, images, rows["text"].to_pylist(), rows["uid"].to_pylist())))
-    write_file(args.fs, path, data)
-    return [index[k] for k in keys]

@@ -399,7 +399,8 @@ def run_index(cfg, ctx) -> Dict[str, Any]:
     written = [p for p, r in enumerate(results) if r["shard"]]
     shards = [fp.shard_parquet(p) for p in written]
     if src.reshard:
-        ctx.map(reshard_shard, [(out_fs, ctx.out.join(fp.shard_parquet(p)), ctx.out.join(fp.shard_tar(p)), p)
+        ctx.map(reshard_shard, [(out_fs, ctx.out.join(fp.shard_parquet(p)), ctx.out.join(fp.shard_tar(p)), p,
+                                 ctx.storage_options)
                                 for p in written], unit="shards resharded")
         shards = [f for p in written for f in (fp.shard_parquet(p), fp.shard_tar(p))]
     files = shards + [fp.rejects_part(p) for p, r in enumerate(results) if r["rejects"]]

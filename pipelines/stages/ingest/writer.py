@@ -5,14 +5,13 @@ an index shard of a pool indexed in place (``reshard``), and :func:`image_proble
 from __future__ import annotations
 
 import io
-import posixpath
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from pipelines.formats.pool import reshard, shard_tar, tar_records
-from pipelines.run.storage import open_storage, read_parquet, write_file, write_parquet
+from pipelines.formats.pool import copy_samples, reshard, shard_tar, tar_records
+from pipelines.run.storage import read_parquet, write_file, write_parquet
 
 _DIGITS: Optional[np.ndarray] = None
 
@@ -101,27 +100,14 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
     return rejects, index
 
 
-def reshard_shard(fs, parquet_path: str, tar_path: str, shard: int) -> int:
+def reshard_shard(fs, parquet_path: str, tar_path: str, shard: int, options=None) -> int:
     """``reshard``: an index shard's images and captions copied into a new webdataset tar of its own (ranged
-    reads of the source tars, grouped by tar), its rows rewritten to point there; returns the rows."""
+    reads where they are, with the run's storage ``options``), its rows rewritten to point there; returns the
+    rows."""
     rows = read_parquet(fs, parquet_path)
-    urls = rows["tar"].to_pylist()
-    if set(urls) == {shard_tar(shard)}:  # done already (a retried task)
+    if set(rows["tar"].to_pylist()) == {shard_tar(shard)}:  # done already (a retried task)
         return rows.num_rows
-    starts, sizes = rows["image_offset"].to_numpy(), rows["image_size"].to_numpy()
-    images: List[bytes] = [b""] * rows.num_rows
-    by_tar: Dict[str, List[int]] = {}
-    for i, url in enumerate(urls):
-        by_tar.setdefault(url, []).append(i)
-    for url, at in sorted(by_tar.items()):
-        src_fs, path = open_storage(url)
-        got = src_fs.cat_ranges([path] * len(at), [int(starts[i]) for i in at],
-                                [int(starts[i] + sizes[i]) for i in at])
-        for i, data in zip(at, got):
-            images[i] = data
     keys = [f"{shard:05d}{i:09d}" for i in range(rows.num_rows)]  # unique across the stage's tars
-    exts = [posixpath.splitext(m)[1].lstrip(".") for m in rows["image"].to_pylist()]
-    data, index = tar_records(list(zip(keys, exts, images, rows["text"].to_pylist(), rows["uid"].to_pylist())))
-    write_file(fs, tar_path, data)
-    write_parquet(fs, parquet_path, reshard(rows, shard, keys, [index[k] for k in keys]))
+    where = copy_samples(fs, rows, keys, tar_path, options)
+    write_parquet(fs, parquet_path, reshard(rows, shard, keys, where))
     return rows.num_rows
