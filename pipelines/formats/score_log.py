@@ -198,13 +198,38 @@ def read_bucket_rows(pf: pq.ParquetFile, name: str, lo: int, hi: int,
 # ------------------------------------------------------------------------------------------------ writing
 
 
-class ScoreLogWriter:
+class SegmentWriter:
+    """One rank's buffered segments in a flat folder ``root`` on ``fs`` (the score log's, the skipped record's):
+    rows added per step, written as one file per :meth:`flush` (:func:`part_name`, atomically), none without
+    rows.  Subclasses say how a file is encoded (:meth:`encode`)."""
+
+    def __init__(self, fs, root: str, rank: int, first_step: int = 1) -> None:
+        self.fs, self.root, self.rank = fs, root.rstrip("/"), rank
+        self.first = first_step  # the first step not yet flushed
+        self._parts: List[Dict[str, np.ndarray]] = []
+
+    def encode(self, cols: Dict[str, np.ndarray]) -> bytes:
+        raise NotImplementedError
+
+    def flush(self, step: int) -> List[str]:
+        """Write the buffered rows of steps ``first..step`` as one file (none without rows); returns its path."""
+        written: List[str] = []
+        if self._parts:
+            cols = {k: np.concatenate([p[k] for p in self._parts]) for k in self._parts[0]}
+            path = posixpath.join(self.root, part_name(self.first, step, self.rank))
+            atomic_write(self.fs, path, self.encode(cols))
+            written = [path]
+        self._parts = []
+        self.first = step + 1
+        return written
+
+
+class ScoreLogWriter(SegmentWriter):
     """One rank's buffered writer.  ``root`` is the stage's ``scores`` directory on ``fs``."""
 
     def __init__(self, fs, root: str, rank: int, num_buckets: int, first_step: int = 1) -> None:
-        self.fs, self.root, self.rank, self.num_buckets = fs, root.rstrip("/"), rank, num_buckets
-        self.first = first_step  # the first step not yet flushed
-        self._parts: List[Dict[str, np.ndarray]] = []
+        super().__init__(fs, root, rank, first_step)
+        self.num_buckets = num_buckets
 
     def add(self, step: int, epoch: int, uid_hi, uid_lo, scores, weights, losses, batch_size: int) -> None:
         n = len(uid_lo)
@@ -216,17 +241,8 @@ class ScoreLogWriter:
             "batch_size": np.full(n, batch_size, np.int32),
         })
 
-    def flush(self, step: int) -> List[str]:
-        """Write the buffered rows of steps ``first..step`` as one file (none without rows); returns its path."""
-        written: List[str] = []
-        if self._parts:
-            cols = {f.name: np.concatenate([p[f.name] for p in self._parts]) for f in SCHEMA}
-            path = posixpath.join(self.root, part_name(self.first, step, self.rank))
-            atomic_write(self.fs, path, encode(cols, self.num_buckets))
-            written = [path]
-        self._parts = []
-        self.first = step + 1
-        return written
+    def encode(self, cols: Dict[str, np.ndarray]) -> bytes:
+        return encode(cols, self.num_buckets)
 
 
 # ------------------------------------------------------------------------------------------------ the folder

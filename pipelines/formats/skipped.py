@@ -25,8 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.formats.score_log import part_name, segment_of
-from pipelines.run.storage import atomic_write
+from pipelines.formats.score_log import SegmentWriter, segment_of
 
 OK = 0
 SHORT_READ = 1
@@ -78,13 +77,8 @@ def skipped_files(files: Iterable[str]) -> List[str]:
     return sorted(f for f in files if is_skipped_file(f))
 
 
-class SkippedWriter:
+class SkippedWriter(SegmentWriter):
     """One rank's buffered record of skipped samples; ``root`` is the stage's ``skipped`` directory on ``fs``."""
-
-    def __init__(self, fs, root: str, rank: int, first_step: int = 1) -> None:
-        self.fs, self.root, self.rank = fs, root.rstrip("/"), rank
-        self.first = first_step  # the first step not yet flushed
-        self._parts: List[Dict[str, np.ndarray]] = []
 
     def add(self, step: int, epoch: int, uid_hi, uid_lo, reasons) -> None:
         n = len(uid_lo)
@@ -93,17 +87,8 @@ class SkippedWriter:
                                 "step": np.full(n, step, np.int64), "epoch": np.full(n, epoch, np.int32),
                                 "reason": np.asarray(reasons, np.uint8)})
 
-    def flush(self, step: int) -> List[str]:
-        """Write the buffered rows of steps ``first..step`` as one file (none without rows); returns its path."""
-        written: List[str] = []
-        if self._parts:
-            cols = {k: np.concatenate([p[k] for p in self._parts]) for k in self._parts[0]}
-            path = posixpath.join(self.root, part_name(self.first, step, self.rank))
-            atomic_write(self.fs, path, encode(cols, self.rank))
-            written = [path]
-        self._parts = []
-        self.first = step + 1
-        return written
+    def encode(self, cols: Dict[str, np.ndarray]) -> bytes:
+        return encode(cols, self.rank)
 
 
 def encode(cols: Dict[str, np.ndarray], rank: int) -> bytes:

@@ -19,19 +19,10 @@ from pipelines.run.spec import parse_spec
 from pipelines.run.storage import StageDir, open_storage
 from pipelines.stages.filter import keep_rule as kr
 from pipelines.stages.filter.stage import BRACKET_CAP, run_filter
-from tests.support.pools import SAMPLE_COLUMNS, datacomp_pool, samples
+from tests.support.pools import SAMPLE_COLUMNS, committed, datacomp_pool, samples
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 BUCKETS = 4
-
-
-def committed(fs, path, tables: dict, **manifest):
-    d = StageDir(fs, path)
-    d.begin()
-    for rel, t in tables.items():
-        d.write_table(rel, t)
-    d.commit({"files": list(tables), **manifest})
-    return StageDir(fs, path)
 
 
 def make_pool(tmp_path, n=1000, test=100, seed=0, missing_from_utility=0, extra_in_utility=0, skip_bucket=None):

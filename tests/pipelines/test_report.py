@@ -14,6 +14,7 @@ import pytest
 
 from pipelines.report.metrics import detection, label_noise, loss_steps_ratio
 from pipelines.report.page import label_noise_table as _label_noise_html
+from tests.support.pools import committed
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -202,17 +203,6 @@ def test_label_noise_spec_end_to_end_shrunk(tmp_path):
     assert "label noise: test accuracy" in page and "data efficiency" in page
 
 
-def _committed(fs, path, tables, **manifest):
-    from pipelines.run.storage import StageDir
-
-    d = StageDir(fs, path)
-    d.begin()
-    for rel, t in tables.items():
-        d.write_table(rel, t)
-    d.commit({"files": list(tables), **manifest})
-    return StageDir(fs, path)
-
-
 def test_report_reads_only_what_it_shows_and_its_figures_equal_the_whole_join(tmp_path, monkeypatch):
     """A pool of 600 rows in 5 shards (30% corrupted) and a utility over 500 of them in 4 bucket files: with
     read_pool and read_utility made to fail, the report's figures equal detection() over the whole join, the ROC's
@@ -237,7 +227,7 @@ def test_report_reads_only_what_it_shows_and_its_figures_equal_the_whole_join(tm
                          "image_offset": np.arange(600), "image_size": 1, "corrupted": bad, "shard": np.arange(600) // 130})
     shards = {f"shards/shard-{s:05d}.parquet": pa.Table.from_pandas(g, preserve_index=False)
               for s, g in pool.groupby("shard")}
-    pool_dir = _committed(fs, f"{root}/r/pool", shards, rows_out=600)
+    pool_dir = committed(fs, f"{root}/r/pool", shards, rows_out=600)
     scored = rng.permutation(600)[:500]
     util = pd.DataFrame({"uid": pool["uid"].to_numpy()[scored], "uid_hi": hi[scored], "uid_lo": lo[scored],
                          "num_steps": 3, "mean_score": np.where(bad[scored], -0.4, 0.4) + rng.normal(0, 0.5, 500),
@@ -245,7 +235,7 @@ def test_report_reads_only_what_it_shows_and_its_figures_equal_the_whole_join(tm
     util.loc[util.index[:40], "mean_score"] = np.round(util["mean_score"][:40], 0)  # ties, across files
     files = {f"utility/bucket={b}/part-00000.parquet": pa.Table.from_pandas(util[util["uid_lo"] % 4 == b],
                                                                             preserve_index=False) for b in range(4)}
-    util_dir = _committed(fs, f"{root}/r/util", files, num_buckets=4, quality_estimate=0.7)
+    util_dir = committed(fs, f"{root}/r/util", files, num_buckets=4, quality_estimate=0.7)
 
     def whole(*_args, **_kw):
         raise AssertionError("read a whole table")
@@ -277,8 +267,8 @@ def test_report_reads_only_what_it_shows_and_its_figures_equal_the_whole_join(tm
     # show: committed_stages reads the run's resolved spec, which names the stages
     (tmp_path / "r/spec.resolved.yaml").write_text(
         "stages: [{stage: ingest, name: pool}, {stage: train, name: mimic}, {stage: aggregate, name: util}]\n")
-    _committed(fs, f"{root}/r/mimic", {}, config={"data": "pool"})
-    _committed(fs, f"{root}/r/util", files, num_buckets=4, config={"scores": "mimic"}, stage="aggregate",
+    committed(fs, f"{root}/r/mimic", {}, config={"data": "pool"})
+    committed(fs, f"{root}/r/util", files, num_buckets=4, config={"scores": "mimic"}, stage="aggregate",
                name="util", config_hash="h")
     listed = [line for line in show_stage(f"{root}/r/util").splitlines() if "score " in line]
     assert [line.rsplit("  ", 1)[1] for line in listed] == [
@@ -301,7 +291,7 @@ def test_utility_extremes_file_by_file_equal_a_whole_sort_with_ties(tmp_path, k)
     util.loc[util.index[::17], "mean_score"] = np.nan  # never shown
     files = {f"utility/bucket={b}/part-00000.parquet": pa.Table.from_pandas(util[util["uid_lo"] % 5 == b],
                                                                             preserve_index=False) for b in range(5)}
-    high, low = extremes(_committed(fs, f"{root}/u", files), "mean_score", k, ["uid_hi", "uid_lo", "mean_score"])
+    high, low = extremes(committed(fs, f"{root}/u", files), "mean_score", k, ["uid_hi", "uid_lo", "mean_score"])
     scored = util.dropna()
     want_high = scored.sort_values(["mean_score", "uid_hi", "uid_lo"], ascending=[False, True, True]).head(k)
     want_low = scored.sort_values(["mean_score", "uid_hi", "uid_lo"]).head(k)

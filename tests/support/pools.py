@@ -1,4 +1,4 @@
-"""Pools on disk for the offline stages: a DataComp-layout pool (metadata parquet + webdataset tars of tiny images)
+"""Pools on disk for the offline stages: a committed stage made of given tables (:func:`committed`), a DataComp-layout pool (metadata parquet + webdataset tars of tiny images)
 to ingest in place, and a dataset stage's samples read back through the readers the train stage and the report use
 (``read_pool``: ``tar`` resolved to full URLs; every image and caption fetched at its byte range)."""
 
@@ -11,11 +11,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.formats.pool import read_pool
-from pipelines.run.storage import open_storage
+from pipelines.run.storage import StageDir, open_storage
 from tests.support.ingest import image_bytes, sample_members, write_tar
 
 SAMPLE_COLUMNS = ("uid", "key", "shard", "split", "text", "tar", "image", "image_offset", "image_size",
                   "text_offset", "text_size")
+
+
+def committed(fs, path: str, tables: Dict[str, pa.Table], **manifest) -> StageDir:
+    """A stage committed at ``path`` holding ``tables`` (relative path -> table) and ``manifest``'s fields."""
+    d = StageDir(fs, path)
+    d.begin()
+    for rel, t in tables.items():
+        d.write_table(rel, t)
+    d.commit({"files": list(tables), **manifest})
+    return StageDir(fs, path)
 
 
 def datacomp_pool(root, n: int = 40, per_tar: int = 12, seed: int = 0) -> List[str]:
