@@ -20,16 +20,21 @@ import multiprocessing
 import os
 import shutil
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import List, Tuple
 
 import numpy as np
+
+from pipelines.stages.ingest.sources import DataCompSource
 
 MARKER = "_POOL.json"
 COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple")
 RGB = ((200, 30, 30), (30, 160, 40), (30, 60, 200), (230, 210, 40), (10, 10, 10), (245, 245, 245),
        (240, 140, 20), (120, 40, 160))
 NOUNS = ("dog", "cat", "house", "tree", "car", "boat", "flower", "bird", "chair", "mountain", "cup", "bicycle")
+
+# the DataComp layout the datacomp source reads by default: <root>/<metadata>/*.parquet, <root>/<shards>/*.tar
+SHARDS, METADATA = (next(f.default for f in fields(DataCompSource) if f.name == n) for n in ("shards", "metadata"))
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def write_file(root: str, shape: PoolShape, f: int) -> int:
         uids, texts, pics = _samples(shape, t, palette)
         urls = [f"https://img.example.com/{t}/{i}.jpg" for i in range(len(uids))]
         if t >= 0:
-            with tarfile.open(os.path.join(root, "shards", f"{t:08d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tf:
+            with tarfile.open(os.path.join(root, SHARDS, f"{t:08d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tf:
                 for i, (uid, text, p) in enumerate(zip(uids, texts, pics)):
                     key = f"{t:08d}{i:05d}"
                     image, w, h = palette[p][:3]
@@ -137,7 +142,7 @@ def write_file(root: str, shape: PoolShape, f: int) -> int:
         "face_bboxes": pa.array([[] for _ in range(n)], pa.list_(pa.list_(pa.float64()))),
         "sha256": pa.array([hashlib.sha256(u.encode()).hexdigest() for u in cols["uid"]]).take(order),
     })
-    pq.write_table(table, os.path.join(root, "metadata", f"{f:08d}.parquet"))
+    pq.write_table(table, os.path.join(root, METADATA, f"{f:08d}.parquet"))
     return n
 
 
@@ -151,7 +156,7 @@ def ensure_pool(cache: str, shape: PoolShape, processes: int) -> Tuple[str, bool
             if json.load(fh) == asdict(shape):
                 return root, True
     shutil.rmtree(root, ignore_errors=True)
-    for sub in ("shards", "metadata"):
+    for sub in (SHARDS, METADATA):
         os.makedirs(os.path.join(root, sub))
     with multiprocessing.get_context("spawn").Pool(max(1, min(processes, shape.files))) as pool:
         written = sum(pool.starmap(write_file, [(root, shape, f) for f in range(shape.files)]))
