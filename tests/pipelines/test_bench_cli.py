@@ -138,6 +138,7 @@ SCALE_STAGE_KEYS = {"wall_s", "rows", "rows_per_core_s", "driver_peak_mb", "driv
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a Ray of its own and every stage (about a minute): conservation is also test_driver_rows'
 def test_bench_scale_json_conserves_rows(tmp_path):
     res = gradmimic("bench", "scale", "--rows", "2000", "--per-tar", "2000", "--steps", "2", "--batch-size", "32",
                     "--cache", str(tmp_path / "cache"), "--json")

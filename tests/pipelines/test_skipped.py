@@ -71,7 +71,7 @@ def _train_rows(storage, name):
 
 def _pick(train, seed):
     """For a plan seed: the uids of rank 1's share of the last step (all planted: an empty share), if none of them
-    is in step 1 (so step 1 of the planted run must equal the clean run's bit for bit), else None."""
+    is in step 1 (so step 1 trains on its whole batch), else None."""
     from pipelines.training.data import StepPlan
 
     plan = StepPlan(len(train), BATCH, WORLD, seed, STEPS)
@@ -100,8 +100,7 @@ def test_undecodable_images_are_skipped_and_recorded_once(tmp_path, ray_local):
            "batch_size": BATCH, "steps": STEPS, "checkpoint_every": 2, "eval_every": 3, "seed": seed,
            "optimizer": {"lr": 1e-3}, "resources": {"num_workers": WORLD}}
     manifests = {}
-    for name, stage in (("clean", job), ("bad", job), ("bad", {**job, "name": "one",
-                                                                "resources": {"num_workers": 1}})):
+    for name, stage in (("bad", job), ("bad", {**job, "name": "one", "resources": {"num_workers": 1}})):
         spec = parse_spec({"name": name, "storage": storage, "stages": [
             {"stage": "ingest", "name": "pool", "source": {"kind": "webdataset", "path": str(tmp_path / name)},
              "split": {"test_fraction": 0.2, "seed": 0}, "shard_size": 40}, stage]})
@@ -141,13 +140,7 @@ def test_undecodable_images_are_skipped_and_recorded_once(tmp_path, ray_local):
     np.testing.assert_allclose(per_step.weight.sum(), 1.0, rtol=0, atol=1e-5)  # softmax over them
     assert STEPS not in per_step.groups  # the step with an empty share trained nothing
 
-    # with nothing skipped the numbers are bit for bit the same: step 1 against the clean twin pool's run
-    clean = score_log(storage, "job", "clean")
-    first = log[log.step == 1].reset_index(drop=True)
-    assert clean[clean.step == 1].reset_index(drop=True).equals(first)
-    assert manifests[("clean", "job")]["skipped"] == {} and not skipped.skipped_files(
-        manifests[("clean", "job")]["files"])
-    # and with skipped rows the two ranks' step is the one process's (steps 1-5; 6 had an empty share on 2 ranks)
+    # with skipped rows the two ranks' steps are the one process's (steps 1-5; 6 had an empty share on 2 ranks)
     one = score_log(storage, "one", "bad")
     two = log[log.step < STEPS].reset_index(drop=True)
     one5 = one[one.step < STEPS].reset_index(drop=True)
