@@ -327,7 +327,9 @@ def _kept(cfg: FilterConfig, ctx: StageContext, plan: Plan, kept_per_shard: np.n
     for i in range(0, len(jobs), per_task):
         mine = jobs[i:i + per_task]
         lo, hi = mine[0][1], mine[-1][2]
-        tasks.append((args, mine, [src for src in sources if src[3] and src[2] < hi and src[2] + src[3] > lo]))
+        # the pool shards whose kept rows overlap [lo, hi): a run found by binary search, not a scan per task
+        a, b = np.searchsorted(offsets[1:], lo, side="right"), np.searchsorted(offsets[:-1], hi, side="left")
+        tasks.append((args, mine, [src for src in sources[a:b] if src[3]]))
     files: List[str] = []
     rows = [sum(j[2] - j[1] for j in t[1]) for t in tasks]
     for w in ctx.map(_write_kept, tasks, unit="output shard groups", rows=rows):
