@@ -96,7 +96,7 @@ def uid_of(identity: str) -> str:
 
 
 def is_uid(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and len(value) == 32 and not value.strip("0123456789abcdef")
 
 
 _HEX = np.zeros(256, dtype=np.uint64)

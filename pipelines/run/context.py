@@ -96,14 +96,18 @@ MAX_IN_FLIGHT = 1024
 IN_FLIGHT_REFRESH_S = 10.0
 
 
+def cluster_cpus() -> int:
+    """The CPUs the cluster has now (0 before Ray starts)."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
+
+
 def in_flight_bound() -> int:
     """How many of a map's tasks may be in flight: :data:`IN_FLIGHT_PER_CPU` per CPU the cluster has now (enough to
     keep every CPU busy while finished ones are collected), at least :data:`MIN_IN_FLIGHT`, at most
     :data:`MAX_IN_FLIGHT`."""
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
-    return max(1, min(MAX_IN_FLIGHT, max(MIN_IN_FLIGHT, IN_FLIGHT_PER_CPU * cpus)))
+    return max(1, min(MAX_IN_FLIGHT, max(MIN_IN_FLIGHT, IN_FLIGHT_PER_CPU * cluster_cpus())))
 
 
 def _ready(refs: List[Any]) -> List[Any]:

@@ -247,6 +247,8 @@ def test_datacomp_index_in_place_with_planted_defects(tmp_path, ray_local, monke
     from pipelines.stages.ingest import index
 
     monkeypatch.setattr(index, "MIN_TAR_TASKS", 1)
+    monkeypatch.setattr(index, "TASKS_PER_CPU", 0)
+    assert index.tar_groups(2, 4) == 2
     again, out2 = run_ingest(tmp_path, stage, name="again")
     assert again["files"] == manifest["files"]
     for f in manifest["files"]:
@@ -407,3 +409,27 @@ def test_tar_scan_agrees_with_tarfile_or_defers_to_it(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     for name in ("link", "bad", "short", "empty"):
         assert scan_tar(open(tmp_path / f"{name}.tar", "rb")) is None, name
+    # a checksum written as seven digits and a NUL (not tarfile's six, NUL, space) is still a valid checksum
+    field = data[148:156]
+    (tmp_path / "seven.tar").write_bytes(data[:148] + b"0" + field[:6] + b"\0" + data[156:])
+    assert scan_tar(open(tmp_path / "seven.tar", "rb")) == tarfile_members(tmp_path / "plain.tar")
+
+
+def test_tar_scan_reads_on_and_seeks_across_its_buffer(tmp_path, monkeypatch):
+    """Members larger than the read-on step are seeked over, and a caption that straddles a buffer's end is read
+    whole: the members are tarfile's, whatever the step sizes."""
+    import tarfile
+
+    from pipelines.stages.ingest import tarscan
+
+    huge = bytes(range(256)) * 5000  # 1.28 MB: beyond a 1 MB read-on step
+    members = [("a.jpg", huge), ("a.txt", b"x" * 3000), ("b.jpg", b"j" * 700), ("b.txt", b"y" * 2000),
+               ("c.jpg", huge[:9000]), ("c.json", b'{"uid": "' + b"cd" * 16 + b'"}')]
+    write_tar(tmp_path / "t.tar", members)
+    with open(tmp_path / "t.tar", "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        want = [(m.name, m.offset_data, m.size, tf.extractfile(m).read() if m.name.endswith((".json", ".txt"))
+                 else None) for m in tf if m.isfile()]
+    for near, far in ((16 << 10, 1 << 20), (512, 1024), (1000, 3000)):
+        monkeypatch.setattr(tarscan, "NEAR", near)
+        monkeypatch.setattr(tarscan, "FAR", far)
+        assert tarscan.scan_tar(open(tmp_path / "t.tar", "rb")) == want, (near, far)

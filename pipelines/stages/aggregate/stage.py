@@ -42,7 +42,7 @@ from pipelines.formats import utility as fu
 from pipelines.formats.manifest import ModelManifest, UtilityManifest
 from pipelines.formats.score_log import DIR, PATTERN, bucket_index, list_parts, log_files, segment_of
 from pipelines.run.config import SpecError, doc, ref_name, require
-from pipelines.run.context import StageContext
+from pipelines.run.context import StageContext, cluster_cpus
 from pipelines.run.errors import InputError
 from pipelines.run.storage import open_storage, parquet_metadata, parquet_schema
 from pipelines.stages.aggregate.reduce import LogFilter, fit_steps, reduce_buckets
@@ -287,7 +287,7 @@ def run_aggregate(cfg: AggregateConfig, ctx: StageContext) -> Dict[str, Any]:
     if not log.files:
         raise SpecError(f"scores: no score-log files ({PATTERN}) under {url}")
     columns = _columns(cfg, log)
-    width = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
+    width = max(1, int((cluster_cpus() or 1) // cfg.cpus_per_task))
     scan = _scan(ctx, log, width)
     counts, total, num_buckets = scan["counts"], scan["rows"], scan["num_buckets"]
     filt = LogFilter(cfg, scan["max_step"], scan["max_epoch"])

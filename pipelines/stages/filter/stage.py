@@ -39,7 +39,7 @@ from pipelines.formats import pool as fp
 from pipelines.formats.manifest import DatasetManifest, FilterManifest, UtilityManifest
 from pipelines.formats.utility import bucket_files
 from pipelines.run.config import SpecError, doc, require
-from pipelines.run.context import StageContext
+from pipelines.run.context import StageContext, cluster_cpus
 from pipelines.run.storage import parquet_schema
 from pipelines.stages.filter import keep_rule as kr
 from pipelines.stages.filter.tasks import (
@@ -340,10 +340,7 @@ def _kept(cfg: FilterConfig, ctx: StageContext, plan: Plan, kept_per_shard: np.n
 def _width(cfg: FilterConfig) -> int:
     """How many tasks the cluster runs at once (output shards are spread over at least that many; the files
     written do not depend on it)."""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
-    return max(1, int(cpus // cfg.cpus_per_task))
+    return max(1, int((cluster_cpus() or 1) // cfg.cpus_per_task))
 
 
 def _write_subset(fs, work: str, sizes: np.ndarray, path: str) -> None:

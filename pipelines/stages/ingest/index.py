@@ -1,12 +1,13 @@
 """Ingest in place: a pool's sources become an index, not a copy (docs/architecture.md, "Data flow").  Every row
 of work runs in tasks; the driver (:func:`run_index`) holds counts and file lists.
 
-1. One task per source tar, or per group of up to :data:`TARS_PER_TASK` on a large pool (:func:`index_tars`),
+1. One task per group of source tars (:func:`index_tars`; :func:`tar_groups` sizes the groups to the cluster),
    reads each tar's headers and its ``.json`` / ``.txt`` members (images too, decoded, only with
    ``validate_images``) and writes one row per sample (uid, key, caption, where the image and the caption's bytes
    are in that tar) into the partition of its uid (``(uid_hi ^ uid_lo) % P``); caption and labelled folders are
    listed by :mod:`.folders` into the same partitions.
-2. For a DataComp pool, one task per metadata parquet (:func:`partition_metadata`) writes its rows the same way.
+2. For a DataComp pool, one task per metadata parquet (:func:`partition_metadata`) writes its rows the same way,
+   in the same map as phase 1's tasks.
 3. One task per partition (:func:`join_partition`) joins the two on uid, keeps the first copy of every uid in the
    order (tar, member) and rejects the others, assigns split and caption noise seeded by the spec and the
    partition, and writes the partition's index shard and rejects part.  Source tars are never changed; with
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.formats import pool as fp
+from pipelines.run.context import cluster_cpus
 from pipelines.run.errors import InputError, InputNotFound
 from pipelines.run.storage import open_storage, parquet_metadata, read_parquet, write_parquet
 from pipelines.stages.ingest import folders
@@ -35,7 +37,8 @@ from pipelines.stages.ingest.writer import reshard_shard
 
 MAX_PARTITIONS = 1024  # bounds the scratch files (tar groups x partitions) and the partition pass's fan-out
 TARS_PER_TASK = 64  # source tars indexed by one phase-1 task at most (~640,000 DataComp samples)
-MIN_TAR_TASKS = 256  # tars are grouped only beyond this many tasks (parallelism first, then fewer scratch files)
+MIN_TAR_TASKS = 32  # tars are grouped only beyond this many tasks (parallelism first, then fewer scratch files)
+TASKS_PER_CPU = 4  # ... and this many per CPU of the cluster (a balanced tail)
 TAR_SAMPLE_BYTES = 4096  # a guess at the bytes per sample of a webdataset tar, to size the partitions
 SCRATCH = "_index"
 TAR_SCHEMA = pa.schema([
@@ -70,30 +73,34 @@ def write_partitions(fs, work: str, name: str, table: pa.Table, parts: int) -> N
 
 
 def tar_rows(fs, path: str, number: int, rel: str, kind: str, validate: bool) -> pa.Table:
-    """One source tar's samples as rows of :data:`TAR_SCHEMA` (``order``: the tar's ``number``, then member order)."""
+    """One source tar's samples as rows of :data:`TAR_SCHEMA` (``order``: the tar's ``number``, then member order),
+    built column by column."""
     entries, unsafe = read_tar(fs, path, validate)
-    url = fs.unstrip_protocol(path)
-    cols: Dict[str, list] = {name: [] for name in TAR_SCHEMA.names}
-    for i, (key, e) in enumerate(list(entries.items()) + [(name, {"unsafe": why}) for name, why in unsafe]):
-        source = f"{rel}/{key}"
-        uid, reason = e.get("uid"), e.get("unsafe")
-        if uid is None:
-            uid = fp.uid_of(f"{kind}:{source}")
-            if reason is None and kind == "datacomp":
-                reason = "no uid in json"
-        image, offset, size = e.get("image", ("", -1, -1))
-        text, text_offset, text_size = e.get("text", (None, -1, -1))
-        if reason is None and not image:
-            reason = "no image in tar"
-        reason = reason or e.get("problem")
-        for name, value in (("uid", uid), ("key", key), ("source", source), ("tar", url), ("image", image),
-                            ("image_offset", offset), ("image_size", size), ("text", text),
-                            ("text_offset", text_offset), ("text_size", text_size), ("reason", reason),
-                            ("order", (number << 32) | i)):
-            cols[name].append(value)
-    hi, lo = fp.uid_halves(cols["uid"])
-    cols["uid_hi"], cols["uid_lo"] = hi, lo
-    return pa.table({name: pa.array(cols[name], TAR_SCHEMA.field(name).type) for name in TAR_SCHEMA.names})
+    keys = list(entries) + [name for name, _ in unsafe]
+    found = list(entries.values()) + [{"unsafe": why} for _, why in unsafe]
+    n = len(keys)
+    sources = [f"{rel}/{key}" for key in keys]
+    uids = [e.get("uid") for e in found]
+    if kind == "datacomp":
+        reasons = [e.get("unsafe") or (None if u is not None else "no uid in json") for e, u in zip(found, uids)]
+    else:
+        reasons = [e.get("unsafe") for e in found]
+    uids = [u if u is not None else fp.uid_of(f"{kind}:{s}") for u, s in zip(uids, sources)]
+    images = [e.get("image", ("", -1, -1)) for e in found]
+    texts = [e.get("text", (None, -1, -1)) for e in found]
+    reasons = [r if r is not None or im[0] else "no image in tar" for r, im in zip(reasons, images)]
+    reasons = [r or e.get("problem") for r, e in zip(reasons, found)]
+    uid_array = pa.array(uids, pa.string())
+    hi, lo = fp.uid_halves(uid_array)
+    order = (np.int64(number) << np.int64(32)) | np.arange(n, dtype=np.int64)
+    image, image_offset, image_size = zip(*images) if n else ((), (), ())
+    text, text_offset, text_size = zip(*texts) if n else ((), (), ())
+    cols = {"uid": uid_array, "uid_hi": hi, "uid_lo": lo, "key": keys, "source": sources,
+            "tar": pa.array([fs.unstrip_protocol(path)] * n, pa.string()), "image": image,
+            "image_offset": image_offset, "image_size": image_size, "text": text, "text_offset": text_offset,
+            "text_size": text_size, "reason": reasons, "order": order}
+    return pa.table({name: pa.array(cols[name], TAR_SCHEMA.field(name).type) if not isinstance(cols[name], pa.Array)
+                     else cols[name] for name in TAR_SCHEMA.names})
 
 
 def index_tars(fs, tars: List[Tuple[str, int, str]], kind: str, parts: int, out_fs, work: str,
@@ -350,9 +357,17 @@ def _plan(src, ctx) -> Tuple[List[str], str, List[str], Optional[pa.Schema], int
     return [p for p, _ in tars], root, [], None, sum(size for _, size in tars) // TAR_SAMPLE_BYTES
 
 
+def tar_groups(count: int, cpus: int) -> int:
+    """Source tars per phase-1 task: as many as leave :data:`TASKS_PER_CPU` tasks per CPU of the cluster (at least
+    :data:`MIN_TAR_TASKS` tasks: an autoscaled cluster grows), at most :data:`TARS_PER_TASK`.  Fewer, larger tasks
+    write fewer scratch files (one per partition per task) and pay Ray's per-task cost less often."""
+    return max(1, min(TARS_PER_TASK, count // max(MIN_TAR_TASKS, TASKS_PER_CPU * cpus)))
+
+
 def _phase_one(src, cfg, ctx, out_fs, work: str):
-    """Phase 1 (tars or folders into the uid partitions); returns ``(fs, root, metadata files, schema, parts,
-    classes)``: what the later phases need."""
+    """Phases 1 and 2 as one map (tar groups and metadata files, or folder groups, into the uid partitions, every
+    task independent of the others); returns ``(fs, metadata files, schema, parts, classes)``: what the join
+    needs."""
     if src.kind in ("caption_folder", "labelled"):
         fs, root, groups, names, rows = folders.plan_folders(src, ctx)
         if cfg.noise is not None and cfg.noise.kind == "label" and len(names) < 2:
@@ -361,15 +376,23 @@ def _phase_one(src, cfg, ctx, out_fs, work: str):
         templates = tuple(getattr(src, "templates", ()))
         ctx.map(folders.index_folders, [(fs, root, g, i, src.kind, templates, names, parts, out_fs, work,
                                          src.validate_images) for i, g in enumerate(groups)], unit="folder groups")
-        return fs, root, [], None, parts, (names, templates) if names is not None else None
+        return fs, [], None, parts, (names, templates) if names is not None else None
     fs, root = open_storage(src.path)
     tars, tar_root, metas, schema, rows = _plan(src, ctx)
     parts = min(MAX_PARTITIONS, max(1, math.ceil(rows / cfg.shard_size)))
-    per = max(1, min(TARS_PER_TASK, len(tars) // MIN_TAR_TASKS))
+    per = tar_groups(len(tars), cluster_cpus())
     named = [(t, i, _rel(t, tar_root)) for i, t in enumerate(tars)]
-    ctx.map(index_tars, [(fs, named[i:i + per], src.kind, parts, out_fs, work, src.validate_images)
-                         for i in range(0, len(named), per)], unit="tar groups indexed")
-    return fs, root, metas, schema, parts, None
+    # the metadata files first: each is larger than a tar group, so they do not make the map's tail
+    jobs = [("metadata", fs, p, j, _rel(p, root), schema, parts, out_fs, work) for j, p in enumerate(metas)]
+    jobs += [("tars", fs, named[i:i + per], src.kind, parts, out_fs, work, src.validate_images)
+             for i in range(0, len(named), per)]
+    ctx.map(_partition_task, jobs, unit="tar groups and metadata files" if metas else "tar groups")
+    return fs, metas, schema, parts, None
+
+
+def _partition_task(what: str, *args) -> int:
+    """One task of phases 1 and 2: ``index_tars(*args)`` or ``partition_metadata(*args)``."""
+    return (index_tars if what == "tars" else partition_metadata)(*args)
 
 
 def _rel(path: str, base: str) -> str:
@@ -380,10 +403,7 @@ def run_index(cfg, ctx) -> Dict[str, Any]:
     """The stage for a pool indexed in place: three passes of tasks; returns the manifest's fields."""
     src = cfg.source
     out_fs, work = ctx.out.fs, ctx.out.join(SCRATCH)
-    fs, root, metas, schema, parts, classes = _phase_one(src, cfg, ctx, out_fs, work)
-    if metas:
-        ctx.map(partition_metadata, [(fs, p, j, _rel(p, root), schema, parts, out_fs, work)
-                                     for j, p in enumerate(metas)], unit="metadata files")
+    fs, metas, schema, parts, classes = _phase_one(src, cfg, ctx, out_fs, work)
     results = ctx.map(join_partition, [(out_fs, work, p, src.kind, schema, cfg.split, cfg.noise,
                                         ctx.out.join(fp.shard_parquet(p)), ctx.out.join(fp.rejects_part(p)), classes)
                                        for p in range(parts)], unit="partitions joined")

@@ -10,17 +10,23 @@ it always did (rejects with reasons, or an error).
 
 from __future__ import annotations
 
+import json
 import posixpath
 import tarfile
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from pipelines.formats import pool as fp
 from pipelines.stages.ingest.sources import IMAGE_EXTS, unsafe_member
 from pipelines.stages.ingest.writer import image_problem
 
 BLOCK = 512
-READ = (".json", ".txt")  # members whose bytes are read; the others are skipped
-SKIP_BY_READING = 8192  # a member this small is read past (cheaper than a seek), a larger one (an image) seeked over
+MAX_READ = 16 << 20  # a .json / .txt member larger than this (or a header's garbage size) goes to tarfile
+NEAR = 16 << 10  # bytes read after a seek over a member: the next few headers and small members of its sample
+FAR = 1 << 20  # bytes read where the tar is read through (small images: reading on beats seeking)
+_ZERO = bytes(BLOCK)
+_KINDS = np.frombuffer(b"0\0" + b"5", np.uint8)  # a regular file (either mark) or a directory
 Member = Tuple[str, int, int, Optional[bytes]]  # (name, data offset, size, data of a .json / .txt member)
 
 
@@ -34,60 +40,92 @@ def _number(field: bytes) -> Optional[int]:
         return None
 
 
-def _checksum_ok(header: bytes) -> bool:
-    stored = _number(header[148:156])
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    return stored is not None and stored == unsigned
+def _headers_ok(headers: List[bytes]) -> bool:
+    """Every header a regular file or an empty directory with a valid checksum (the unsigned sum of its bytes, the
+    checksum field counted as spaces), checked all at once; a checksum field not in the usual ``%06o\\0 `` layout
+    is parsed as tarfile does."""
+    if not headers:
+        return True
+    blocks = np.frombuffer(b"".join(headers), np.uint8).reshape(len(headers), BLOCK)
+    if not np.isin(blocks[:, 156], _KINDS).all():
+        return False
+    sums = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+    usual = np.zeros((len(headers), 8), np.uint8)
+    for i in range(6):  # the usual layout: six octal digits, NUL, space
+        usual[:, 5 - i] = 48 + ((sums >> (3 * i)) & 7)
+    usual[:, 7] = 32
+    odd = np.flatnonzero((blocks[:, 148:156] != usual).any(axis=1))
+    return all(_number(headers[i][148:156]) == sums[i] for i in odd)
 
 
 def _safe(name: str) -> bool:
     """Names :func:`.sources.unsafe_member` accepts, and not a v7 directory (a trailing slash)."""
+    if "/" not in name and "\\" not in name and ":" not in name:  # the usual case: a plain file name
+        return bool(name) and name != ".."
     parts = name.replace("\\", "/").split("/")
     return bool(name) and not (name.startswith(("/", "\\")) or name.endswith("/") or ".." in parts
                                or parts[0][1:2] == ":")
 
 
 def scan_tar(f: BinaryIO) -> Optional[List[Member]]:
-    """Every regular file member of the tar open at its start in ``f``, in order; ``None``: read it with tarfile."""
+    """Every regular file member of the tar open at its start in ``f``, in order; ``None``: read it with tarfile.
+    The tar is read on in :data:`FAR` steps where it is dense, and in :data:`NEAR` steps after a seek over a
+    large member, so large images are skipped, not read.  Kinds and checksums are checked all at once at the end
+    (a garbage size before that reads at most :data:`MAX_READ`)."""
     members: List[Member] = []
-    pos = 0
+    headers: List[bytes] = []
+    buf, base, pos = b"", 0, 0  # buf: the file's bytes from base
     while True:
-        header = f.read(BLOCK)
+        if pos + BLOCK > base + len(buf):
+            buf, base = _refill(f, buf, base, pos, BLOCK)
+        header = buf[pos - base:pos - base + BLOCK]
         if len(header) < BLOCK:
             return None  # truncated, or an empty file: tarfile's call
-        if header.count(0) == BLOCK:
-            return members if pos else None  # the end-of-archive block
-        kind = header[156:157]
-        size = _number(header[124:136])
-        if kind not in (b"0", b"\0", b"5") or size is None or not _checksum_ok(header):
+        if header == _ZERO:  # the end-of-archive block
+            return members if pos and _headers_ok(headers) else None
+        try:  # the usual layout (eleven octal digits, then NUL or space) first
+            size = int(header[124:135], 8) if header[135] in (0, 32) else _number(header[124:136])
+        except ValueError:
+            size = _number(header[124:136])
+        if size is None:
             return None
+        headers.append(header)
         name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0]
-            name = prefix + b"/" + name if prefix else name
+        if header[345] and header[257:262] == b"ustar":
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
             return None
         pos += BLOCK
-        padded = -(-size // BLOCK) * BLOCK
-        if kind == b"5":
+        if header[156] == 53:  # a directory
             if size:
                 return None
             continue
         if not _safe(text):
             return None
         data = None
-        if text.lower().endswith(READ) or padded <= SKIP_BY_READING:
-            block = f.read(padded)
-            if len(block) < size:
+        if text[-5:].lower() == ".json" or text[-4:].lower() == ".txt":
+            if size > MAX_READ:
                 return None
-            if text.lower().endswith(READ):
-                data = block[:size]
-        else:
-            f.seek(pos + padded)
+            if pos + size > base + len(buf):
+                buf, base = _refill(f, buf, base, pos, size)
+            data = buf[pos - base:pos - base + size]
+            if len(data) < size:
+                return None
         members.append((text, pos, size, data))
-        pos += padded
+        pos += -(-size // BLOCK) * BLOCK
+
+
+def _refill(f: BinaryIO, buf: bytes, base: int, start: int, size: int) -> Tuple[bytes, int]:
+    """A buffer holding at least ``size`` bytes from ``start`` (fewer at the end of the file), and its base."""
+    have = base + len(buf)
+    if base <= start <= have:  # reading on
+        keep, step = buf[start - base:], FAR
+    else:  # past a large member: seek over it
+        f.seek(start)
+        keep, step = b"", NEAR
+    return keep + f.read(max(size - len(keep), step)), start
 
 
 # ------------------------------------------------------------------------------------------------ a tar's samples
@@ -108,11 +146,16 @@ def read_tar(fs, path: str, validate: bool) -> Tuple[Dict[str, Dict[str, Any]], 
     return entries, unsafe
 
 
-def _uid_of_json(data: bytes) -> Optional[str]:
-    import json
+_JSON = json.JSONDecoder()
 
+
+def _uid_of_json(data: bytes) -> Optional[str]:
     try:
-        uid = json.loads(data).get("uid")
+        try:
+            value = _JSON.decode(data.decode("utf-8-sig"))  # the usual case, without json.loads's encoding detection
+        except UnicodeDecodeError:
+            value = json.loads(data)
+        uid = value.get("uid")
     except (ValueError, AttributeError):
         uid = None
     return uid if fp.is_uid(uid) else None
@@ -122,15 +165,21 @@ def _scanned(members) -> Dict[str, Dict[str, Any]]:
     """:func:`read_tar`'s entries from :func:`scan_tar`'s members."""
     entries: Dict[str, Dict[str, Any]] = {}
     for name, offset, size, data in members:
-        key, ext = posixpath.splitext(name)
+        dot, start = name.rfind("."), name.rfind("/") + 1
+        if dot > start and name[start] != ".":  # the usual case, as posixpath.splitext splits it
+            key, ext = name[:dot], name[dot:]
+        else:
+            key, ext = posixpath.splitext(name)
         ext = ext.lower()
-        entry = entries.setdefault(key, {})
-        if ext in IMAGE_EXTS and "image" not in entry:
-            entry["image"] = (name, offset, size)
-        elif ext == ".json":
+        entry = entries.get(key)
+        if entry is None:
+            entry = entries[key] = {}
+        if ext == ".json":
             entry["uid"] = _uid_of_json(data)
         elif ext == ".txt":
             entry["text"] = _caption(data, offset)
+        elif ext in IMAGE_EXTS and "image" not in entry:
+            entry["image"] = (name, offset, size)
     return entries
 
 
