@@ -115,7 +115,11 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         out = StageDir(fs, posixpath.join(run_root, stage.name))
         label = f"[{n}/{len(spec.stages)}] {stage.stage} {stage.name}"
         committed = out.manifest()
-        if committed and committed.get("config_hash") == h and stage.name not in force and not ran & set(inputs):
+        # a committed stage stands if its config and the attempts it read are still the committed ones (an input
+        # rerun by an invocation that stopped before this stage leaves it stale: its files may point into the old one)
+        read = {name: manifests[name].get("attempt") for name in inputs}
+        if committed and committed.get("config_hash") == h and stage.name not in force and not ran & set(inputs) \
+                and committed.get("input_attempts") == read:
             manifests[stage.name] = committed
             stream.write(f"{label}: committed, skipped (config {h})\n")
             continue
@@ -124,7 +128,8 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
             ray_ready = True
         definition = STAGES[stage.stage]
         # an unfinished attempt continues, unless this invocation forced it or rewrote one of its inputs
-        reopened = out.begin(h, resume=definition.resumable and stage.name not in force and not ran & set(inputs))
+        reopened = out.begin(h, resume=definition.resumable and stage.name not in force and not ran & set(inputs),
+                             inputs=read)
         if reopened:
             stream.write(f"{label}: continuing the unfinished attempt {out.attempt}\n")
         started, t0 = time.time(), time.perf_counter()
@@ -142,7 +147,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
                 raise RuntimeError(f"{label}: row counts do not add up: {result}")  # a bug, never user error
             manifest = {
                 "stage": stage.stage, "name": stage.name, "config_hash": h, "config": to_plain(stage.config),
-                "inputs": {name: hashes[name] for name in inputs}, "version": VERSION,
+                "inputs": {name: hashes[name] for name in inputs}, "input_attempts": read, "version": VERSION,
                 "timings": {"started": started, "seconds": round(seconds, 3)}, **result,
             }
             failpoints.hit(f"commit:{stage.name}")

@@ -81,19 +81,21 @@ class StageDir:
             self.attempt = committed["attempt"]
         return posixpath.join(self.path, self.attempt, *rel)
 
-    def begin(self, config_hash: str = "", resume: bool = False) -> bool:
+    def begin(self, config_hash: str = "", resume: bool = False, inputs: Optional[Dict[str, Any]] = None) -> bool:
         """Start writing an attempt; the committed one (if any) stays readable until commit().
 
-        With ``resume``, an uncommitted attempt of the same config (a run that died: its checkpoints are inside) is
-        reopened instead of starting afresh; returns whether one was.
+        With ``resume``, an uncommitted attempt of the same config that read the same ``inputs`` (the attempts of
+        the stages it reads; a run that died: its checkpoints are inside) is reopened instead of starting afresh;
+        returns whether one was.
         """
         if resume and config_hash:
-            for attempt in self._open_attempts(config_hash):
+            for attempt in self._open_attempts(config_hash, inputs or {}):
                 self.attempt = attempt
                 return True
         self.attempt = f"_attempt-{uuid.uuid4().hex[:12]}"
         self.fs.makedirs(self.join(), exist_ok=True)
-        self.write_bytes(ATTEMPT, json.dumps({"config_hash": config_hash, "created": time.time()}).encode())
+        self.write_bytes(ATTEMPT, json.dumps({"config_hash": config_hash, "inputs": inputs or {},
+                                              "created": time.time()}).encode())
         return False
 
     def abandon(self) -> None:
@@ -102,8 +104,8 @@ class StageDir:
             self.fs.rm(self.join(), recursive=True)
             self.attempt = None
 
-    def _open_attempts(self, config_hash: str):
-        """Uncommitted attempts started for ``config_hash``, newest first."""
+    def _open_attempts(self, config_hash: str, inputs: Dict[str, Any]):
+        """Uncommitted attempts started for ``config_hash`` and ``inputs``, newest first."""
         try:
             entries = self.fs.ls(self.path, detail=False)
         except FileNotFoundError:
@@ -119,7 +121,7 @@ class StageDir:
                     marker = json.loads(f.read())
             except (FileNotFoundError, ValueError):
                 continue
-            if marker.get("config_hash") == config_hash:
+            if marker.get("config_hash") == config_hash and marker.get("inputs", {}) == inputs:
                 found.append((float(marker.get("created", 0)), name))
         return [name for _, name in sorted(found, reverse=True)]
 

@@ -104,7 +104,11 @@ def test_rerunning_a_stage_reruns_its_readers(tmp_path, ray_local, monkeypatch):
     class CountConfig:
         data: str = field(metadata={"ref": "dataset"})
 
+    broken = []
+
     def count(cfg, ctx):
+        if broken:
+            raise RuntimeError("count broke")
         rows = ctx.inputs[cfg.data].manifest()["rows_out"]
         return {"rows_in": rows, "rows_out": rows, "rejected": 0}
 
@@ -120,6 +124,14 @@ def test_rerunning_a_stage_reruns_its_readers(tmp_path, ray_local, monkeypatch):
     assert "committed, skipped" not in log  # pool forced, so n, which reads it, reruns too
     _, log = run(spec, force=["n"])
     assert log.count("committed, skipped") == 1
+    # pool reruns but the invocation stops before n: n is stale (it read the old attempt) and reruns next time
+    broken.append(True)
+    with pytest.raises(RuntimeError, match="count broke"):
+        run(spec, force=["pool"])
+    broken.clear()
+    again, log = run(spec)
+    assert log.count("committed, skipped") == 1 and "ingest pool: committed, skipped" in log
+    assert again["n"]["input_attempts"] == {"pool": again["pool"]["attempt"]}
 
 
 def cli(*args):
@@ -184,6 +196,11 @@ def test_the_newest_unfinished_attempt_of_a_config_is_reopened(tmp_path):
     reader = StageDir(fs, f"{root}/r/job")
     assert reader.begin("h1", resume=True) and reader.attempt == newer != older
     assert not reader.begin("h3", resume=True) and reader.attempt not in (older, newer)
+    # an attempt is reopened only for the input attempts it read (an input rerun since: start afresh)
+    stage.begin("h4", inputs={"pool": "_attempt-a"})
+    read_a = stage.attempt
+    assert reader.begin("h4", resume=True, inputs={"pool": "_attempt-a"}) and reader.attempt == read_a
+    assert not reader.begin("h4", resume=True, inputs={"pool": "_attempt-b"}) and reader.attempt != read_a
 
 
 def map_context(tmp_path):
