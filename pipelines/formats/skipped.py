@@ -45,6 +45,47 @@ REASONS: Dict[int, str] = {
     EMPTY_SHARE: "empty_share",  # decoded, but some rank had no decodable sample that step: the step is skipped
 }
 
+MAX_PIXELS = 1 << 26  # the decoders' bound on an image's pixels (8192 x 8192): a decompression bomb is a reject
+
+
+class TooLarge(Exception):
+    """An image over the decoder's pixel bound, found from its header."""
+
+
+def guarded(decode, data: bytes, *args):
+    """``(decode(data, *args), OK)``, or ``(None, reason code)`` for image bytes that do not decode: never raises
+    for bad data (the train stage's decoders and ingest's ``validate_images`` share it, so a sample has the same
+    reason wherever it is found)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return decode(data, *args), OK
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, TooLarge):
+        return None, TOO_LARGE
+    except Image.UnidentifiedImageError:
+        return None, NOT_AN_IMAGE
+    except (EOFError, OSError) as exc:
+        return None, TRUNCATED if isinstance(exc, EOFError) or "truncated" in str(exc).lower() else CORRUPT
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - PIL's plugins raise many kinds (SyntaxError, ValueError, struct.error) on bad data
+        return None, CORRUPT
+
+
+def load_image(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """Decode every pixel of ``data`` (raises as :func:`guarded` expects)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if img.size[0] * img.size[1] > max_pixels:
+            raise TooLarge(img.size)
+        img.load()
+
+
 DIR = "skipped"
 PATTERN = f"{DIR}/part-s<first>-<last>-r<rank>.parquet"
 COUNTS_KEY = "gradmimic.skipped"

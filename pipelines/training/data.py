@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import io
 import posixpath
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -37,7 +36,6 @@ from pipelines.run.storage import read_ranges
 from pipelines.training.dist import world_rank_sizes
 
 SAMPLES_PER_TASK = 1024  # decode work per Ray Data task: large enough to amortise a task, small enough to stream
-MAX_PIXELS = 1 << 26  # the decoders' bound on an image's pixels (8192 x 8192): a decompression bomb is a reject
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ class Decoder:
     arch: Optional[str] = None  # the open_clip architecture whose tokenizer to use
     labels: bool = False
     storage_options: Optional[Dict[str, Any]] = None
-    max_pixels: int = MAX_PIXELS  # a larger image is rejected (``too_large``) before its pixels are decoded
+    max_pixels: int = skipped.MAX_PIXELS  # a larger image is rejected (``too_large``) before its pixels are decoded
     keep_text: bool = False  # also return the captions (``text``, an object array): retrieval's distinct captions
 
     def __call__(self, pool, idx: np.ndarray) -> Dict[str, np.ndarray]:
@@ -201,29 +199,10 @@ def _captions(texts: List[bytes], sizes: np.ndarray, reason: np.ndarray) -> List
     return out
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> Tuple[Optional[np.ndarray], int]:
+def decode_image(data: bytes, size: int, max_pixels: int = skipped.MAX_PIXELS) -> Tuple[Optional[np.ndarray], int]:
     """``(image, 0)`` (:func:`resize_image`'s), or ``(None, reason)`` for bytes that do not decode: never raises for
     bad data.  An image of more than ``max_pixels`` pixels is ``too_large`` before its pixels are decoded."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return resize_image(data, size, max_pixels), skipped.OK
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, _TooLarge):
-        return None, skipped.TOO_LARGE
-    except Image.UnidentifiedImageError:
-        return None, skipped.NOT_AN_IMAGE
-    except (EOFError, OSError) as exc:
-        return None, skipped.TRUNCATED if isinstance(exc, EOFError) or "truncated" in str(exc).lower() else skipped.CORRUPT
-    except MemoryError:
-        raise
-    except Exception:  # noqa: BLE001 - PIL's plugins raise many kinds (SyntaxError, ValueError, struct.error) on bad data
-        return None, skipped.CORRUPT
-
-
-class _TooLarge(Exception):
-    pass
+    return skipped.guarded(resize_image, data, size, max_pixels)
 
 
 def resize_image(data: bytes, size: int, max_pixels: Optional[int] = None) -> np.ndarray:
@@ -234,7 +213,7 @@ def resize_image(data: bytes, size: int, max_pixels: Optional[int] = None) -> np
 
     with Image.open(io.BytesIO(data)) as img:
         if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
-            raise _TooLarge(img.size)
+            raise skipped.TooLarge(img.size)
         img = img.convert("RGB")
         w, h = img.size
         scale = size / min(w, h)

@@ -52,8 +52,7 @@ def test_caption_folder_indexed_in_place(tmp_path, ray_local):
     assert manifest["rows_in"] == 9 and manifest["rows_out"] == 6 and manifest["shards"] <= 5
     assert {r["reason"] for r in rejects if r["source"] in ("empty.png", "nocap.png")} == {"empty caption",
                                                                                            "missing caption"}
-    assert {r["source"]: r["reason"] for r in rejects}["broken.jpg"].startswith(
-        "unreadable image: UnidentifiedImageError")
+    assert {r["source"]: r["reason"] for r in rejects}["broken.jpg"] == "unreadable image: not_an_image"
     assert {r["source"] for r in rows} == {"a.jpg", "b.png", "nested/c.webp", "nested/deeper/d.bmp", "glob[1].png",
                                            "glob1.png"}  # a name that looks like a glob pattern is read as it is
     assert all(r["image_offset"] == 0 and r["text_offset"] == -1 for r in rows)
@@ -151,7 +150,7 @@ def test_datacomp_pool(tmp_path, ray_local):
     reasons = sorted(r["reason"] for r in rejects)
     assert reasons == ["duplicate uid", "empty caption", "no image in tar", "no image in the shards",
                        "no uid in json", "uid not in metadata",
-                       "unreadable image: UnidentifiedImageError: cannot identify image file"]
+                       "unreadable image: not_an_image"]
     assert {r["source"] for r in rejects if r["reason"] == "no image in the shards"} == {"metadata/part-0.parquet#4"}
 
 
@@ -228,7 +227,7 @@ def test_datacomp_index_in_place_with_planted_defects(tmp_path, ray_local, monke
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rejected"]) == (15, 10, 5)
     assert sorted((r["source"], r["reason"]) for r in rejects) == [
         ("b/00000001.tar/../evil.jpg", "unsafe member name '../evil.jpg'"),
-        ("b/00000001.tar/000000009", "unreadable image: UnidentifiedImageError: cannot identify image file"),
+        ("b/00000001.tar/000000009", "unreadable image: not_an_image"),
         ("b/00000001.tar/000000011", "uid not in metadata"),
         ("b/00000001.tar/000000012", "duplicate uid"),
         ("metadata/part-1.parquet#5", "no image in the shards")]
@@ -332,20 +331,25 @@ def test_caption_folder_on_s3(tmp_path, s3_endpoint, ray_local):
     assert [(r["uid"], r["split"]) for r in rows] == [(r["uid"], r["split"]) for r in read_output(out2, local)[0]]
 
 
-def test_image_validation_reasons_are_stable(monkeypatch):
-    """A decoder's error is a reason without memory addresses; PIL's pixel limit is respected (no Ray here)."""
+def test_image_validation_reasons_are_the_train_stages_codes(monkeypatch):
+    """Ingest's validation gives the train stage's reason for a bad image (its code's name, no exception text):
+    not an image, truncated, over the decoders' pixel bound (checked from the header) or PIL's (no Ray here)."""
     from PIL import Image
 
+    from pipelines.formats import skipped
     from pipelines.stages.ingest.writer import image_problem
+    from pipelines.training.data import decode_image
 
-    assert image_problem(image_bytes("PNG", size=(20, 20))) is None
-    assert image_problem(b"garbage") == "unreadable image: UnidentifiedImageError: cannot identify image file"
-    assert image_problem(image_bytes("JPEG")[:40]).startswith("unreadable image: OSError: ")
+    good, short = image_bytes("PNG", size=(20, 20)), image_bytes("JPEG")[:40]
+    assert image_problem(good) is None
+    assert image_problem(b"garbage") == "unreadable image: not_an_image"
+    assert image_problem(short) == "unreadable image: " + skipped.REASONS[decode_image(short, 8)[1]]
+    assert image_problem(short) in ("unreadable image: truncated", "unreadable image: corrupt")
+    assert skipped.load_image(good, 400) is None and skipped.guarded(skipped.load_image, good, 399)[1] == \
+        skipped.TOO_LARGE
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    assert image_problem(image_bytes("PNG", size=(15, 10))) == (  # over the limit: PIL only warns, still a reject
-        "unreadable image: DecompressionBombWarning: Image size (150 pixels) exceeds limit of 100 pixels, could be "
-        "decompression bomb DOS attack.")
-    assert image_problem(image_bytes("PNG", size=(20, 20))).startswith("unreadable image: DecompressionBombError: ")
+    assert image_problem(image_bytes("PNG", size=(15, 10))) == "unreadable image: too_large"  # PIL only warns
+    assert image_problem(image_bytes("PNG", size=(20, 20))) == "unreadable image: too_large"  # PIL raises
 
 
 def test_datacomp_reshard_copies_into_tars(tmp_path, ray_local):

@@ -4,12 +4,11 @@ an index shard of a pool indexed in place (``reshard``), and :func:`image_proble
 
 from __future__ import annotations
 
-import io
-import re
 from typing import List, Optional, Tuple
 
 import numpy as np
 
+from pipelines.formats import skipped
 from pipelines.formats.pool import copy_samples, reshard, shard_tar, tar_records
 from pipelines.run.storage import read_parquet, write_file, write_parquet
 
@@ -25,53 +24,12 @@ def _digits() -> np.ndarray:
     return _DIGITS
 
 
-# what a corrupt or truncated file raises while decoding (UnidentifiedImageError is an OSError); an image over
-# twice PIL's Image.MAX_IMAGE_PIXELS raises DecompressionBombError (checked by name: PIL is imported late)
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
-
-
-def decode_errors() -> tuple:
-    from PIL import Image
-
-    return DECODE_ERRORS + (Image.DecompressionBombError,)
-
-
-def decode_reason(exc: BaseException) -> str:
-    """A stable reject reason for an image that does not decode: the error's type and message, without the
-    memory addresses some messages carry (``<_io.BytesIO object at 0x...>``)."""
-    message = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
-    return f"unreadable image: {type(exc).__name__}: {message[:200]}"
-
-
 def image_problem(data: bytes) -> Optional[str]:
-    """``None`` if ``data`` decodes as an image, else the reason; an image over PIL's ``Image.MAX_IMAGE_PIXELS``
-    (a possible decompression bomb, which PIL only warns about up to twice that) is a reason too."""
-    import warnings
-
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            checked_image(data, reencode=False)
-        except decode_errors() + (Image.DecompressionBombWarning,) as exc:
-            return decode_reason(exc)
-    return None
-
-
-def checked_image(data: bytes, reencode: bool = True) -> Tuple[bytes, str]:
-    """``(bytes, ext)``: JPEG and PNG kept as they are, other formats re-encoded as PNG (unless not
-    ``reencode``); raises if unreadable."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        fmt = (img.format or "").upper()
-        if fmt in ("JPEG", "PNG") or not reencode:
-            return data, "jpg" if fmt == "JPEG" else "png"
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="PNG")
-        return buf.getvalue(), "png"
+    """``None`` if ``data`` decodes as an image, else the reject reason: the train stage's reason code for it
+    (:mod:`pipelines.formats.skipped`; an image over its pixel bound, a possible decompression bomb, is
+    ``too_large``)."""
+    _, code = skipped.guarded(skipped.load_image, data)
+    return None if code == skipped.OK else f"unreadable image: {skipped.REASONS[code]}"
 
 
 def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
@@ -89,12 +47,12 @@ def write_shard(fs, path: str, records: List[Tuple[str, str, str, str]]):
         kind, _, where = ref.partition(":")
         if kind != "digits":
             raise ValueError(f"unknown image reference {ref!r}")
-        try:
-            image, ext = checked_image(digit_png(_digits()[int(where)]))
-        except decode_errors() as exc:
-            rejects.append((key, decode_reason(exc)))
+        image = digit_png(_digits()[int(where)])
+        problem = image_problem(image)
+        if problem:
+            rejects.append((key, problem))
             continue
-        good.append((key, ext, image, text, uid))
+        good.append((key, "png", image, text, uid))
     data, index = tar_records(good)
     write_file(fs, path, data)
     return rejects, index
