@@ -110,6 +110,52 @@ def in_flight_bound() -> int:
     return max(1, min(MAX_IN_FLIGHT, max(MIN_IN_FLIGHT, IN_FLIGHT_PER_CPU * cluster_cpus())))
 
 
+def map_tasks(fn: Callable, tasks: Sequence[tuple], finished: Optional[Callable[[int, int], None]] = None,
+              combine: Optional[Callable[[Any, Any], Any]] = None, num_returns: int = 1) -> Any:
+    """``[fn(*args) for args in tasks]``, as Ray tasks, in order; ``finished(task, tasks done)`` is called as each
+    finishes.  With ``combine``, results are folded as they arrive (``acc = combine(acc, result)``, from ``None``)
+    and only the fold is kept.  With ``num_returns`` > 1, ``fn`` returns that many values: the first is fetched
+    and each result is ``(first, ref, ...)``, the other values left in the object store.  At most
+    :func:`in_flight_bound` tasks are submitted and not yet collected at any time (their arguments are all the
+    object store holds for the map; the bound follows the cluster's size, re-read every
+    :data:`IN_FLIGHT_REFRESH_S`); more are submitted as they finish."""
+    import ray
+
+    remote, point, total = _remote(num_returns=num_returns), f"task:{fn.__name__}", len(tasks)
+    bound, checked = in_flight_bound(), time.monotonic()
+    results: List[Any] = [None] * total if combine is None else []
+    index: Dict[Any, int] = {}  # in flight: (first) ref -> its task's position
+    rest: Dict[int, tuple] = {}  # the other refs of a task with num_returns > 1
+    submitted, done, acc = 0, 0, None
+    while submitted < total or index:
+        if time.monotonic() - checked > IN_FLIGHT_REFRESH_S:  # an autoscaled cluster grows (or shrinks)
+            bound, checked = in_flight_bound(), time.monotonic()
+        while submitted < total and len(index) < bound:
+            refs = remote.remote(point, fn, *tasks[submitted])
+            if num_returns > 1:
+                refs, rest[submitted] = refs[0], tuple(refs[1:])
+            index[refs] = submitted
+            submitted += 1
+        for r in _ready(list(index)):
+            i = index.pop(r)
+            try:
+                value = ray.get(r)
+            except Exception as exc:
+                _cancel(list(index))  # the stage has failed: stop the rest of its work (none more is sent)
+                if isinstance(getattr(exc, "cause", None), errors.InputError):
+                    raise exc.cause from None  # bad input: raised as itself (one line naming the file)
+                raise
+            value = (value, *rest.pop(i)) if num_returns > 1 else value
+            if combine is None:
+                results[i] = value
+            else:
+                acc = combine(acc, value)
+            done += 1
+            if finished is not None:
+                finished(i, done)
+    return results if combine is None else acc
+
+
 def _ready(refs: List[Any]) -> List[Any]:
     """The refs of ``refs`` that are done: blocks until one is, then takes every other one done by then (one
     wait per batch, not per task; results stay where they are until fetched)."""
@@ -177,41 +223,16 @@ class StageContext:
         self.progress.stream.write(f"  {self.label}: {text}\n")
 
     def map(self, fn: Callable, tasks: Sequence[tuple], unit: str = "tasks", rows: Optional[Sequence[int]] = None,
-            combine: Optional[Callable[[Any, Any], Any]] = None) -> Any:
-        """``[fn(*args) for args in tasks]``, as Ray tasks, in order, reporting progress as they finish; with
-        ``combine``, results are folded as they arrive (``acc = combine(acc, result)``, from ``None``) and only
-        the fold is kept.  At most :func:`in_flight_bound` tasks are submitted and not yet collected at any time
-        (their arguments are all the object store holds for the map; the bound follows the cluster's size, re-read
-        every :data:`IN_FLIGHT_REFRESH_S`); more are submitted as they finish."""
-        import ray
+            combine: Optional[Callable[[Any, Any], Any]] = None, num_returns: int = 1) -> Any:
+        """:func:`map_tasks`, reporting progress on the stage's line as tasks finish (``rows``: each task's rows)."""
+        started, done_rows = time.perf_counter(), [0]
 
-        remote, point, total = _remote(), f"task:{fn.__name__}", len(tasks)
-        bound, checked = in_flight_bound(), time.monotonic()
-        results: List[Any] = [None] * total if combine is None else []
-        index: Dict[Any, int] = {}  # in flight: ref -> its task's position
-        started, submitted, done, done_rows, acc = time.perf_counter(), 0, 0, 0, None
-        while submitted < total or index:
-            if time.monotonic() - checked > IN_FLIGHT_REFRESH_S:  # an autoscaled cluster grows (or shrinks)
-                bound, checked = in_flight_bound(), time.monotonic()
-            while submitted < total and len(index) < bound:
-                index[remote.remote(point, fn, *tasks[submitted])] = submitted
-                submitted += 1
-            for r in _ready(list(index)):
-                i = index.pop(r)
-                try:
-                    value = ray.get(r)
-                except Exception:
-                    _cancel(list(index))  # the stage has failed: stop the rest of its work (none more is sent)
-                    raise
-                if combine is None:
-                    results[i] = value
-                else:
-                    acc = combine(acc, value)
-                done += 1
-                done_rows += rows[i] if rows else 0
-                self.progress.update(f"{self.label} {unit}", done, total, done_rows, started)
-                failpoints.hit(f"stage:{self.name}")
-        return results if combine is None else acc
+        def finished(i: int, done: int) -> None:
+            done_rows[0] += rows[i] if rows else 0
+            self.progress.update(f"{self.label} {unit}", done, len(tasks), done_rows[0], started)
+            failpoints.hit(f"stage:{self.name}")
+
+        return map_tasks(fn, tasks, finished, combine, num_returns)
 
     def map_dataset(self, fn: Callable[..., List[Dict[str, Any]]], items: List[Dict[str, Any]], unit: str,
                     total: Optional[int] = None, rows: Optional[str] = None, num_cpus: float = 1.0,

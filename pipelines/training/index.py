@@ -21,7 +21,6 @@ serve a prefix (``head``: an evaluation capped at ``eval_samples``) or a seeded 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +33,6 @@ INDEX_DTYPE = np.dtype([("uid_hi", "<u8"), ("uid_lo", "<u8"), ("tar", "<i4"), ("
 LOCATION = ("uid_hi", "uid_lo", "split", "tar", "image_offset", "image_size")
 TEXT = ("text_offset", "text_size")
 MIN_ROWS = 8192  # rows per index task (from the manifest's mean shard size): pieces of ~450 KB and up
-IN_FLIGHT = 256  # index tasks submitted at once: the driver waits for their counts in batches
 
 # a piece: the index rows of some shards, the tar URLs their ``tar`` numbers (UTF-8 bytes and their offsets: numpy,
 # so a fetch is zero-copy however many tars a shard points into), and the captions no tar holds
@@ -197,13 +195,12 @@ class PoolIndex:
 
 def build_index(ctx: Optional[Any], stage, labels: bool, text: bool) -> PoolIndex:
     """The :class:`PoolIndex` of dataset stage ``stage`` (with ``labels``, and with where the captions are for
-    ``text``), built by tasks over runs of consecutive shards (at most :data:`IN_FLIGHT` at a time; progress on
-    ``ctx``'s line, if given)."""
-    import ray
-
+    ``text``), built by tasks over runs of consecutive shards (:func:`~pipelines.run.context.map_tasks`; progress
+    on ``ctx``'s line, if given)."""
     from pipelines.formats.manifest import DatasetManifest
     from pipelines.formats.pool import shard_parquets
-    from pipelines.run import errors, failpoints
+    from pipelines.run import errors
+    from pipelines.run.context import map_tasks
 
     manifest = DatasetManifest.read(stage)
     files = shard_parquets(manifest.files)
@@ -212,33 +209,14 @@ def build_index(ctx: Optional[Any], stage, labels: bool, text: bool) -> PoolInde
     per_task = max(1, math.ceil(MIN_ROWS * len(files) / max(manifest.rows_out, 1)))
     runs = [[stage.join(f) for f in files[i:i + per_task]] for i in range(0, len(files), per_task)]
     base = stage.fs.unstrip_protocol(stage.join(""))
-    remote = ray.remote(failpoints.run_task).options(
-        num_returns=2, max_retries=errors.TASK_RETRIES, retry_exceptions=list(errors.TRANSIENT))
-    found: List[Dict[str, Tuple[int, int]]] = [{} for _ in runs]
-    refs: List[Any] = [None] * len(runs)
-    waiting: Dict[Any, int] = {}
-    started, done, rows = time.perf_counter(), 0, 0
-    while done < len(runs):
-        for i in range(done + len(waiting), min(len(runs), done + IN_FLIGHT)):
-            refs[i] = remote.remote("task:index_shards", index_shards, stage.fs, runs[i], base, labels, text,
-                                    stage.url)
-            waiting[refs[i][0]] = i
-        ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0.2)  # all that are done
-        if not ready:
-            ready, _ = ray.wait(list(waiting), num_returns=1)
-        try:
-            values = ray.get(ready)
-        except ray.exceptions.RayTaskError as exc:  # bad input: raised as itself (one line naming the file)
-            if isinstance(getattr(exc, "cause", None), errors.InputError):
-                raise exc.cause from None
-            raise
-        for ref, value in zip(ready, values):
-            found[waiting.pop(ref)] = value
-            rows += sum(c for _, c in value.values())
-        done += len(ready)
-        if ctx is not None:
-            ctx.progress.update(f"{ctx.label} index", done, len(runs), rows, started)
+    tasks = [(stage.fs, run, base, labels, text, stage.url) for run in runs]
+    # the pieces stay in the object store (each worker fetches what it reads); their row counts come back
+    if ctx is not None:
+        done = ctx.map(index_shards, tasks, unit="index", num_returns=2)
+    else:
+        done = map_tasks(index_shards, tasks, num_returns=2)
+    found: List[Dict[str, Tuple[int, int]]] = [f for f, _ in done]
     splits = tuple(sorted({s for f in found for s in f}))
     firsts = np.array([[f.get(s, (0, 0))[0] for s in splits] for f in found], np.int64).reshape(len(runs), -1)
     counts = np.array([[f.get(s, (0, 0))[1] for s in splits] for f in found], np.int64).reshape(len(runs), -1)
-    return PoolIndex(tuple(r[1] for r in refs), splits, firsts, counts)
+    return PoolIndex(tuple(ref for _, ref in done), splits, firsts, counts)

@@ -254,6 +254,9 @@ def test_map_keeps_a_bounded_number_of_tasks_in_flight(tmp_path, ray_local, monk
     assert 1 <= ray.get(gauge.peak.remote()) <= 3
     assert ctx.map(square, tasks[:50], combine=lambda a, v: (a or 0) + v) == sum(i * i for i in range(50))
     assert "m tasks: 200/200 (200 rows" in ctx.progress.stream.getvalue()
+    # two returns: the first fetched, the second left in the object store as a ref
+    got = ctx.map(lambda i: (i, [i] * 3), [(i,) for i in range(10)], num_returns=2)
+    assert [v for v, _ in got] == list(range(10)) and ray.get([r for _, r in got]) == [[i] * 3 for i in range(10)]
     monkeypatch.setattr(context, "MAX_IN_FLIGHT", 1024)
     monkeypatch.setattr(context, "IN_FLIGHT_PER_CPU", 3)
     assert context.in_flight_bound() == context.MIN_IN_FLIGHT  # a small cluster: the floor
@@ -281,3 +284,14 @@ def test_a_failed_map_task_fails_the_map_and_sends_no_more(tmp_path, ray_local, 
     with pytest.raises(ValueError, match="bad input 1"):
         map_context(tmp_path).map(task, [(i,) for i in range(100)])
     assert len(list(started.iterdir())) < 10  # task 1 failed within the first few: the rest were never sent
+
+    def bad_file(i):
+        from pipelines.run.errors import InputError
+
+        raise InputError(f"file {i}: not a pool shard")
+
+    from pipelines.run.errors import InputError
+
+    with pytest.raises(InputError) as caught:  # bad input is raised as itself, its one line intact
+        map_context(tmp_path).map(bad_file, [(7,)])
+    assert type(caught.value) is InputError and str(caught.value) == "file 7: not a pool shard"
