@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import posixpath
+import signal
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Tuple
 
@@ -297,8 +299,14 @@ def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, 
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
-    with ctx.watch_steps(lambda: ray.get(board.get.remote(), timeout=5)["state"]):
-        return trainer.fit()
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        with ctx.watch_steps(lambda: ray.get(board.get.remote(), timeout=5)["state"]):
+            return trainer.fit()
+    finally:  # Ray Train's Ctrl-C handler holds its controller actor (and keeps it alive): put ours back
+        if main:
+            signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
 
 
 def _finish(cfg, ctx: StageContext, spec: ModelSpec, result, plan, pool: _Pool, resumed: int):

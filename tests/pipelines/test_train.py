@@ -216,6 +216,23 @@ def test_train_on_s3(s3_endpoint, ray_local, tmp_path):
     assert fs.exists(f"{attempt}/train/checkpoint_manager_snapshot.json")
     assert set(weights(storage, "s3run", "s3")) == set(ModelSpec("clip").build().state_dict())
     assert json.loads(fs.cat_file(f"{attempt}/model.json"))["open_clip_config"]["embed_dim"] == 32
+    assert not alive_train_controllers(), "the stage's Ray Train controller outlived it"
+
+
+def alive_train_controllers(wait_s: float = 30.0) -> list:
+    """Ray Train controller actors still alive after ``wait_s`` (an actor whose handles are gone exits soon, not at
+    once).  Ray's state API needs the dashboard, which the session's Ray runs without: the GCS table instead."""
+    import time
+
+    import ray._private.state
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [a for a in ray._private.state.actors().values()
+                 if a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------------ bad configs at run time
