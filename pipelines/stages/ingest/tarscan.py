@@ -69,15 +69,15 @@ def _safe(name: str) -> bool:
 
 def scan_tar(f: BinaryIO) -> Optional[List[Member]]:
     """Every regular file member of the tar open at its start in ``f``, in order; ``None``: read it with tarfile.
-    The tar is read on in :data:`FAR` steps where it is dense, and in :data:`NEAR` steps after a seek over a
-    large member, so large images are skipped, not read.  Kinds and checksums are checked all at once at the end
+    The tar is read on in steps growing to :data:`FAR` where it is dense, and from :data:`NEAR` again after a
+    seek over a large member, so large images are skipped, not read.  Kinds and checksums are checked all at once at the end
     (a garbage size before that reads at most :data:`MAX_READ`)."""
     members: List[Member] = []
     headers: List[bytes] = []
-    buf, base, pos = b"", 0, 0  # buf: the file's bytes from base
+    buf, base, pos, step = b"", 0, 0, NEAR  # buf: the file's bytes from base
     while True:
         if pos + BLOCK > base + len(buf):
-            buf, base = _refill(f, buf, base, pos, BLOCK)
+            buf, base, step = _refill(f, buf, base, pos, BLOCK, step)
         header = buf[pos - base:pos - base + BLOCK]
         if len(header) < BLOCK:
             return None  # truncated, or an empty file: tarfile's call
@@ -109,7 +109,7 @@ def scan_tar(f: BinaryIO) -> Optional[List[Member]]:
             if size > MAX_READ:
                 return None
             if pos + size > base + len(buf):
-                buf, base = _refill(f, buf, base, pos, size)
+                buf, base, step = _refill(f, buf, base, pos, size, step)
             data = buf[pos - base:pos - base + size]
             if len(data) < size:
                 return None
@@ -117,15 +117,17 @@ def scan_tar(f: BinaryIO) -> Optional[List[Member]]:
         pos += -(-size // BLOCK) * BLOCK
 
 
-def _refill(f: BinaryIO, buf: bytes, base: int, start: int, size: int) -> Tuple[bytes, int]:
-    """A buffer holding at least ``size`` bytes from ``start`` (fewer at the end of the file), and its base."""
+def _refill(f: BinaryIO, buf: bytes, base: int, start: int, size: int, step: int) -> Tuple[bytes, int, int]:
+    """``(buffer, its base, the next step)``: a buffer holding at least ``size`` bytes from ``start`` (fewer at the
+    end of the file).  Reading on doubles the step up to :data:`FAR`; a seek over a large member starts again from
+    :data:`NEAR` (a readahead that follows the tar's density)."""
     have = base + len(buf)
     if base <= start <= have:  # reading on
-        keep, step = buf[start - base:], FAR
+        keep, step = buf[start - base:], min(2 * step, FAR)
     else:  # past a large member: seek over it
         f.seek(start)
         keep, step = b"", NEAR
-    return keep + f.read(max(size - len(keep), step)), start
+    return keep + f.read(max(size - len(keep), step)), start, step
 
 
 # ------------------------------------------------------------------------------------------------ a tar's samples
