@@ -118,11 +118,23 @@ class ModelSpec:
 
     task: str  # clip | classify
     arch: str = "tiny-clip"  # open_clip architecture / config (clip, and classify without a backbone)
-    backbone: Optional[str] = None  # classify: a pipelines.models.backbones name or a torchvision model
+    backbone: Optional[str] = None  # classify: a pipelines.models.backbones name or a torchvision model; clip: the
+    # image tower of a tower CLIP (pipelines.models.towers), with text_tower
     num_classes: int = 0
     image_size_override: Optional[int] = None
+    text_tower: Optional[str] = None  # clip: a pretrained text tower (pipelines.models.towers.TEXT_TOWERS)
+    embed_dim: int = 0  # a tower CLIP's embedding width
+
+    @property
+    def towers(self) -> bool:
+        """A CLIP of pretrained towers (:mod:`pipelines.models.towers`), not an open_clip architecture."""
+        return self.task == "clip" and self.text_tower is not None
 
     def build(self, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+        if self.towers:
+            from pipelines.models.towers import tower_clip
+
+            return tower_clip(self.backbone, self.text_tower, self.embed_dim, seed, device)
         if self.task == "clip":
             return build_clip(self.arch, seed, device)
         if self.backbone:
@@ -164,7 +176,16 @@ class ModelSpec:
 
     @property
     def context_length(self) -> int:
+        if self.towers:
+            from pipelines.models.towers import TEXT_TOWERS
+
+            return TEXT_TOWERS[self.text_tower].context_length
         return int(clip_config(self.arch)["text_cfg"].get("context_length", 77))
+
+    @property
+    def tokenizer(self) -> str:
+        """Whose tokenizer the captions go through: the text tower's, or the open_clip architecture's."""
+        return self.text_tower if self.towers else self.arch
 
     @property
     def default_params(self) -> List[str]:
@@ -174,6 +195,8 @@ class ModelSpec:
     def describe(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"task": self.task, "arch": self.arch, "backbone": self.backbone,
                                "num_classes": self.num_classes, "image_size": self.image_size}
+        if self.towers:
+            out.update(text_tower=self.text_tower, embed_dim=self.embed_dim)
         if not self.backbone:
             out["open_clip_config"] = clip_config(self.arch)
         mean, std = self.normalisation

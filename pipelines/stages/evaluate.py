@@ -45,7 +45,8 @@ def model_spec_of(model_json: Dict[str, Any]):
 
     backbone = model_json.get("backbone")
     return ModelSpec(model_json["task"], model_json["arch"], backbone, int(model_json.get("num_classes") or 0),
-                     model_json["image_size"] if backbone else None)
+                     model_json["image_size"] if backbone else None, model_json.get("text_tower"),
+                     int(model_json.get("embed_dim") or 0))
 
 
 def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names, templates, batch_size: int,
@@ -65,7 +66,7 @@ def evaluate_model(model_json: Dict[str, Any], weights: bytes, rows, class_names
     load_weights(model, load_state_dict(weights))
     model.eval()
     clip = spec.task == "clip"
-    decoder = Decoder(spec.image_size, tokens=spec.context_length if clip else None, arch=spec.arch,
+    decoder = Decoder(spec.image_size, tokens=spec.context_length if clip else None, arch=spec.tokenizer,
                       labels=bool(class_names), storage_options=storage_options, keep_text=clip)
     captions: List[np.ndarray] = []
 

@@ -193,7 +193,7 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     workers = cfg.resources.num_workers
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * (pool.train.num_rows // cfg.batch_size)
     plan = StepPlan(pool.train.num_rows, cfg.batch_size, workers, cfg.seed, total)
-    text = dict(tokens=spec.context_length, arch=cfg.model.arch) if cfg.task == "clip" else {}
+    text = dict(tokens=spec.context_length, arch=spec.tokenizer) if cfg.task == "clip" else {}
     decoder = Decoder(spec.image_size, labels=bool(pool.class_names), storage_options=ctx.storage_options, **text)
     attempt = ctx.out.join("").rstrip("/")
     storage_path, storage_fs = _ray_storage(ctx.out.fs, attempt)

@@ -77,9 +77,13 @@ WeightsRef = Union[str, Weights]  # a bare string names a previous train stage
 class ModelConfig:
     arch: str = doc("open_clip architecture (e.g. ViT-B-32), the shipped 'tiny-clip', or a model-config .json",
                      default="tiny-clip")
-    backbone: Optional[str] = doc("classify only: the image backbone instead of the open_clip visual tower: "
-                                   "efficientnet_lite0, or a torchvision model (e.g. resnet18)", default=None)
+    backbone: Optional[str] = doc("classify: the image backbone instead of the open_clip visual tower: "
+                                   "efficientnet_lite0, or a torchvision model (e.g. resnet18); clip, with "
+                                   "text_tower: the pretrained image tower (efficientnet_lite0)", default=None)
     image_size: Optional[int] = doc("backbones: input size (open_clip: the architecture's)", default=None)
+    text_tower: Optional[str] = doc("clip: a CLIP of pretrained towers instead of an open_clip architecture: the "
+                                     "text tower (all-minilm-l6-v2), with backbone the image tower", default=None)
+    embed_dim: int = doc("a tower CLIP's embedding width (its projections' outputs)", default=256)
 
 
 @dataclass(frozen=True)
@@ -186,8 +190,21 @@ class TrainConfig:
                             "{path: ...} or {pretrained: ...})")
         if mode.comparison and self.comparison is None:
             raise SpecError(f"comparison: mode {self.mode!r} needs a comparison set ({{data: <dataset stage>, ...}})")
-        if self.model.backbone and self.task != "classify":
-            raise SpecError("model.backbone: only for task classify")
+        if self.model.text_tower is not None:
+            from pipelines.models.towers import IMAGE_WEIGHTS, TEXT_TOWERS
+
+            if self.task != "clip":
+                raise SpecError("model.text_tower: only for task clip")
+            if self.model.text_tower not in TEXT_TOWERS:
+                raise SpecError(f"model.text_tower: unknown {self.model.text_tower!r} (known: "
+                                f"{', '.join(TEXT_TOWERS)})")
+            if self.model.backbone not in IMAGE_WEIGHTS:
+                raise SpecError(f"model.backbone: a tower CLIP's image tower, one of {', '.join(IMAGE_WEIGHTS)} "
+                                f"(got {self.model.backbone!r})")
+            if self.model.embed_dim < 1:
+                raise SpecError(f"model.embed_dim: must be >= 1, got {self.model.embed_dim}")
+        elif self.model.backbone and self.task != "classify":
+            raise SpecError("model.backbone: for task classify, or the image tower of a clip with model.text_tower")
         if self.model.image_size is not None and not self.model.backbone:
             raise SpecError("model.image_size: only for backbones (open_clip models have their own)")
         require(self, "batch_size checkpoint_every num_buckets eval_batch_size", 1)
@@ -208,7 +225,10 @@ class TrainConfig:
 def model_spec(cfg: TrainConfig, num_classes: int = 2) -> ModelSpec:
     from pipelines.models.build import ModelSpec
 
-    return ModelSpec(cfg.task, cfg.model.arch, cfg.model.backbone, num_classes, cfg.model.image_size)
+    m = cfg.model
+    towers = m.text_tower is not None and cfg.task == "clip"
+    return ModelSpec(cfg.task, m.arch, m.backbone, num_classes, m.image_size, m.text_tower if towers else None,
+                     m.embed_dim if towers else 0)
 
 
 def mimic_params(cfg: TrainConfig) -> Tuple[str, ...]:

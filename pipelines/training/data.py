@@ -231,10 +231,14 @@ def tokenize(arch: Optional[str], context_length: int, texts: Sequence[str]) -> 
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(arch: Optional[str], context_length: int) -> Callable:
+    """``arch``: an open_clip architecture, or a text tower's name (:mod:`pipelines.models.towers`)."""
     import open_clip
 
     from pipelines.models.build import open_clip_name
+    from pipelines.models.towers import TEXT_TOWERS, text_tokenizer
 
+    if arch in TEXT_TOWERS:
+        return text_tokenizer(arch, context_length)
     name = open_clip_name(arch) if arch else None
     if name:
         return open_clip.get_tokenizer(name, context_length=context_length)

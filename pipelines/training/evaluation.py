@@ -121,7 +121,7 @@ def heldout(model, spec: ModelSpec, chunks: Iterable[Dict[str, np.ndarray]], dev
         classes = None
         if spec.task == "clip" and zero_shot:
             names, templates = zero_shot
-            classes = zero_shot_classifier(model, lambda texts: tokenize(spec.arch, spec.context_length, texts),
+            classes = zero_shot_classifier(model, lambda texts: tokenize(spec.tokenizer, spec.context_length, texts),
                                            names, templates, device)
         for chunk in chunks:
             batch = decodable(chunk)

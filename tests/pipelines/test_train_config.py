@@ -92,6 +92,19 @@ def test_each_bad_config_names_its_stage_and_field(wide_config):
          "spec.yaml: stage 'ref' (train): model.image_size: only for backbones"),
         (stages(ref(), mimic(init="ref", reinit=["visual.transformer.nothing*"])),
          "spec.yaml: stage 'mimic' (train): reinit: no parameter matches 'visual.transformer.nothing*'"),
+        # a CLIP of pretrained towers
+        (stages(ref(model={"backbone": "efficientnet_lite0"})),
+         "spec.yaml: stage 'ref' (train): model.backbone: for task classify, or the image tower of a clip with "
+         "model.text_tower"),
+        (stages(ref(model={"backbone": "efficientnet_lite0", "text_tower": "bert-huge"})),
+         "spec.yaml: stage 'ref' (train): model.text_tower: unknown 'bert-huge' (known: all-minilm-l6-v2)"),
+        (stages(ref(model={"backbone": "resnet18", "text_tower": "all-minilm-l6-v2"})),
+         "spec.yaml: stage 'ref' (train): model.backbone: a tower CLIP's image tower, one of efficientnet_lite0 "
+         "(got 'resnet18')"),
+        (stages(ref(model={"backbone": "efficientnet_lite0", "text_tower": "all-minilm-l6-v2", "embed_dim": 0})),
+         "spec.yaml: stage 'ref' (train): model.embed_dim: must be >= 1, got 0"),
+        (stages(ref(task="classify", model={"backbone": "efficientnet_lite0", "text_tower": "all-minilm-l6-v2"})),
+         "spec.yaml: stage 'ref' (train): model.text_tower: only for task clip"),
     ]
     for data, message in cases:
         got = error_of(data)
