@@ -116,10 +116,11 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
         label = f"[{n}/{len(spec.stages)}] {stage.stage} {stage.name}"
         committed = out.manifest()
         # a committed stage stands if its config and the attempts it read are still the committed ones (an input
-        # rerun by an invocation that stopped before this stage leaves it stale: its files may point into the old one)
+        # rerun by an invocation that stopped before this stage leaves it stale: its files may point into the old
+        # one); a manifest that records none (written by a tool, such as the benches' prepared stages) is trusted
         read = {name: manifests[name].get("attempt") for name in inputs}
         if committed and committed.get("config_hash") == h and stage.name not in force and not ran & set(inputs) \
-                and committed.get("input_attempts") == read:
+                and committed.get("input_attempts", read) == read:
             manifests[stage.name] = committed
             stream.write(f"{label}: committed, skipped (config {h})\n")
             continue
