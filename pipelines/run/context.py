@@ -244,17 +244,35 @@ class StageContext:
         import ray.data
 
         task = functools.partial(failpoints.run_task, f"task:{fn.__name__}", fn)
-        total = len(items) if total is None else total
         with _single_map_settings():
             ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
                 task, num_cpus=num_cpus, max_retries=errors.TASK_RETRIES, retry_exceptions=list(errors.TRANSIENT),
                 fn_kwargs=fn_kwargs or {})
-            started, results, done_rows = time.perf_counter(), [], 0
-            for row in ds.iter_rows():
-                results.append(row)
-                done_rows += row[rows] if rows else 0
-                self.progress.update(f"{self.label} {unit}", len(results), total, done_rows, started)
-                failpoints.hit(f"stage:{self.name}")
+            return self._collect(ds, unit, len(items) if total is None else total, rows)
+
+    def map_actors(self, cls: type, items: List[Dict[str, Any]], unit: str, actors: int,
+                   constructor_kwargs: Dict[str, Any], num_cpus: float = 1.0, num_gpus: float = 0.0,
+                   rows: Optional[str] = None) -> List[Dict[str, Any]]:
+        """``cls(**constructor_kwargs)`` on each of ``actors`` Ray Data actors (what is costly to set up, a model,
+        is set up once per actor), called on batches of one item each (``{key: [value]}``; it returns columns of
+        rows); returns every row, in the order they arrive, with :meth:`map_dataset`'s progress."""
+        import ray.data
+        from ray.data import ActorPoolStrategy
+
+        with _single_map_settings():
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                cls, batch_size=1, compute=ActorPoolStrategy(size=actors), fn_constructor_kwargs=constructor_kwargs,
+                num_cpus=num_cpus, num_gpus=num_gpus)
+            return self._collect(ds, unit, len(items), rows)
+
+    def _collect(self, ds, unit: str, total: int, rows: Optional[str]) -> List[Dict[str, Any]]:
+        """Every row of ``ds`` as it arrives, with progress (and the stage's failpoint) per row."""
+        started, results, done_rows = time.perf_counter(), [], 0
+        for row in ds.iter_rows():
+            results.append(row)
+            done_rows += row[rows] if rows else 0
+            self.progress.update(f"{self.label} {unit}", len(results), total, done_rows, started)
+            failpoints.hit(f"stage:{self.name}")
         return results
 
     def run_task(self, fn: Callable, *args: Any, num_cpus: float = 1, num_gpus: float = 0) -> Any:

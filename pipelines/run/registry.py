@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from pipelines.stages.aggregate import AggregateConfig, check_aggregate, run_aggregate
+from pipelines.stages.clipscore import ClipScoreConfig, run_clipscore
 from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
 from pipelines.stages.filter.stage import FilterConfig, run_filter
 from pipelines.stages.ingest.stage import IngestConfig, run_ingest
@@ -49,6 +50,12 @@ STAGES: Dict[str, StageDef] = {
         FilterConfig, run_filter,
         "join utilities with the pool by uid, keep by a rule (thresholds, exact top / bottom fractions, and / or / "
         "minus); writes kept shards (resharded tars), rejected rows with reasons and a DataComp subset file",
+        "dataset",
+    ),
+    "clipscore": StageDef(
+        ClipScoreConfig, run_clipscore,
+        "a CLIP's image-text cosine for every row of a dataset (batch inference on Ray Data actors); writes the "
+        "dataset again with the score (and optionally the embeddings) as columns",
         "dataset",
     ),
     "evaluate": StageDef(

@@ -1,0 +1,153 @@
+"""``clipscore``: a CLIP's image-text cosine for every row of a dataset, by batch inference on a pool of Ray Data
+actors (one model each; a GPU each with ``use_gpu``).
+
+Output: the dataset again, its index shards rewritten one to one with every column carried, ``tar`` made a full
+URL (as the filter's index output does: no image is copied) and the score in ``column`` (``clip_score``: the
+cosine of the normalised image and text embeddings; null for a row whose image or caption does not decode, counted
+in the manifest's ``skipped``).  With ``embeddings: true`` the normalised embeddings too (``image_embedding``,
+``text_embedding``: fixed-size lists of float32).  A later ``filter`` reads it as a dataset, so the paper's combined
+rule (CLIP-score top 30% minus mimic bottom 20%) works on any pool: ``data: <this stage>, utility: <aggregate>,
+keep: {minus: [{column: clip_score, top: 0.3}, {column: mean_score, bottom: 0.2}]}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import numpy as np
+
+from pipelines.formats import model as fm
+from pipelines.formats import pool as fp
+from pipelines.formats.manifest import DatasetManifest
+from pipelines.run.config import SpecError, doc, require
+from pipelines.run.context import StageContext, cluster_cpus
+from pipelines.run.storage import parquet_schema, read_parquet, write_parquet
+
+EMBEDDINGS = ("image_embedding", "text_embedding")
+
+
+@dataclass(frozen=True)
+class ClipScoreConfig:
+    data: str = doc("the dataset stage (ingest, filter or clipscore) whose rows to score", ref="dataset")
+    model: str = doc("the train stage whose CLIP scores them (its final weights)", ref="model")
+    column: str = doc("the score's column in the output", default="clip_score")
+    embeddings: bool = doc("also write each row's normalised image and text embeddings", default=False)
+    batch_size: int = doc("rows per forward pass", default=256)
+    actors: int = doc("model replicas (Ray Data actors); 0: one per CPU (per GPU with use_gpu) the cluster has",
+                      default=0)
+    cpus_per_actor: float = doc("CPUs per actor (its decoding and, without a GPU, its forward passes)", default=1.0)
+    use_gpu: bool = doc("a GPU per actor", default=False)
+
+    def validate(self) -> None:
+        require(self, "batch_size", 1)
+        require(self, "actors", 0)
+        require(self, "cpus_per_actor", 0, strict=True)
+        if not self.column or self.column in EMBEDDINGS or self.column in fp.RESERVED:
+            raise SpecError(f"column: {self.column!r} is a column the pool or this stage already uses")
+
+
+@dataclass
+class ClipScoreManifest(DatasetManifest):
+    scored: int = 0
+    skipped: int = 0
+    column: str = "clip_score"
+
+
+class ShardScorer:
+    """One actor: the model built once, then whole shards scored (``__call__`` takes a batch of shard names)."""
+
+    def __init__(self, model_json: Dict[str, Any], weights, data, out, storage_options: Dict[str, Any],
+                 cfg: ClipScoreConfig) -> None:
+        import ray
+        import torch
+
+        from gradmimic import load_state_dict
+        from pipelines.models.build import load_weights
+        from pipelines.stages.evaluate import model_spec_of
+        from pipelines.training.data import Decoder
+
+        self.spec = model_spec_of(model_json)
+        self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
+        model = self.spec.build(0, self.device)
+        load_weights(model, load_state_dict(ray.get(weights)))
+        self.model = model.eval()
+        self.decoder = Decoder(self.spec.image_size, tokens=self.spec.context_length, arch=self.spec.tokenizer,
+                               storage_options=storage_options)
+        self.data, self.out, self.cfg = data, out, cfg
+        self.base = data.fs.unstrip_protocol(data.join(""))
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[int]]:
+        names = [str(n) for n in batch["shard"]]
+        counts = [self.score_shard(name) for name in names]
+        return {"shard": names, "rows": [n for n, _ in counts], "skipped": [s for _, s in counts]}
+
+    def score_shard(self, name: str):
+        """Shard ``name`` scored and written under the same name; returns ``(rows, skipped)``."""
+        import pyarrow as pa
+
+        table = read_parquet(self.data.fs, self.data.join(name))
+        table = table.set_column(table.schema.get_field_index("tar"), "tar", fp.tar_urls(self.base, table["tar"]))
+        score, embeddings = self.scores(table)
+        out = table.append_column(self.cfg.column, pa.array(score, mask=np.isnan(score)))
+        if self.cfg.embeddings:
+            for column, values in zip(EMBEDDINGS, embeddings):
+                out = out.append_column(column, pa.FixedSizeListArray.from_arrays(
+                    pa.array(values.reshape(-1)), values.shape[1]))
+        write_parquet(self.out.fs, self.out.join(name), out)
+        return table.num_rows, int(np.isnan(score).sum())
+
+    def scores(self, table):
+        """The cosine per row (NaN: not decoded) and the normalised image and text embeddings (zeros there)."""
+        import torch
+        import torch.nn.functional as F
+
+        from pipelines.training.batches import to_images
+
+        n, size = table.num_rows, self.cfg.batch_size
+        score = np.full(n, np.nan, np.float32)
+        embeddings: List[np.ndarray] = []
+        with torch.no_grad():
+            for start in range(0, n, size):
+                idx = np.arange(start, min(n, start + size))
+                batch = self.decoder(table, idx)
+                ok = batch["reason"] == 0
+                if not ok.any():
+                    continue
+                image = self.model.encode_image(to_images({"image": batch["image"][ok]}, self.spec, self.device))
+                text = self.model.encode_text(torch.from_numpy(batch["tokens"][ok]).to(self.device))
+                image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+                score[idx[ok]] = (image * text).sum(1).cpu().numpy()
+                if self.cfg.embeddings:
+                    if not embeddings:
+                        embeddings = [np.zeros((n, image.shape[1]), np.float32) for _ in EMBEDDINGS]
+                    embeddings[0][idx[ok]], embeddings[1][idx[ok]] = image.cpu().numpy(), text.cpu().numpy()
+        return score, embeddings
+
+
+def run_clipscore(cfg: ClipScoreConfig, ctx: StageContext) -> Dict[str, Any]:
+    """One Ray Data map over the dataset's shards on an actor pool; the driver holds shard names and counts."""
+    import ray
+
+    model_stage, data = ctx.inputs[cfg.model], ctx.inputs[cfg.data]
+    model_json = fm.read_model_json(model_stage)
+    if model_json["task"] != "clip":
+        raise SpecError(f"model: stage {cfg.model!r} trains a {model_json['task']} model; clipscore needs a CLIP")
+    dm = DatasetManifest.read(data)
+    shards = fp.shard_parquets(dm.files)
+    if not shards:
+        raise SpecError(f"data: stage {cfg.data!r} has no rows")
+    taken = set(parquet_schema(data.fs, data.join(shards[0])).names) & {cfg.column, *EMBEDDINGS}
+    if taken:
+        raise SpecError(f"column: stage {cfg.data!r} already has a column {sorted(taken)[0]!r}")
+    actors = cfg.actors or max(1, int(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu else
+                               int((cluster_cpus() or 1) // cfg.cpus_per_actor))
+    weights = ray.put(fm.read_weights(model_stage))
+    rows = ctx.map_actors(ShardScorer, [{"shard": s} for s in shards], "shards scored", min(actors, len(shards)),
+                          dict(model_json=model_json, weights=weights, data=data, out=ctx.out,
+                               storage_options=dict(ctx.storage_options), cfg=cfg),
+                          num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, rows="rows")
+    total, skipped = sum(r["rows"] for r in rows), sum(r["skipped"] for r in rows)
+    return ClipScoreManifest(rows_in=total, rows_out=total, rejected=0, files=list(shards), shards=len(shards),
+                             class_names=dm.class_names, templates=dm.caption_templates(), scored=total - skipped,
+                             skipped=skipped, column=cfg.column).to_json()
