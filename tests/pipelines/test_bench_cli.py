@@ -45,6 +45,17 @@ def test_bench_train_json():
     assert out["pipeline_efficiency"] == pytest.approx(ms["bare"] / ms["plain"], abs=2e-3)
 
 
+@pytest.mark.slow
+def test_bench_clipscore_json(tmp_path):
+    res = gradmimic("bench", "clipscore", "--json", "--rows", "2500", "--rounds", "1", "--batch-size", "128",
+                    "--cache", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 2500 and out["model"] == "tiny-clip" and out["actors"] >= 1
+    # one round: the ratio is that round's
+    assert out["stage_over_bare"] == pytest.approx(out["stage_rows_per_s"] / out["bare_rows_per_s"], rel=2e-3)
+
+
 def test_bench_train_rejects_too_few_steps():
     res = gradmimic("bench", "train", "--steps", "3", "--warmup", "5")
     assert res.returncode == 2 and "--steps (3) must exceed --warmup (5)" in res.stderr

@@ -72,6 +72,7 @@ def test_mimic_on_towers_equals_the_whole_model_oracle():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 80 s on 2 cores; the scores on this model are the oracle test's, its stage plumbing the digits'
 def test_a_mimic_train_stage_on_towers(tmp_path, ray_local):
     """A mimic stage on the tower CLIP (small images, a reference for its projection): the scores are exactly
     once, its model.json rebuilds the same model, and only what trains moved."""
