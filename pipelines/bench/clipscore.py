@@ -29,6 +29,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from pipelines.bench import print_result
+from pipelines.formats import model as fm
 from pipelines.run.errors import InputError
 
 
@@ -66,9 +67,9 @@ def _commit_model(storage: str, spec_yaml: Dict[str, Any], model_spec) -> None:
     model = model_spec.build(seed=0)
     d = StageDir(pool.fs, pool.path.rsplit("/", 1)[0] + "/model")
     d.begin()
-    d.write_bytes("model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
-    d.write_bytes("model.json", model_json(model_spec))
-    d.commit({"files": ["model.safetensors", "model.json"], "rows_in": 0, "rows_out": 0,
+    d.write_bytes(fm.WEIGHTS, save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    d.write_bytes(fm.MODEL_JSON, model_json(model_spec))
+    d.commit({"files": [fm.WEIGHTS, fm.MODEL_JSON], "rows_in": 0, "rows_out": 0,
               "config_hash": config_hash(spec.stages[1], {"pool": pool.manifest()["config_hash"]})})
 
 
@@ -89,8 +90,7 @@ def bare_rows_per_s(storage: str, model_spec, batch_size: int, threads: int) -> 
     pool, model_dir = StageDir(fs, f"{root}/bench/pool"), StageDir(fs, f"{root}/bench/model")
     t0 = time.perf_counter()
     model = model_spec.build(0)
-    with fs.open(model_dir.join("model.safetensors"), "rb") as f:
-        load_weights(model, load_state_dict(f.read()))
+    load_weights(model, load_state_dict(fm.read_weights(model_dir)))
     model.eval()
     decoder = Decoder(model_spec.image_size, tokens=model_spec.context_length, arch=model_spec.tokenizer)
     base, rows = fs.unstrip_protocol(pool.join("")), 0

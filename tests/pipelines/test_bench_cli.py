@@ -46,6 +46,7 @@ def test_bench_train_json():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a smoke test of the bench's plumbing (40 s): the stage itself is test_clipscore.py's
 def test_bench_clipscore_json(tmp_path):
     res = gradmimic("bench", "clipscore", "--json", "--rows", "2500", "--rounds", "1", "--batch-size", "128",
                     "--cache", str(tmp_path))
@@ -53,7 +54,8 @@ def test_bench_clipscore_json(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["rows"] == 2500 and out["model"] == "tiny-clip" and out["actors"] >= 1
     # one round: the ratio is that round's
-    assert out["stage_over_bare"] == pytest.approx(out["stage_rows_per_s"] / out["bare_rows_per_s"], rel=2e-3)
+    # (the ratio is rounded to 3 decimals, the rates to 0.1 rows/s)
+    assert out["stage_over_bare"] == pytest.approx(out["stage_rows_per_s"] / out["bare_rows_per_s"], abs=6e-4)
 
 
 def test_bench_train_rejects_too_few_steps():
