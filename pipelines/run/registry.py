@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional
 from pipelines.stages.aggregate import AggregateConfig, check_aggregate, run_aggregate
 from pipelines.stages.clipscore import ClipScoreConfig, run_clipscore
 from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
+from pipelines.stages.features import FeaturesConfig, run_features
 from pipelines.stages.filter.stage import FilterConfig, run_filter
 from pipelines.stages.ingest.stage import IngestConfig, run_ingest
 from pipelines.stages.train import run_train
@@ -56,6 +57,12 @@ STAGES: Dict[str, StageDef] = {
         ClipScoreConfig, run_clipscore,
         "a CLIP's image-text cosine for every row of a dataset (batch inference on Ray Data actors); writes the "
         "dataset again with the score (and optionally the embeddings) as columns",
+        "dataset",
+    ),
+    "features": StageDef(
+        FeaturesConfig, run_features,
+        "pretrained towers' features of every row of a dataset, computed once on Ray Data actors, so train stages "
+        "with locked towers (LiT) train the projections on them; writes the dataset again with where they are",
         "dataset",
     ),
     "evaluate": StageDef(

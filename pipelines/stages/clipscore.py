@@ -23,6 +23,7 @@ from pipelines.formats.manifest import DatasetManifest
 from pipelines.run.config import SpecError, doc, require
 from pipelines.run.context import StageContext, cluster_cpus
 from pipelines.run.storage import parquet_schema, read_parquet, write_parquet
+from pipelines.stages.evaluate import model_spec_of
 
 EMBEDDINGS = ("image_embedding", "text_embedding")
 
@@ -54,23 +55,23 @@ class ClipScoreManifest(DatasetManifest):
     column: str = "clip_score"
 
 
-class ShardScorer:
-    """One actor: the model built once, then whole shards scored (``__call__`` takes a batch of shard names)."""
+class ShardMapper:
+    """One actor: a model built once, then whole shards mapped (``__call__`` takes a batch of shard names; a
+    subclass's :meth:`map_shard` writes one and returns ``(rows, skipped)``)."""
 
-    def __init__(self, model_json: Dict[str, Any], weights, data, out, storage_options: Dict[str, Any],
-                 cfg: ClipScoreConfig) -> None:
+    def __init__(self, spec, weights, data, out, storage_options: Dict[str, Any], cfg) -> None:
         import ray
         import torch
 
         from gradmimic import load_state_dict
         from pipelines.models.build import load_weights
-        from pipelines.stages.evaluate import model_spec_of
         from pipelines.training.data import Decoder
 
-        self.spec = model_spec_of(model_json)
+        self.spec = spec
         self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
         model = self.spec.build(0, self.device)
-        load_weights(model, load_state_dict(ray.get(weights)))
+        if weights is not None:
+            load_weights(model, load_state_dict(ray.get(weights)))
         self.model = model.eval()
         self.decoder = Decoder(self.spec.image_size, tokens=self.spec.context_length, arch=self.spec.tokenizer,
                                storage_options=storage_options)
@@ -79,15 +80,39 @@ class ShardScorer:
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, List[int]]:
         names = [str(n) for n in batch["shard"]]
-        counts = [self.score_shard(name) for name in names]
+        counts = [self.map_shard(name) for name in names]
         return {"shard": names, "rows": [n for n, _ in counts], "skipped": [s for _, s in counts]}
 
-    def score_shard(self, name: str):
-        """Shard ``name`` scored and written under the same name; returns ``(rows, skipped)``."""
+    def read_shard(self, name: str):
+        """Shard ``name`` with ``tar`` made a full URL (the output points where the images already are)."""
+        table = read_parquet(self.data.fs, self.data.join(name))
+        return table.set_column(table.schema.get_field_index("tar"), "tar", fp.tar_urls(self.base, table["tar"]))
+
+    def decoded(self, table):
+        """Per ``batch_size`` rows: ``(rows, images, tokens)`` of those that decode (model inputs on the device)."""
+        import torch
+
+        from pipelines.training.batches import to_images
+
+        for start in range(0, table.num_rows, self.cfg.batch_size):
+            idx = np.arange(start, min(table.num_rows, start + self.cfg.batch_size))
+            batch = self.decoder(table, idx)
+            ok = batch["reason"] == 0
+            if ok.any():
+                yield (idx[ok], to_images({"image": batch["image"][ok]}, self.spec, self.device),
+                       torch.from_numpy(batch["tokens"][ok]).to(self.device))
+
+    def map_shard(self, name: str):
+        raise NotImplementedError
+
+
+class ShardScorer(ShardMapper):
+    """A shard scored: its rows with the cosine (and the embeddings) as columns, written under the same name."""
+
+    def map_shard(self, name: str):
         import pyarrow as pa
 
-        table = read_parquet(self.data.fs, self.data.join(name))
-        table = table.set_column(table.schema.get_field_index("tar"), "tar", fp.tar_urls(self.base, table["tar"]))
+        table = self.read_shard(name)
         score, embeddings = self.scores(table)
         out = table.append_column(self.cfg.column, pa.array(score, mask=np.isnan(score)))
         if self.cfg.embeddings:
@@ -102,27 +127,30 @@ class ShardScorer:
         import torch
         import torch.nn.functional as F
 
-        from pipelines.training.batches import to_images
-
-        n, size = table.num_rows, self.cfg.batch_size
+        n = table.num_rows
         score = np.full(n, np.nan, np.float32)
         embeddings: List[np.ndarray] = []
         with torch.no_grad():
-            for start in range(0, n, size):
-                idx = np.arange(start, min(n, start + size))
-                batch = self.decoder(table, idx)
-                ok = batch["reason"] == 0
-                if not ok.any():
-                    continue
-                image = self.model.encode_image(to_images({"image": batch["image"][ok]}, self.spec, self.device))
-                text = self.model.encode_text(torch.from_numpy(batch["tokens"][ok]).to(self.device))
-                image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-                score[idx[ok]] = (image * text).sum(1).cpu().numpy()
+            for idx, images, tokens in self.decoded(table):
+                image = F.normalize(self.model.encode_image(images).float(), dim=-1)
+                text = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+                score[idx] = (image * text).sum(1).cpu().numpy()
                 if self.cfg.embeddings:
                     if not embeddings:
                         embeddings = [np.zeros((n, image.shape[1]), np.float32) for _ in EMBEDDINGS]
-                    embeddings[0][idx[ok]], embeddings[1][idx[ok]] = image.cpu().numpy(), text.cpu().numpy()
+                    embeddings[0][idx], embeddings[1][idx] = image.cpu().numpy(), text.cpu().numpy()
         return score, embeddings
+
+
+def actor_count(cfg) -> int:
+    """``cfg.actors``, or one per GPU (``use_gpu``) or per ``cpus_per_actor`` CPUs of the cluster."""
+    import ray
+
+    if cfg.actors:
+        return cfg.actors
+    if cfg.use_gpu:
+        return max(1, int(ray.cluster_resources().get("GPU", 0)))
+    return max(1, int((cluster_cpus() or 1) // cfg.cpus_per_actor))
 
 
 def run_clipscore(cfg: ClipScoreConfig, ctx: StageContext) -> Dict[str, Any]:
@@ -140,11 +168,10 @@ def run_clipscore(cfg: ClipScoreConfig, ctx: StageContext) -> Dict[str, Any]:
     taken = set(parquet_schema(data.fs, data.join(shards[0])).names) & {cfg.column, *EMBEDDINGS}
     if taken:
         raise SpecError(f"column: stage {cfg.data!r} already has a column {sorted(taken)[0]!r}")
-    actors = cfg.actors or max(1, int(ray.cluster_resources().get("GPU", 0)) if cfg.use_gpu else
-                               int((cluster_cpus() or 1) // cfg.cpus_per_actor))
     weights = ray.put(fm.read_weights(model_stage))
-    rows = ctx.map_actors(ShardScorer, [{"shard": s} for s in shards], "shards scored", min(actors, len(shards)),
-                          dict(model_json=model_json, weights=weights, data=data, out=ctx.out,
+    rows = ctx.map_actors(ShardScorer, [{"shard": s} for s in shards], "shards scored",
+                          min(actor_count(cfg), len(shards)),
+                          dict(spec=model_spec_of(model_json), weights=weights, data=data, out=ctx.out,
                                storage_options=dict(ctx.storage_options), cfg=cfg),
                           num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, rows="rows")
     total, skipped = sum(r["rows"] for r in rows), sum(r["skipped"] for r in rows)

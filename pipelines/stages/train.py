@@ -47,6 +47,8 @@ from pipelines.training.config import MODES, Job, TrainConfig, WeightsRef, mimic
 
 # ------------------------------------------------------------------------------------------------ the stage
 
+CACHED_PARAMS = ("visual.proj", "text_projection", "logit_scale")  # a tower CLIP's parameters outside its towers
+
 
 def load_weights_source(ctx: StageContext, source: WeightsRef, arch: str, field_name: str):
     """A state dict from a stage's final weights, a file or an open_clip pretrained tag."""
@@ -88,6 +90,7 @@ class _Pool:
     class_names: List[str]
     templates: Tuple[str, ...]
     index: Any = None  # the stage's PoolIndex (a comparison set from the same stage reuses it)
+    cached: bool = False  # the rows point at cached tower features (a features stage), which the model takes
 
 
 def _read_inputs(cfg: TrainConfig, ctx: StageContext) -> _Pool:
@@ -98,8 +101,9 @@ def _read_inputs(cfg: TrainConfig, ctx: StageContext) -> _Pool:
     class_names = manifest.class_names or []
     if cfg.task == "classify" and not class_names:
         raise SpecError(f"task: classify needs a labelled pool; stage {cfg.data!r} has no classes")
+    cached = _use_features(cfg, manifest, ctx)
     try:
-        index = build_index(ctx, data, labels=bool(class_names), text=cfg.task == "clip")
+        index = build_index(ctx, data, labels=bool(class_names), text=cfg.task == "clip", features=cached)
     except ValueError as exc:
         raise spec_error("data", exc) from None
     train, test = index.split(cfg.split), index.split("test")
@@ -111,7 +115,34 @@ def _read_inputs(cfg: TrainConfig, ctx: StageContext) -> _Pool:
                         f"{cfg.batch_size}")
     test = test.head(cfg.eval_samples)
     templates = tuple(manifest.templates or ("{}",))  # ingest and filter stages record them
-    return _Pool(train, test, class_names, templates, index)
+    return _Pool(train, test, class_names, templates, index, cached)
+
+
+def _use_features(cfg: TrainConfig, manifest: DatasetManifest, ctx: StageContext) -> bool:
+    """Whether to train on the data stage's cached tower features: it has them, of this model's towers and image
+    size, none of the towers' parameters train, and a comparison set (if any) is drawn from the same stage."""
+    from pipelines.models.build import apply_trainable
+
+    if not manifest.features or cfg.task != "clip" or cfg.model.text_tower is None:
+        return False
+    spec, have = model_spec(cfg), manifest.features
+    names = [n for n, _ in meta_model(spec).named_parameters()]
+    training = set(apply_trainable(meta_model(spec), cfg.trainable, cfg.freeze))
+    towers = [n for n in names if n not in CACHED_PARAMS]
+    why = ""
+    if (have["image_tower"], have["text_tower"], have["image_size"]) != (spec.backbone, spec.text_tower,
+                                                                          spec.image_size):
+        why = (f"they are of {have['image_tower']} + {have['text_tower']} at {have['image_size']} px, this model's "
+               f"of {spec.backbone} + {spec.text_tower} at {spec.image_size} px")
+    elif training & set(towers):
+        why = f"this stage trains tower parameters (e.g. {sorted(training & set(towers))[0]})"
+    elif cfg.comparison is not None and cfg.comparison.data != cfg.data:
+        why = "its comparison set comes from another stage"
+    if why:
+        ctx.note(f"stage {cfg.data!r} holds cached tower features, not used: {why}; training on the images")
+        return False
+    ctx.note(f"training the projections on the cached tower features of stage {cfg.data!r} (locked towers)")
+    return True
 
 
 def _check_resources(cfg: TrainConfig, ctx: StageContext) -> None:
@@ -186,7 +217,7 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
 
     pool = _read_inputs(cfg, ctx)
     _check_resources(cfg, ctx)
-    spec = model_spec(cfg, len(pool.class_names))
+    spec = replace(model_spec(cfg, len(pool.class_names)), cached=pool.cached)  # cached: the towers' features in
     params = mimic_params(cfg)
     reinit = tuple(match_names([n for n, _ in meta_model(spec).named_parameters()], cfg.reinit))  # globs to names
     init, reference = _resolve_weights(cfg, ctx, spec, params, reinit)
@@ -194,6 +225,8 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * (pool.train.num_rows // cfg.batch_size)
     plan = StepPlan(pool.train.num_rows, cfg.batch_size, workers, cfg.seed, total)
     text = dict(tokens=spec.context_length, arch=spec.tokenizer) if cfg.task == "clip" else {}
+    if pool.cached:
+        text = dict(features=spec.feature_dims)
     decoder = Decoder(spec.image_size, labels=bool(pool.class_names), storage_options=ctx.storage_options, **text)
     attempt = ctx.out.join("").rstrip("/")
     storage_path, storage_fs = _ray_storage(ctx.out.fs, attempt)

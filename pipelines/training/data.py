@@ -117,6 +117,8 @@ class Decoder:
     storage_options: Optional[Dict[str, Any]] = None
     max_pixels: int = skipped.MAX_PIXELS  # a larger image is rejected (``too_large``) before its pixels are decoded
     keep_text: bool = False  # also return the captions (``text``, an object array): retrieval's distinct captions
+    features: Optional[Tuple[int, int]] = None  # (image, text) widths: rows point at cached tower features, which
+    # come back as ``image`` and ``tokens`` (float32)
 
     def __call__(self, pool, idx: np.ndarray) -> Dict[str, np.ndarray]:
         """The arrays of rows ``idx`` of ``pool``: a :class:`~pipelines.training.index.RowIndex` (images and
@@ -143,6 +145,8 @@ class Decoder:
         each image and (for CLIP) each caption one ranged read, all issued together; a caption no tar holds is in
         ``captions`` at ``-1 - text_offset``.  A row that does not decode gets a zero image and its ``reason``
         (:data:`~pipelines.formats.skipped.REASONS`; 0: decoded)."""
+        if self.features:
+            return self.decode_features(rows, urls)
         n = len(rows)
         tars = [urls[t] for t in rows["tar"].tolist()]
         starts, sizes = [rows["image_offset"]], [rows["image_size"]]
@@ -162,6 +166,29 @@ class Decoder:
                 start = -1 - int(rows["text_offset"][i])
                 texts[i] = captions[start:start + int(rows["text_size"][i])]
             self._add_text(out, _captions(texts, rows["text_size"], reason))
+        if self.labels:
+            out["label"] = rows["label"].astype(np.int64)
+        return out
+
+    def decode_features(self, rows: np.ndarray, urls: List[str]) -> Dict[str, np.ndarray]:
+        """Index rows pointing at cached tower features (:mod:`pipelines.stages.features`): one ranged read each;
+        a row with none (``image_size`` 0) is ``no_features``, a short read ``short_read``."""
+        image_dim, text_dim = self.features
+        width = (image_dim + text_dim) * 4
+        starts = rows["image_offset"].astype(np.int64)
+        blobs = read_ranges([urls[t] for t in rows["tar"].tolist()], starts, starts + rows["image_size"],
+                            self.storage_options)
+        values = np.zeros((len(rows), image_dim + text_dim), np.float32)
+        reason = np.zeros(len(rows), np.uint8)
+        for i, blob in enumerate(blobs):
+            if int(rows["image_size"][i]) == 0:
+                reason[i] = skipped.NO_FEATURES
+            elif len(blob) != width or int(rows["image_size"][i]) != width:
+                reason[i] = skipped.SHORT_READ
+            else:
+                values[i] = np.frombuffer(blob, "<f4")
+        out = {"uid_hi": np.ascontiguousarray(rows["uid_hi"]), "uid_lo": np.ascontiguousarray(rows["uid_lo"]),
+               "image": values[:, :image_dim].copy(), "tokens": values[:, image_dim:].copy(), "reason": reason}
         if self.labels:
             out["label"] = rows["label"].astype(np.int64)
         return out
@@ -261,7 +288,10 @@ def _empty(decoder: Decoder) -> Dict[str, np.ndarray]:
     out = {"uid_hi": np.zeros(0, np.uint64), "uid_lo": np.zeros(0, np.uint64),
            "image": np.zeros((0, 3, s, s), np.uint8), "reason": np.zeros(0, np.uint8), "step": np.zeros(0, np.int64),
            "epoch": np.zeros(0, np.int64)}
-    if decoder.tokens:
+    if decoder.features:
+        out["image"] = np.zeros((0, decoder.features[0]), np.float32)
+        out["tokens"] = np.zeros((0, decoder.features[1]), np.float32)
+    elif decoder.tokens:
         out["tokens"] = np.zeros((0, decoder.tokens), np.int64)
     if decoder.labels:
         out["label"] = np.zeros(0, np.int64)

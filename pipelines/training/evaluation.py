@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -28,7 +29,7 @@ from pipelines.training.batches import autocast, to_images
 
 def zero_shot_classifier(model, tokenize, names: Sequence[str], templates: Sequence[str],
                          device: torch.device) -> torch.Tensor:
-    """``[C, D]`` normalised class embeddings; ``tokenize(texts) -> int64 array``."""
+    """``[C, D]`` normalised class embeddings; ``tokenize(texts) ->`` what ``model.encode_text`` takes."""
     texts = [t.format(n) for n in names for t in templates]
     tokens = torch.from_numpy(tokenize(texts)).to(device)
     emb = F.normalize(model.encode_text(tokens).float(), dim=-1).reshape(len(names), len(templates), -1)
@@ -100,6 +101,17 @@ class HeldOut:
     kept: List[np.ndarray] = field(default_factory=list)  # per chunk, which rows decoded (with the embeddings)
 
 
+def _text_inputs(spec: ModelSpec, texts: Sequence[str]) -> np.ndarray:
+    """What the model's ``encode_text`` takes for ``texts``: token ids, or a cached tower CLIP's text features."""
+    if spec.cached:
+        from pipelines.models.towers import text_features
+
+        return text_features(spec.text_tower, spec.context_length, texts).numpy()
+    from pipelines.training.data import tokenize
+
+    return tokenize(spec.tokenizer, spec.context_length, texts)
+
+
 def decodable(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """The rows of a decoded batch that decoded (``reason`` 0: :mod:`pipelines.formats.skipped`); ``batch`` itself
     when all did."""
@@ -114,15 +126,13 @@ def heldout(model, spec: ModelSpec, chunks: Iterable[Dict[str, np.ndarray]], dev
     autocast; ``zero_shot`` (class names, templates) gives CLIP its predictions.  Rows that did not decode are left
     out (CLIP's loss is over a chunk's decodable rows) and counted.  The caller sets eval mode."""
     from gradmimic import clip_per_sample_loss
-    from pipelines.training.data import tokenize
 
     out = HeldOut(torch.zeros(4, dtype=torch.float64, device=device))
     with torch.no_grad(), autocast(precision, device):
         classes = None
         if spec.task == "clip" and zero_shot:
             names, templates = zero_shot
-            classes = zero_shot_classifier(model, lambda texts: tokenize(spec.tokenizer, spec.context_length, texts),
-                                           names, templates, device)
+            classes = zero_shot_classifier(model, functools.partial(_text_inputs, spec), names, templates, device)
         for chunk in chunks:
             batch = decodable(chunk)
             out.sums[3] += len(chunk["image"]) - len(batch["image"])

@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pipelines.formats.pool import FEATURE_COLUMNS  # read as LOCATION[3:] (tar, image_offset, image_size)
+
 # ``text_offset`` / ``text_size``: the caption's UTF-8 bytes in the row's tar; where that tar holds none (the pool
 # says -1), the caption is kept in the piece's own ``captions`` bytes instead, at ``-1 - text_offset``
 INDEX_DTYPE = np.dtype([("uid_hi", "<u8"), ("uid_lo", "<u8"), ("tar", "<i4"), ("image_offset", "<i8"),
@@ -40,15 +42,22 @@ Piece = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 Rows = Tuple[np.ndarray, List[str], bytes]  # what ``RowIndex.lookup`` gives: a batch's rows, its tar URLs, captions
 
 
-def index_shards(fs, paths: Sequence[str], base: str, labels: bool, text: bool, stage_url: str) -> tuple:
+def index_shards(fs, paths: Sequence[str], base: str, labels: bool, text: bool, stage_url: str,
+                 features: bool = False) -> tuple:
     """Consecutive pool shards as one piece, its rows grouped by split: ``({split: (first, rows)}, piece)``; with
     ``text``, where each caption is too.  ``base`` is the dataset stage's committed directory (URL): a relative
-    ``tar`` is relative to it."""
+    ``tar`` is relative to it.  With ``features`` the rows point at their cached tower features instead of their
+    images (``tar``, ``image_offset``, ``image_size`` the pool's ``features`` columns; no captions)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    columns = list(LOCATION) + (list(TEXT) if text else []) + (["label"] if labels else [])
+    location = list(LOCATION[:3]) + list(FEATURE_COLUMNS) if features else list(LOCATION)
+    text = text and not features
+    columns = location + (list(TEXT) if text else []) + (["label"] if labels else [])
     tables = [_read_shard(fs, p, columns, text, stage_url) for p in paths]
+    if features:
+        tables = [t.rename_columns([LOCATION[location.index(c)] if c in FEATURE_COLUMNS else c
+                                    for c in t.column_names]) for t in tables]
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     codes = pc.dictionary_encode(table["split"].combine_chunks())
     names = codes.dictionary.to_pylist()
@@ -193,9 +202,9 @@ class PoolIndex:
         return RowIndex(tuple(self.pieces[i] for i in keep), starts, self.firsts[keep, s], int(starts[-1]))
 
 
-def build_index(ctx: Optional[Any], stage, labels: bool, text: bool) -> PoolIndex:
+def build_index(ctx: Optional[Any], stage, labels: bool, text: bool, features: bool = False) -> PoolIndex:
     """The :class:`PoolIndex` of dataset stage ``stage`` (with ``labels``, and with where the captions are for
-    ``text``), built by tasks over runs of consecutive shards (:func:`~pipelines.run.context.map_tasks`; progress
+    ``text``; with ``features``, where the rows' cached tower features are instead of images), built by tasks over runs of consecutive shards (:func:`~pipelines.run.context.map_tasks`; progress
     on ``ctx``'s line, if given)."""
     from pipelines.formats.manifest import DatasetManifest
     from pipelines.formats.pool import shard_parquets
@@ -209,7 +218,7 @@ def build_index(ctx: Optional[Any], stage, labels: bool, text: bool) -> PoolInde
     per_task = max(1, math.ceil(MIN_ROWS * len(files) / max(manifest.rows_out, 1)))
     runs = [[stage.join(f) for f in files[i:i + per_task]] for i in range(0, len(files), per_task)]
     base = stage.fs.unstrip_protocol(stage.join(""))
-    tasks = [(stage.fs, run, base, labels, text, stage.url) for run in runs]
+    tasks = [(stage.fs, run, base, labels, text, stage.url, features) for run in runs]
     # the pieces stay in the object store (each worker fetches what it reads); their row counts come back
     if ctx is not None:
         done = ctx.map(index_shards, tasks, unit="index", num_returns=2)
