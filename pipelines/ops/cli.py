@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure a stage or an exact step against its baselines, side by side in "
                                           "one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from pipelines.bench import aggregate, clipscore, overhead, scale, train
+    from pipelines.bench import aggregate, clipscore, lit, overhead, scale, train
     from pipelines.bench import filter as filter_bench
 
     for name, module, text in (
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("aggregate", aggregate, "aggregate-stage throughput vs DuckDB and Ray Data's groupby"),
             ("filter", filter_bench, "filter-stage throughput (the paper's combined rule) vs DuckDB"),
             ("clipscore", clipscore, "clipscore-stage throughput (Ray Data actors) vs a bare PyTorch loop"),
+            ("lit", lit, "locked towers: a step of the full tower CLIP vs the towers' features once and steps on them"),
             ("scale", scale, "ingest -> train -> aggregate -> filter on a generated DataComp pool: per stage wall, "
                              "rows/s per core, driver and worker peak memory")):
         p = bench_sub.add_parser(name, help=text)

@@ -98,7 +98,9 @@ def test_features_stage_and_a_train_stage_on_them(tmp_path, ray_local):
              "trainable": list(CACHED_PARAMS), "resources": {"num_workers": 1}}
     stages = [pool_stage, {"stage": "features", "name": "feats", "data": "pool", "image_size": 32, "batch_size": 7,
                            "actors": 1},
-              {**train, "name": "on_images", "data": "pool"}, {**train, "name": "on_features", "data": "feats"}]
+              {**train, "name": "on_images", "data": "pool"}, {**train, "name": "on_features", "data": "feats"},
+              {"stage": "filter", "name": "kept", "data": "feats", "keep": {"column": "label", "top": 0.5},
+               "apply_to": ["train", "test"]}]
     out = io.StringIO()
     manifests = run_spec(parse_spec({**spec_yaml, "stages": stages}), stream=out)
     assert "training the projections on the cached tower features of stage 'feats'" in out.getvalue()
@@ -126,6 +128,14 @@ def test_features_stage_and_a_train_stage_on_them(tmp_path, ray_local):
         np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-5)
         assert table["features"].to_pylist() == [d.fs.unstrip_protocol(d.join(fp.features_file(name)))] * len(ok)
 
+    # a filter of them keeps the features with its rows (a train stage on it reads them as on feats)
+    kept = stage_dir(str(tmp_path), "kept")
+    assert manifests["kept"]["features"] == feats["features"]
+    rows = pa.concat_tables([kept.read_table(f) for f in fp.shard_parquets(manifests["kept"]["files"])])
+    source = pa.concat_tables([d.read_table(f) for f in shards]).to_pandas().set_index("uid")
+    for column in fp.FEATURE_COLUMNS:
+        assert rows[column].to_pylist() == source.loc[rows["uid"].to_pylist(), column].tolist(), column
+
     # the two train stages agree
     a, b = manifests["on_images"], manifests["on_features"]
     assert a["skipped"] == {"not_an_image": 1} and b["skipped"] == {"no_features": 1}
@@ -144,3 +154,19 @@ def test_features_stage_and_a_train_stage_on_them(tmp_path, ray_local):
     assert set(weights["on_features"]) == set(CACHED_PARAMS)  # a full model's towers come from their packages
     for name in CACHED_PARAMS:
         torch.testing.assert_close(weights["on_features"][name], weights["on_images"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_bench_lit_prints_its_figures():
+    """``gradmimic bench lit`` prints the three timings and the savings computed from them."""
+    import contextlib
+
+    from pipelines.ops.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["bench", "lit", "--batch-size", "4", "--image-size", "32", "--repeats", "1", "--json"]) == 0
+    got = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert got["full_over_cached"] == pytest.approx(got["full_ms"] / got["cached_ms"], abs=0.1)
+    for k in (1, 3, 10):
+        want = 1 - (got["features_ms"] + k * got["cached_ms"]) / (k * got["full_ms"])
+        assert got[f"saved@{k}"] == pytest.approx(want, abs=2e-3)

@@ -394,5 +394,5 @@ def run_filter(cfg: FilterConfig, ctx: StageContext) -> Dict[str, Any]:
         unscored={"pool_rows": sum(j["unscored"] for j in joined),
                   "utility_rows_not_in_pool": sum(j["not_in_pool"] for j in joined), "policy": cfg.unscored},
         clauses=clause_stats, rule=rule.label, shards=shards,
-        class_names=pm.class_names, templates=pm.caption_templates(),
+        class_names=pm.class_names, templates=pm.caption_templates(), features=pm.features,  # carried with its rows
     ).to_json()
