@@ -28,12 +28,10 @@ from pipelines.stages.evaluate import model_spec_of
 EMBEDDINGS = ("image_embedding", "text_embedding")
 
 
-@dataclass(frozen=True)
-class ClipScoreConfig:
-    data: str = doc("the dataset stage (ingest, filter or clipscore) whose rows to score", ref="dataset")
-    model: str = doc("the train stage whose CLIP scores them (its final weights)", ref="model")
-    column: str = doc("the score's column in the output", default="clip_score")
-    embeddings: bool = doc("also write each row's normalised image and text embeddings", default=False)
+@dataclass(frozen=True, kw_only=True)
+class ActorPoolConfig:
+    """How a stage that maps shards with a model (:class:`ShardMapper`) runs: its batches and its actors."""
+
     batch_size: int = doc("rows per forward pass", default=256)
     actors: int = doc("model replicas (Ray Data actors); 0: one per CPU (per GPU with use_gpu) the cluster has",
                       default=0)
@@ -44,6 +42,17 @@ class ClipScoreConfig:
         require(self, "batch_size", 1)
         require(self, "actors", 0)
         require(self, "cpus_per_actor", 0, strict=True)
+
+
+@dataclass(frozen=True)
+class ClipScoreConfig(ActorPoolConfig):
+    data: str = doc("the dataset stage (ingest, filter or clipscore) whose rows to score", ref="dataset")
+    model: str = doc("the train stage whose CLIP scores them (its final weights)", ref="model")
+    column: str = doc("the score's column in the output", default="clip_score")
+    embeddings: bool = doc("also write each row's normalised image and text embeddings", default=False)
+
+    def validate(self) -> None:
+        super().validate()
         if not self.column or self.column in EMBEDDINGS or self.column in fp.RESERVED:
             raise SpecError(f"column: {self.column!r} is a column the pool or this stage already uses")
 

@@ -26,29 +26,22 @@ from pipelines.formats.manifest import DatasetManifest
 from pipelines.run.config import SpecError, doc, require
 from pipelines.run.context import StageContext
 from pipelines.run.storage import parquet_schema, write_parquet
-from pipelines.stages.clipscore import ShardMapper, actor_count
+from pipelines.stages.clipscore import ActorPoolConfig, ShardMapper, actor_count
 
 TOWER_KEYS = ("image_tower", "text_tower", "image_size")  # what must match between the features and a model
 
 
 @dataclass(frozen=True)
-class FeaturesConfig:
+class FeaturesConfig(ActorPoolConfig):
     data: str = doc("the dataset stage (ingest, filter or clipscore) whose rows to embed", ref="dataset")
     image_tower: str = doc("the pretrained image tower (efficientnet_lite0)", default="efficientnet_lite0")
     text_tower: str = doc("the pretrained text tower (all-minilm-l6-v2)", default="all-minilm-l6-v2")
     image_size: Optional[int] = doc("the image tower's input size (default: its own)", default=None)
-    batch_size: int = doc("rows per forward pass", default=256)
-    actors: int = doc("model replicas (Ray Data actors); 0: one per CPU (per GPU with use_gpu) the cluster has",
-                      default=0)
-    cpus_per_actor: float = doc("CPUs per actor (its decoding and, without a GPU, its forward passes)", default=1.0)
-    use_gpu: bool = doc("a GPU per actor", default=False)
 
     def validate(self) -> None:
         from pipelines.models.towers import IMAGE_WEIGHTS, TEXT_TOWERS
 
-        require(self, "batch_size", 1)
-        require(self, "actors", 0)
-        require(self, "cpus_per_actor", 0, strict=True)
+        super().validate()
         if self.image_tower not in IMAGE_WEIGHTS:
             raise SpecError(f"image_tower: unknown {self.image_tower!r} (known: {', '.join(IMAGE_WEIGHTS)})")
         if self.text_tower not in TEXT_TOWERS:
