@@ -13,7 +13,7 @@ keep: {minus: [{column: clip_score, top: 0.3}, {column: mean_score, bottom: 0.2}
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from pipelines.run.config import SpecError, doc, require
 from pipelines.run.context import StageContext, cluster_cpus
 from pipelines.run.storage import parquet_schema, read_parquet, write_parquet
 from pipelines.stages.evaluate import model_spec_of
+from pipelines.training.config import WeightsRef
 
 EMBEDDINGS = ("image_embedding", "text_embedding")
 
@@ -47,12 +48,20 @@ class ActorPoolConfig:
 @dataclass(frozen=True)
 class ClipScoreConfig(ActorPoolConfig):
     data: str = doc("the dataset stage (ingest, filter or clipscore) whose rows to score", ref="dataset")
-    model: str = doc("the train stage whose CLIP scores them (its final weights)", ref="model")
+    model: WeightsRef = doc("the CLIP that scores them: a train stage (its final weights), or the weights of an "
+                            "open_clip architecture ({path: w.safetensors} or {pretrained: tag}, with arch)",
+                            ref="model")
+    arch: Optional[str] = doc("the open_clip architecture (or model-config .json) of weights given by path or "
+                              "pretrained", default=None)
     column: str = doc("the score's column in the output", default="clip_score")
     embeddings: bool = doc("also write each row's normalised image and text embeddings", default=False)
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.model, str):
+            self.model.validate()
+            if self.model.stage is None and self.arch is None:
+                raise SpecError("arch: weights given by path or pretrained need their open_clip architecture")
         if not self.column or self.column in EMBEDDINGS or self.column in fp.RESERVED:
             raise SpecError(f"column: {self.column!r} is a column the pool or this stage already uses")
 
@@ -79,8 +88,9 @@ class ShardMapper:
         self.spec = spec
         self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
         model = self.spec.build(0, self.device)
-        if weights is not None:
-            load_weights(model, load_state_dict(ray.get(weights)))
+        if weights is not None:  # a stage's weights file, or a state dict already checked against the model
+            state = ray.get(weights)
+            load_weights(model, load_state_dict(state) if isinstance(state, bytes) else state)
         self.model = model.eval()
         self.decoder = Decoder(self.spec.image_size, tokens=self.spec.context_length, arch=self.spec.tokenizer,
                                storage_options=storage_options)
@@ -162,14 +172,37 @@ def actor_count(cfg) -> int:
     return max(1, int((cluster_cpus() or 1) // cfg.cpus_per_actor))
 
 
+def _scoring_model(cfg: ClipScoreConfig, ctx: StageContext):
+    """``(model spec, weights)`` of the CLIP: a train stage's (its model.json and weights file), or an open_clip
+    architecture's with weights from a file or a pretrained tag (checked against it here, on the driver)."""
+    from pipelines.models.build import ModelSpec, fit_state, meta_model, shapes
+    from pipelines.run.config import ref_name
+    from pipelines.stages.train import load_weights_source
+
+    name = ref_name(cfg.model)
+    if name is not None:
+        model_json = fm.read_model_json(ctx.inputs[name])
+        if model_json["task"] != "clip":
+            raise SpecError(f"model: stage {name!r} trains a {model_json['task']} model; clipscore needs a CLIP")
+        return model_spec_of(model_json), fm.read_weights(ctx.inputs[name])
+    try:
+        spec = ModelSpec("clip", cfg.arch)
+        model_shapes = shapes(meta_model(spec))
+    except ValueError as exc:
+        raise SpecError(f"arch: {exc}") from None
+    state = fit_state(model_shapes, load_weights_source(ctx, cfg.model, cfg.arch, "model"))
+    missing = [n for n in model_shapes if n not in state]
+    if missing:
+        raise SpecError(f"model: the weights have no {missing[0]!r} ({len(missing)} of {cfg.arch}'s tensors missing)")
+    return spec, state
+
+
 def run_clipscore(cfg: ClipScoreConfig, ctx: StageContext) -> Dict[str, Any]:
     """One Ray Data map over the dataset's shards on an actor pool; the driver holds shard names and counts."""
     import ray
 
-    model_stage, data = ctx.inputs[cfg.model], ctx.inputs[cfg.data]
-    model_json = fm.read_model_json(model_stage)
-    if model_json["task"] != "clip":
-        raise SpecError(f"model: stage {cfg.model!r} trains a {model_json['task']} model; clipscore needs a CLIP")
+    data = ctx.inputs[cfg.data]
+    spec, weights = _scoring_model(cfg, ctx)
     dm = DatasetManifest.read(data)
     shards = fp.shard_parquets(dm.files)
     if not shards:
@@ -177,10 +210,9 @@ def run_clipscore(cfg: ClipScoreConfig, ctx: StageContext) -> Dict[str, Any]:
     taken = set(parquet_schema(data.fs, data.join(shards[0])).names) & {cfg.column, *EMBEDDINGS}
     if taken:
         raise SpecError(f"column: stage {cfg.data!r} already has a column {sorted(taken)[0]!r}")
-    weights = ray.put(fm.read_weights(model_stage))
     rows = ctx.map_actors(ShardScorer, [{"shard": s} for s in shards], "shards scored",
                           min(actor_count(cfg), len(shards)),
-                          dict(spec=model_spec_of(model_json), weights=weights, data=data, out=ctx.out,
+                          dict(spec=spec, weights=ray.put(weights), data=data, out=ctx.out,
                                storage_options=dict(ctx.storage_options), cfg=cfg),
                           num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0, rows="rows")
     total, skipped = sum(r["rows"] for r in rows), sum(r["skipped"] for r in rows)

@@ -92,6 +92,20 @@ def test_clipscore_equals_a_direct_computation(tmp_path, ray_local):
         np.testing.assert_allclose(emb[ok], img.numpy()[ok], rtol=1e-5, atol=1e-6)
         assert not emb[~ok].any()
 
+    # the same CLIP given as an open_clip architecture and a weights file scores the same
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    pcfg = parse_spec({**spec_yaml, "stages": stages + [
+        {"stage": "clipscore", "name": "by_path", "model": {"path": str(tmp_path / "w.safetensors")},
+         "arch": "tiny-clip", "data": "pool", "actors": 1}]}).stages[1].config
+    by_path = StageDir(pool.fs, f"{tmp_path}/c/by_path")
+    by_path.begin()
+    got = run_clipscore(pcfg, StageContext(by_path, {"pool": pool}, "by_path", Progress(io.StringIO())))
+    assert (got["scored"], got["skipped"]) == (49, 1)
+    for name in shards:
+        assert by_path.read_table(name)["clip_score"].equals(out.read_table(name)["clip_score"]), name
+
     # a filter reads it as a dataset: the top half by CLIP score, exactly, the row without a score dropped
     from pipelines.stages.filter.stage import run_filter
 
@@ -112,14 +126,18 @@ def test_clipscore_equals_a_direct_computation(tmp_path, ray_local):
     assert set(kept_dir.read_table("shards/shard-00000.parquet")["uid"].to_pylist()) == want
 
 
-@pytest.mark.parametrize("column, message", [
-    ("tar", "column: 'tar' is a column the pool or this stage already uses"),
-    ("image_embedding", "column: 'image_embedding' is a column the pool or this stage already uses")])
-def test_clipscore_config_errors_name_the_field(tmp_path, column, message):
+@pytest.mark.parametrize("fields, message", [
+    ({"column": "tar"}, "column: 'tar' is a column the pool or this stage already uses"),
+    ({"column": "image_embedding"}, "column: 'image_embedding' is a column the pool or this stage already uses"),
+    ({"model": {"path": "w.safetensors"}}, "arch: weights given by path or pretrained need their open_clip "
+                                           "architecture"),
+    ({"model": {"path": "w.safetensors", "pretrained": "x"}}, "model: expected exactly one of stage, path, "
+                                                              "pretrained, got path, pretrained")])
+def test_clipscore_config_errors_name_the_field(tmp_path, fields, message):
     from pipelines.run.config import SpecError
 
     stages = [{"stage": "ingest", "name": "pool"}, {"stage": "train", "name": "model", "data": "pool"},
-              {"stage": "clipscore", "name": "scored", "model": "model", "data": "pool", "column": column}]
+              {"stage": "clipscore", "name": "scored", "model": "model", "data": "pool", **fields}]
     with pytest.raises(SpecError) as caught:
         parse_spec({"name": "c", "storage": str(tmp_path), "stages": stages})
     assert str(caught.value).endswith(f"stage 'scored' (clipscore): {message}")
