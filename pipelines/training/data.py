@@ -241,7 +241,7 @@ def resize_image(data: bytes, size: int, max_pixels: Optional[int] = None) -> np
     with Image.open(io.BytesIO(data)) as img:
         if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
             raise skipped.TooLarge(img.size)
-        img = img.convert("RGB")
+        img = _rgb(img)
         w, h = img.size
         scale = size / min(w, h)
         if (w, h) != (size, size):
@@ -250,6 +250,17 @@ def resize_image(data: bytes, size: int, max_pixels: Optional[int] = None) -> np
             left, top = (w - size) // 2, (h - size) // 2
             img = img.crop((left, top, left + size, top + size))
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _rgb(img):
+    """The image in RGB, transparent pixels over white (a cut-out's background, not whatever colour its invisible
+    pixels happen to hold)."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def tokenize(arch: Optional[str], context_length: int, texts: Sequence[str]) -> np.ndarray:

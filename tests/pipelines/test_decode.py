@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,23 @@ def test_reason_codes(data, reason):
         assert np.array_equal(image, resize_image(GOOD, 16))  # a good image decodes exactly as before
     else:
         assert image is None
+
+
+def test_transparent_pixels_decode_as_white():
+    """A cut-out's transparent background is white, whatever its invisible pixels hold (RGBA, LA and palette)."""
+    from PIL import Image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)  # black and fully transparent...
+    rgba[2:6, 2:6] = (200, 10, 10, 255)  # ...around an opaque red square
+    palette = Image.fromarray(rgba[..., :3], "RGB").quantize(4)
+    palette.info["transparency"] = int(np.asarray(palette)[0, 0])  # the background's index is transparent
+    for image in (Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba, "RGBA").convert("LA"), palette):
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        out, reason = decode_image(buf.getvalue(), 8)
+        assert reason == 0 and out.shape == (3, 8, 8), image.mode
+        assert (out[:, 0, 0] == 255).all() and (out[:, 7, 7] == 255).all(), image.mode  # transparent: white
+        assert out[0, 4, 4] > 100 or image.mode == "LA", image.mode  # the opaque square keeps its colour
 
 
 def test_pixel_bound_is_a_reject_not_a_decode():

@@ -56,11 +56,15 @@ def test_caption_folder_indexed_in_place(tmp_path, ray_local):
     assert {r["source"] for r in rows} == {"a.jpg", "b.png", "nested/c.webp", "nested/deeper/d.bmp", "glob[1].png",
                                            "glob1.png"}  # a name that looks like a glob pattern is read as it is
     assert all(r["image_offset"] == 0 and r["text_offset"] == -1 for r in rows)
-    # deterministic: a forced rerun gives the same rows in the same order; without validation broken.jpg is a row
-    again, out2 = run_ingest(tmp_path, {**stage, "source": {**stage["source"], "validate_images": False}}, name="t2")
+    # deterministic: a forced rerun gives the same rows in the same order; without validation broken.jpg is a row;
+    # first_line takes a caption file's first line (translations after it, as Tux Paint's stamps have)
+    (src / "a.txt").write_text("caption of a.jpg\nfr.utf8=légende de a\nde.utf8=Bildunterschrift\n")
+    again, out2 = run_ingest(tmp_path, {**stage, "source": {**stage["source"], "validate_images": False,
+                                                            "first_line": True}}, name="t2")
     rows2, _, rejects2 = read_output(out2, again)
     assert [r["uid"] for r in rows2 if r["source"] != "broken.jpg"] == [r["uid"] for r in rows]
     assert "broken.jpg" in {r["source"] for r in rows2} and len(rejects2) == 2
+    assert [r["text"] for r in rows2 if r["source"] != "broken.jpg"] == [r["text"] for r in rows]
 
 
 def test_caption_folder_resharded(tmp_path, ray_local):

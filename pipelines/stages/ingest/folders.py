@@ -96,21 +96,28 @@ def plan_folders(src, ctx) -> Tuple[Any, str, List[List[Tuple[str, int]]], Optio
     return fs, root, group_folders(folders), names, sum(n for _, _, n in folders)
 
 
-def _captions(fs, images: List[Tuple[str, int]], present: set) -> List[Optional[str]]:
-    """The same-named ``.txt`` caption of each image (stripped; ``None`` if there is none)."""
+def _captions(fs, images: List[Tuple[str, int]], present: set, first_line: bool) -> List[Optional[str]]:
+    """The same-named ``.txt`` caption of each image (stripped, or its first line with ``first_line``; ``None`` if
+    there is none)."""
     wanted = [posixpath.splitext(p)[0] + ".txt" for p, _ in images]
     have = [w for w in wanted if w in present]
     # cat_ranges: concurrent on object stores, and no glob expansion of names such as "a[1].txt"
     texts = dict(zip(have, fs.cat_ranges(have, [None] * len(have), [None] * len(have)))) if have else {}
-    return [texts[w].decode("utf-8", errors="replace").strip() if w in texts else None for w in wanted]
+    out: List[Optional[str]] = []
+    for w in wanted:
+        text = texts[w].decode("utf-8", errors="replace").strip() if w in texts else None
+        out.append(text.split("\n", 1)[0].strip() if text and first_line else text)
+    return out
 
 
-def _folder_rows(fs, root: str, folder: str, label: int, kind: str, templates, names, validate: bool) -> Dict:
+def _folder_rows(fs, root: str, folder: str, label: int, src, names) -> Dict:
+    kind, templates = src.kind, tuple(getattr(src, "templates", ()))
     files, _ = _entries(fs, folder)
     images = _images(files)
-    captions = _captions(fs, images, {p for p, _ in files}) if kind == "caption_folder" else [None] * len(images)
+    captions = (_captions(fs, images, {p for p, _ in files}, src.first_line) if kind == "caption_folder"
+                else [None] * len(images))
     problems = [None] * len(images)
-    if validate and images:
+    if src.validate_images and images:
         blobs = fs.cat_ranges([p for p, _ in images], [None] * len(images), [None] * len(images))
         problems = [image_problem(b) for b in blobs]
     cols: Dict[str, list] = {k: [] for k in ("uid", "key", "source", "tar", "image", "image_size", "text", "reason",
@@ -128,14 +135,15 @@ def _folder_rows(fs, root: str, folder: str, label: int, kind: str, templates, n
     return cols
 
 
-def index_folders(fs, root: str, group: List[Tuple[str, int]], number: int, kind: str, templates, names,
-                  parts: int, out_fs, work: str, validate: bool) -> int:
-    """Phase 1 for folders: a group of folders' images into the uid partitions; returns the rows written."""
+def index_folders(fs, root: str, group: List[Tuple[str, int]], number: int, src, names, parts: int, out_fs,
+                  work: str) -> int:
+    """Phase 1 for folders: a group of folders' images into the uid partitions (``src``: the source's config);
+    returns the rows written."""
     from pipelines.stages.ingest.index import TAR_SCHEMA, write_partitions
 
     cols: Dict[str, list] = {}
     for folder, label in group:
-        for k, v in _folder_rows(fs, root, folder, label, kind, templates, names, validate).items():
+        for k, v in _folder_rows(fs, root, folder, label, src, names).items():
             cols.setdefault(k, []).extend(v)
     n = len(cols.get("uid", []))
     if not n:
@@ -148,7 +156,7 @@ def index_folders(fs, root: str, group: List[Tuple[str, int]], number: int, kind
                  text_size=pa.array(np.full(n, -1, np.int64)),
                  order=pa.array((np.int64(number) << 32) | np.arange(n, dtype=np.int64)))
     out = pa.table({name: table[name] for name in TAR_SCHEMA.names})
-    if kind == "labelled":
+    if src.kind == "labelled":
         out = out.append_column("label", pa.array(cols["label"], pa.int64()))
     write_partitions(out_fs, work, f"t{number:07d}", out, parts)
     return n

@@ -374,8 +374,8 @@ def _phase_one(src, cfg, ctx, out_fs, work: str):
             raise InputError(f"label noise needs at least 2 classes, the source has {len(names)}")
         parts = min(MAX_PARTITIONS, max(1, math.ceil(rows / cfg.shard_size)))
         templates = tuple(getattr(src, "templates", ()))
-        ctx.map(folders.index_folders, [(fs, root, g, i, src.kind, templates, names, parts, out_fs, work,
-                                         src.validate_images) for i, g in enumerate(groups)], unit="folder groups")
+        ctx.map(folders.index_folders, [(fs, root, g, i, src, names, parts, out_fs, work)
+                                        for i, g in enumerate(groups)], unit="folder groups")
         return fs, [], None, parts, (names, templates) if names is not None else None
     fs, root = open_storage(src.path)
     tars, tar_root, metas, schema, rows = _plan(src, ctx)

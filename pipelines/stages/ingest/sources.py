@@ -45,6 +45,8 @@ _RESHARD = ("also copy the kept samples into new webdataset tars, one per index 
 class CaptionFolderSource:
     kind: Literal["caption_folder"]
     path: str = doc("folder (local or URL) searched recursively for images with same-named .txt captions")
+    first_line: bool = doc("the caption is the .txt's first line (files that hold translations or other captions "
+                           "after it, as Tux Paint's stamps do); otherwise the whole file", default=False)
     validate_images: bool = doc(_VALIDATE, default=False)
     reshard: bool = doc(_RESHARD, default=False)
 
