@@ -126,16 +126,14 @@ def _use_features(cfg: TrainConfig, manifest: DatasetManifest, ctx: StageContext
     if not manifest.features or cfg.task != "clip" or cfg.model.text_tower is None:
         return False
     spec, have = model_spec(cfg), manifest.features
-    names = [n for n, _ in meta_model(spec).named_parameters()]
-    training = set(apply_trainable(meta_model(spec), cfg.trainable, cfg.freeze))
-    towers = [n for n in names if n not in CACHED_PARAMS]
+    towers = set(apply_trainable(meta_model(spec), cfg.trainable, cfg.freeze)) - set(CACHED_PARAMS)  # training
     why = ""
     if (have["image_tower"], have["text_tower"], have["image_size"]) != (spec.backbone, spec.text_tower,
                                                                           spec.image_size):
         why = (f"they are of {have['image_tower']} + {have['text_tower']} at {have['image_size']} px, this model's "
                f"of {spec.backbone} + {spec.text_tower} at {spec.image_size} px")
-    elif training & set(towers):
-        why = f"this stage trains tower parameters (e.g. {sorted(training & set(towers))[0]})"
+    elif towers:
+        why = f"this stage trains tower parameters (e.g. {sorted(towers)[0]})"
     elif cfg.comparison is not None and cfg.comparison.data != cfg.data:
         why = "its comparison set comes from another stage"
     if why:
@@ -217,7 +215,7 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
 
     pool = _read_inputs(cfg, ctx)
     _check_resources(cfg, ctx)
-    spec = replace(model_spec(cfg, len(pool.class_names)), cached=pool.cached)  # cached: the towers' features in
+    spec = replace(model_spec(cfg, len(pool.class_names)), cached=pool.cached)  # cached: takes the towers' features
     params = mimic_params(cfg)
     reinit = tuple(match_names([n for n, _ in meta_model(spec).named_parameters()], cfg.reinit))  # globs to names
     init, reference = _resolve_weights(cfg, ctx, spec, params, reinit)

@@ -170,3 +170,32 @@ def test_bench_lit_prints_its_figures():
     for k in (1, 3, 10):
         want = 1 - (got["features_ms"] + k * got["cached_ms"]) / (k * got["full_ms"])
         assert got[f"saved@{k}"] == pytest.approx(want, abs=2e-3)
+
+
+@pytest.mark.parametrize("fields, note", [
+    ({"trainable": list(CACHED_PARAMS)}, "training the projections on the cached tower features of stage 'feats'"),
+    ({"trainable": ["visual.proj"]}, "training the projections on the cached tower features of stage 'feats'"),
+    ({}, "not used: this stage trains tower parameters (e.g. text.transformer."),
+    ({"trainable": ["visual.*"]}, "not used: this stage trains tower parameters (e.g. visual.trunk."),
+    ({"trainable": ["visual.proj"], "model": {"image_size": 64}},
+     "not used: they are of efficientnet_lite0 + all-minilm-l6-v2 at 32 px, this model's of efficientnet_lite0 + "
+     "all-minilm-l6-v2 at 64 px; training on the images")])
+def test_features_serve_only_locked_towers_of_the_same_model(fields, note):
+    """A train stage uses a dataset's cached features only for the same towers and image size with none of their
+    parameters training; otherwise it trains on the images and says why, in one line."""
+    from pipelines.formats.manifest import DatasetManifest
+    from pipelines.run.spec import parse_spec
+    from pipelines.stages.train import _use_features
+
+    model = {"backbone": "efficientnet_lite0", "text_tower": TEXT, "embed_dim": 24, "image_size": 32,
+             **fields.pop("model", {})}
+    stages = [{"stage": "ingest", "name": "feats"}, {"stage": "train", "name": "t", "data": "feats", "model": model,
+                                                      **fields}]
+    cfg = parse_spec({"name": "x", "storage": "/tmp/unused", "stages": stages}).stages[1].config
+    towers = {"image_tower": "efficientnet_lite0", "text_tower": TEXT, "image_size": 32, "image_dim": 1280,
+              "text_dim": 384}
+    notes = []
+    ctx = type("Ctx", (), {"note": lambda self, line: notes.append(line)})()
+    used = _use_features(cfg, DatasetManifest(rows_in=1, rows_out=1, files=[], features=towers), ctx)
+    assert used == ("not used" not in note) and len(notes) == 1 and note in notes[0], notes
+    assert not _use_features(cfg, DatasetManifest(rows_in=1, rows_out=1, files=[]), ctx) and len(notes) == 1
