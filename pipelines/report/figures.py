@@ -37,7 +37,10 @@ def learning_curves(stages, names: Dict[str, str]) -> str:
     for ax, title in zip(axes, ("held-out loss", "held-out (zero-shot) accuracy", "alignment with the task vector")):
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # nothing to show (a pool without labels has no accuracy): no empty frame
+            ax.set_visible(False)
     return png(fig)
 
 

@@ -19,6 +19,9 @@ from pipelines.run.storage import StageDir
 # a train stage's ``mode`` as the report names it, in the order of the label-noise table's rows
 MODE_NAMES = {"plain": "plain", "grand": "GraND", "rho": "RHO-loss", "agra": "AGRA", "influence": "influence",
               "mimic": "Grad-Mimic"}
+# each role as the report's page names it
+ROLE_NAMES = {"mimic": "the Grad-Mimic run", "vanilla": "the vanilla run", "filtered": "the run on the filtered pool",
+              "utility": "the aggregated utilities", "filter": "the filter"}
 
 
 def committed_stages(fs, run: str) -> Dict[str, Dict[str, Any]]:

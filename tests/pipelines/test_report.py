@@ -88,6 +88,32 @@ def _stage(kind, config, **manifest):
     return {"stage": kind, "config": config, "manifest": manifest}
 
 
+def test_the_page_is_for_people():
+    """Every figure under its name with a line on how to read it, the goals met or not from the figures, which stage
+    played which part, where the filtered dataset is, and the commands that regenerate the page and rerun the run;
+    no raw keys or JSON of roles."""
+    from pipelines.report.page import page
+
+    report = {"run": "file:///data/runs/q", "roles": {"mimic": "mimic", "filter": "kept"},
+              "detection_auroc": 0.96, "quality_estimate": 0.69, "true_clean_fraction": 0.70, "f1_gmm": 0.81,
+              "f1_kmeans": 0.91, "zero_shot_acc_filtered": 0.5, "zero_shot_acc_unfiltered": 0.6,
+              "filter": {"rule": "vote_gmm >= 0.5", "kept_fraction": 0.7, "dataset": "s3://b/runs/q/kept"}}
+    got = page(report, {}, "")
+    text = re.sub(r"<[^>]+>", " ", got)
+    assert "Detection AUROC 0.96 how well a low mean mimic score flags the corrupted samples" in " ".join(text.split())
+    assert "F1, kmeans" in got and "Quality estimate" in got and "detection_auroc" not in got and "roles:" not in got
+    goals = dict(re.findall(r"<tr><th>([^<]+)</th><td>[^<]*</td><td>(?:<b>)?(met|not met)", got))
+    assert goals == {"detection AUROC &gt;= 0.95": "met", "F1 &gt;= 0.9 for the best binariser": "met",
+                     "quality estimate within 0.05 of the true clean fraction": "met",
+                     "the filtered pool&#x27;s model at least as accurate as the unfiltered one&#x27;s": "not met"}
+    assert "the Grad-Mimic run is stage <code>mimic</code>; the filter is stage <code>kept</code>" in got
+    assert "<code>s3://b/runs/q/kept</code>" in got and "70.0% of the scored samples kept" in got
+    assert "<code>gradmimic report file:///data/runs/q</code>" in got
+    assert "<code>gradmimic run /data/runs/q/spec.resolved.yaml storage=file:///data/runs</code>" in got
+    # a goal whose figures the run does not have is not shown
+    assert "goals" not in page({"run": "r", "roles": {}}, {}, "")
+
+
 def test_label_noise_table_and_data_efficiency_from_the_committed_runs():
     """Table 1 (mean, spread over seeds, best mode per noise rate) and the top-p vs random curve, by counting."""
     stages = {f"n{r}": _stage("ingest", {"noise": {"kind": "label", "rate": r / 100}}) for r in (40, 60)}
