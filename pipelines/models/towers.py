@@ -154,9 +154,15 @@ def _frozen_text_tower(text_tower: str) -> nn.Module:
 
 
 def text_features(text_tower: str, context_length: int, texts: Sequence[str]) -> torch.Tensor:
-    """The text tower's features of ``texts`` (what a cached :class:`TowerCLIP` takes as text: zero-shot prompts)."""
+    """The text tower's features of ``texts`` (what a cached :class:`TowerCLIP` takes as text: zero-shot prompts,
+    computed once per process for each set of prompts)."""
+    return _text_features(text_tower, context_length, tuple(texts)).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _text_features(text_tower: str, context_length: int, texts: Tuple[str, ...]) -> torch.Tensor:
     with torch.no_grad():
-        return _frozen_text_tower(text_tower)(text_tokenizer(text_tower, context_length)(texts))
+        return _frozen_text_tower(text_tower)(text_tokenizer(text_tower, context_length)(list(texts)))
 
 
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:

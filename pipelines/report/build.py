@@ -68,7 +68,8 @@ def build_report(run_url: str, storage_options: Optional[Dict[str, Any]] = None)
     if "filter" in role:
         report["filter"] = {k: stages[role["filter"]]["manifest"].get(k)
                             for k in ("rule", "kept_fraction", "kept_in_scope", "rejected", "reasons")}
-        report["filter"]["dataset"] = stages[role["filter"]]["dir"].url  # where the filtered dataset is
+        kept = stages[role["filter"]]["dir"]  # its files are in the committed attempt the manifest names
+        report["filter"]["dataset"] = kept.fs.unstrip_protocol(kept.join("").rstrip("/"))
     out = posixpath.join(run, fr.DIR)
     write_file(fs, posixpath.join(out, fr.JSON), json.dumps(report, indent=2, sort_keys=True, default=float).encode())
     write_file(fs, posixpath.join(out, fr.HTML), page(report, figures, cells).encode())

@@ -145,8 +145,9 @@ def _about(report: Dict[str, Any]) -> str:
         kept = flt.get("kept_fraction")
         out += (f"<p>The filtered dataset (rule <code>{html.escape(str(flt.get('rule')))}</code>, "
                 f"{'' if kept is None else f'{kept:.1%} of the scored samples kept'}) is "
-                f"<code>{html.escape(flt['dataset'])}</code>: its shards, the rejected rows with their reasons, and "
-                "<code>subset.npy</code> (the kept uids, as DataComp's resharder reads them).</p>")
+                f"<code>{html.escape(flt['dataset'])}</code>: its shards (a train stage's <code>data</code>), the "
+                "rejected rows with their reasons, and <code>subset.npy</code> (the kept uids, as DataComp's "
+                "resharder reads them).</p>")
     local = run[len("file://"):] if run.startswith("file://") else run
     out += (f"<p>Regenerate this page: <code>gradmimic report {html.escape(run)}</code>. Rerun the run (committed "
             f"stages are skipped): <code>gradmimic run {html.escape(local)}/{fr.RESOLVED_SPEC} "

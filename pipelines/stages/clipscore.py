@@ -218,4 +218,4 @@ def run_clipscore(cfg: ClipScoreConfig, ctx: StageContext) -> Dict[str, Any]:
     total, skipped = sum(r["rows"] for r in rows), sum(r["skipped"] for r in rows)
     return ClipScoreManifest(rows_in=total, rows_out=total, rejected=0, files=list(shards), shards=len(shards),
                              class_names=dm.class_names, templates=dm.caption_templates(), scored=total - skipped,
-                             skipped=skipped, column=cfg.column).to_json()
+                             skipped=skipped, column=cfg.column, features=dm.features).to_json()

@@ -9,7 +9,8 @@ text features) and where each row's are (``features``, ``features_offset``, ``fe
 :mod:`pipelines.formats.pool`).  A train stage on this dataset with the same towers, none of whose parameters
 train, reads those bytes with one ranged read per row instead of decoding images and tokenising captions, and
 runs a :class:`~pipelines.models.towers.TowerCLIP` without its towers (``cached``): the projections are still the
-mimic sites, so the scores, weights and updates are the full model's.  A row whose image or caption does not
+mimic sites, so the scores, weights and updates are the full model's (the features are computed in float32: under
+bf16 autocast the towers' outputs are these, more exact than a bf16 forward of the full model would give).  A row whose image or caption does not
 decode has ``features_size`` 0 (counted in the manifest's ``skipped``); the train stage skips it as
 ``no_features``.
 """

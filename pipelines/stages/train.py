@@ -93,7 +93,7 @@ class _Pool:
     cached: bool = False  # the rows point at cached tower features (a features stage), which the model takes
 
 
-def _read_inputs(cfg: TrainConfig, ctx: StageContext) -> _Pool:
+def _read_inputs(cfg: TrainConfig, ctx: StageContext, sources=(None, None)) -> _Pool:
     from pipelines.training.index import build_index
 
     data = ctx.inputs[cfg.data]
@@ -101,7 +101,7 @@ def _read_inputs(cfg: TrainConfig, ctx: StageContext) -> _Pool:
     class_names = manifest.class_names or []
     if cfg.task == "classify" and not class_names:
         raise SpecError(f"task: classify needs a labelled pool; stage {cfg.data!r} has no classes")
-    cached = _use_features(cfg, manifest, ctx)
+    cached = _use_features(cfg, manifest, ctx, sources)
     try:
         index = build_index(ctx, data, labels=bool(class_names), text=cfg.task == "clip", features=cached)
     except ValueError as exc:
@@ -118,15 +118,23 @@ def _read_inputs(cfg: TrainConfig, ctx: StageContext) -> _Pool:
     return _Pool(train, test, class_names, templates, index, cached)
 
 
-def _use_features(cfg: TrainConfig, manifest: DatasetManifest, ctx: StageContext) -> bool:
+def _use_features(cfg: TrainConfig, manifest: DatasetManifest, ctx: StageContext, sources=(None, None)) -> bool:
     """Whether to train on the data stage's cached tower features: it has them, of this model's towers and image
-    size, none of the towers' parameters train, and a comparison set (if any) is drawn from the same stage."""
+    size; none of the towers' parameters train or are re-initialised; the initial weights (and a whole-model
+    reference's) carry no tower tensors (they would replace the packaged towers the features are of); a comparison
+    set (if any) is drawn from the same stage."""
     from pipelines.models.build import apply_trainable
 
     if not manifest.features or cfg.task != "clip" or cfg.model.text_tower is None:
         return False
     spec, have = model_spec(cfg), manifest.features
-    towers = set(apply_trainable(meta_model(spec), cfg.trainable, cfg.freeze)) - set(CACHED_PARAMS)  # training
+    model = meta_model(spec)
+    names = [n for n, _ in model.named_parameters()]
+    towers = set(apply_trainable(model, cfg.trainable, cfg.freeze)) - set(CACHED_PARAMS)  # training
+    reinit = set(match_names(names, cfg.reinit)) - set(CACHED_PARAMS)
+    full = set(shapes(model)) - set(CACHED_PARAMS)
+    carried = [(what, sorted(full & set(state))[0]) for what, state in zip(("init", "reference"), sources)
+               if state is not None and full & set(state)]
     why = ""
     if (have["image_tower"], have["text_tower"], have["image_size"]) != (spec.backbone, spec.text_tower,
                                                                           spec.image_size):
@@ -134,6 +142,10 @@ def _use_features(cfg: TrainConfig, manifest: DatasetManifest, ctx: StageContext
                f"of {spec.backbone} + {spec.text_tower} at {spec.image_size} px")
     elif towers:
         why = f"this stage trains tower parameters (e.g. {sorted(towers)[0]})"
+    elif reinit:
+        why = f"this stage re-initialises tower parameters (e.g. {sorted(reinit)[0]})"
+    elif carried and (carried[0][0] == "init" or MODES[cfg.mode].full_reference):
+        why = f"its {carried[0][0]} weights carry tower tensors (e.g. {carried[0][1]})"
     elif cfg.comparison is not None and cfg.comparison.data != cfg.data:
         why = "its comparison set comes from another stage"
     if why:
@@ -162,25 +174,34 @@ def _check_resources(cfg: TrainConfig, ctx: StageContext) -> None:
                         f"cpus_per_worker or cpus_per_decoder, or raise ray.num_cpus")
 
 
-def _resolve_weights(cfg: TrainConfig, ctx: StageContext, spec: ModelSpec, params, reinit):
-    """``(init, reference)`` state dicts (or None), checked against the model before any worker starts."""
+def _weight_sources(cfg: TrainConfig, ctx: StageContext):
+    """``(init, reference)`` state dicts as given (``None`` where not given, or a reference the mode does not use)."""
+    init = load_weights_source(ctx, cfg.init, cfg.model.arch, "init") if cfg.init is not None else None
+    reference = None
+    if cfg.reference is not None and MODES[cfg.mode].needs_reference:
+        reference = load_weights_source(ctx, cfg.reference, cfg.model.arch, "reference")
+    return init, reference
+
+
+def _resolve_weights(cfg: TrainConfig, spec: ModelSpec, params, reinit, sources):
+    """``(init, reference)`` state dicts (or None) fitted to the model, checked before any worker starts.  A tower
+    CLIP's tower tensors may be missing from a reference (a stage trained on cached features holds its projections
+    only): the worker's model has the packaged towers."""
     model_shapes = shapes(meta_model(spec))
     init = reference = None
-    if cfg.init is not None:
-        state = load_weights_source(ctx, cfg.init, cfg.model.arch, "init")
+    if sources[0] is not None:
         try:
-            init = fit_state(model_shapes, state, skip=reinit)
+            init = fit_state(model_shapes, sources[0], skip=reinit)
         except ValueError as exc:
             raise spec_error("init", exc) from None
     mode = MODES[cfg.mode]
-    if cfg.reference is not None and mode.needs_reference:
-        state = load_weights_source(ctx, cfg.reference, cfg.model.arch, "reference")
+    if sources[1] is not None:
         wanted = model_shapes if mode.full_reference else {n: model_shapes[n] for n in params}
         try:
-            reference = fit_state(wanted, state)
+            reference = fit_state(wanted, sources[1])
         except ValueError as exc:
             raise spec_error("reference", exc) from None
-        missing = [n for n in wanted if n not in reference]
+        missing = [n for n in wanted if n not in reference and not (spec.towers and n not in CACHED_PARAMS)]
         if missing:
             raise SpecError(f"reference: the reference weights have no parameter {missing[0]!r}")
     return init, reference
@@ -213,12 +234,13 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     from pipelines.training.data import Decoder, StepPlan
     from pipelines.training.loop import ProgressBoard
 
-    pool = _read_inputs(cfg, ctx)
+    sources = _weight_sources(cfg, ctx)
+    pool = _read_inputs(cfg, ctx, sources)
     _check_resources(cfg, ctx)
     spec = replace(model_spec(cfg, len(pool.class_names)), cached=pool.cached)  # cached: takes the towers' features
     params = mimic_params(cfg)
     reinit = tuple(match_names([n for n, _ in meta_model(spec).named_parameters()], cfg.reinit))  # globs to names
-    init, reference = _resolve_weights(cfg, ctx, spec, params, reinit)
+    init, reference = _resolve_weights(cfg, spec, params, reinit, sources)
     workers = cfg.resources.num_workers
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * (pool.train.num_rows // cfg.batch_size)
     plan = StepPlan(pool.train.num_rows, cfg.batch_size, workers, cfg.seed, total)

@@ -175,18 +175,17 @@ class Decoder:
         a row with none (``image_size`` 0) is ``no_features``, a short read ``short_read``."""
         image_dim, text_dim = self.features
         width = (image_dim + text_dim) * 4
-        starts = rows["image_offset"].astype(np.int64)
-        blobs = read_ranges([urls[t] for t in rows["tar"].tolist()], starts, starts + rows["image_size"],
+        has = np.flatnonzero(rows["image_size"] > 0)  # no read for a row without (an empty range is no range)
+        starts = rows["image_offset"][has].astype(np.int64)
+        blobs = read_ranges([urls[t] for t in rows["tar"][has].tolist()], starts, starts + rows["image_size"][has],
                             self.storage_options)
         values = np.zeros((len(rows), image_dim + text_dim), np.float32)
-        reason = np.zeros(len(rows), np.uint8)
-        for i, blob in enumerate(blobs):
-            if int(rows["image_size"][i]) == 0:
-                reason[i] = skipped.NO_FEATURES
-            elif len(blob) != width or int(rows["image_size"][i]) != width:
+        reason = np.full(len(rows), skipped.NO_FEATURES, np.uint8)
+        for i, blob in zip(has.tolist(), blobs):
+            if len(blob) != width or int(rows["image_size"][i]) != width:
                 reason[i] = skipped.SHORT_READ
             else:
-                values[i] = np.frombuffer(blob, "<f4")
+                values[i], reason[i] = np.frombuffer(blob, "<f4"), skipped.OK
         out = {"uid_hi": np.ascontiguousarray(rows["uid_hi"]), "uid_lo": np.ascontiguousarray(rows["uid_lo"]),
                "image": values[:, :image_dim].copy(), "tokens": values[:, image_dim:].copy(), "reason": reason}
         if self.labels:

@@ -76,6 +76,28 @@ def test_decode_index_marks_bad_rows_and_keeps_good_ones(tmp_path):
     assert out["tokens"].shape == (6, 77) and out["uid_lo"].tolist() == list(range(6))
 
 
+def test_decode_features_reads_each_row_once_and_marks_the_rest(tmp_path, monkeypatch):
+    """Cached tower features: a row's float32 values from one ranged read; a row without (size 0) is
+    ``no_features`` and never read (an empty range would fetch the whole object on some stores); a short read is
+    ``short_read``."""
+    from pipelines.training import data as data_module
+
+    values = np.arange(4 * 5, dtype="<f4").reshape(4, 5)  # 4 rows of 3 image + 2 text features
+    path = tmp_path / "shard.f32"
+    path.write_bytes(values.tobytes())
+    rows = np.zeros(4, INDEX_DTYPE)
+    rows["uid_lo"], rows["image_offset"], rows["image_size"] = range(4), np.arange(4) * 20, [20, 0, 20, 40]
+    reads = []
+    real = data_module.read_ranges
+    monkeypatch.setattr(data_module, "read_ranges", lambda urls, s, e, o: reads.append(list(e - s)) or real(urls, s,
+                                                                                                          e, o))
+    out = Decoder(16, features=(3, 2), labels=True).decode_index(rows, [str(path)])
+    assert reads == [[20, 20, 40]]
+    assert out["reason"].tolist() == [skipped.OK, skipped.NO_FEATURES, skipped.OK, skipped.SHORT_READ]
+    assert np.array_equal(out["image"][[0, 2]], values[[0, 2], :3]) and np.array_equal(out["tokens"][2], values[2, 3:])
+    assert not out["image"][[1, 3]].any() and out["image"].dtype == np.float32 and out["tokens"].shape == (4, 2)
+
+
 def test_a_failed_read_raises_rather_than_skips(tmp_path):
     rows = np.zeros(1, INDEX_DTYPE)
     rows[0]["image_size"], rows[0]["text_offset"] = 10, -1
