@@ -148,8 +148,7 @@ def tower_clip(image_tower: str, text_tower: str, embed_dim: int, seed: int = 0,
 def _frozen_text_tower(text_tower: str) -> nn.Module:
     """The text tower alone with its packaged weights, in eval mode (built once per process)."""
     encoder = _text_encoder(text_tower)
-    _load_exact(encoder.transformer, load_state_dict_file(os.path.join(text_tower_dir(text_tower),
-                                                                       "model.safetensors")), f"text tower {text_tower}")
+    _load_text_weights(encoder, text_tower)
     return encoder.eval().requires_grad_(False)
 
 
@@ -165,22 +164,24 @@ def _text_features(text_tower: str, context_length: int, texts: Tuple[str, ...])
         return _frozen_text_tower(text_tower)(text_tokenizer(text_tower, context_length)(list(texts)))
 
 
-def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
-    from gradmimic import load_state_dict  # safetensors or weights-only torch: never code
-
-    return load_state_dict(path)
-
-
 def load_towers(model: TowerCLIP, image_tower: str, text_tower: str) -> None:
     """The towers' packaged weights into ``model`` (every tower tensor from the files; the classifier head of the
     image weights and the text model's own pooler are not part of the towers)."""
+    from gradmimic import load_state_dict
     from pipelines.models.backbones import packaged_weights_file
 
     if image_tower in IMAGE_WEIGHTS:
-        image = load_state_dict_file(packaged_weights_file(IMAGE_WEIGHTS[image_tower]))
+        image = load_state_dict(packaged_weights_file(IMAGE_WEIGHTS[image_tower]))
         _load_exact(model.visual.trunk, image, f"image tower {image_tower}")
-    text = load_state_dict_file(os.path.join(text_tower_dir(text_tower), "model.safetensors"))
-    _load_exact(model.text.transformer, text, f"text tower {text_tower}")
+    _load_text_weights(model.text, text_tower)
+
+
+def _load_text_weights(encoder: nn.Module, text_tower: str) -> None:
+    """The text tower's packaged weights (its folder's ``model.safetensors``) into its encoder."""
+    from gradmimic import load_state_dict
+
+    state = load_state_dict(os.path.join(text_tower_dir(text_tower), "model.safetensors"))
+    _load_exact(encoder.transformer, state, f"text tower {text_tower}")
 
 
 def _load_exact(module: nn.Module, state: Dict[str, torch.Tensor], what: str) -> None:
