@@ -12,7 +12,10 @@ the next: data wait included, evaluation and checkpoints excluded).  The three r
 after another within a round, and every ratio is the median of the per-round ratios, so a machine that speeds up or
 slows down between rounds (these are shared) moves all three alike.  ``mimic_over_plain`` is the ratio of median
 step times; ``pipeline_efficiency`` is plain stage throughput over bare-loop throughput (1.0: data loading and the
-stage's bookkeeping cost nothing).
+stage's bookkeeping cost nothing).  ``startup_s`` and ``teardown_s`` are a stage's fixed cost (median over the
+stages): from its start to its first step (Ray Train's worker group, the model, the first decoded batch), and from
+its last step to its end (the final evaluation and checkpoint, the worker group's exit), from the manifest's
+``phases``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -60,6 +63,17 @@ def stage_step_seconds(storage: str, stage: str, warmup: int, column: str = "ste
     fs, root = open_storage(storage)
     table = read_metrics(StageDir(fs, f"{root}/bench/{stage}")).to_pandas()
     return table[table.step > warmup][column].tolist()
+
+
+def stage_fixed_seconds(storage: str, stage: str) -> Tuple[float, float]:
+    """A train stage's ``(startup, teardown)`` seconds from its manifest's phases: its start to its first step,
+    its last step to the end of the stage."""
+    from pipelines.formats.manifest import ModelManifest
+    from pipelines.run.storage import StageDir, open_storage
+
+    fs, root = open_storage(storage)
+    phases = ModelManifest.read(StageDir(fs, f"{root}/bench/{stage}")).phases
+    return phases["first_step"], phases["finished"] - phases["last_step"]
 
 
 def bare_step_seconds(storage: str, args, threads: int):
@@ -116,6 +130,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise InputError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --rounds be >= 1")
     rounds: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
     cpu: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
+    fixed: Dict[str, List[Tuple[float, float]]] = {"plain": [], "mimic": []}  # (startup, teardown) per round
     with tempfile.TemporaryDirectory() as tmp:
         storage = os.path.join(tmp, "runs")
         # logical CPUs: the workers', their decoding actors' (half a CPU each) and one for the rest
@@ -129,6 +144,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     rounds[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup)))
                     cpu[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup,
                                                                           "step_cpu_seconds")))
+                    fixed[mode].append(stage_fixed_seconds(storage, f"{mode}{r}"))
                 wall, used = bare_step_seconds(storage, args, cpus * args.workers)  # the workers' cores, one process
                 rounds["bare"].append(statistics.median(wall))
                 cpu["bare"].append(statistics.median(used))
@@ -146,6 +162,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         # the same ratios from the processes' CPU time, which a busy machine disturbs less than wall time
         "mimic_over_plain_cpu": round(median_ratio(cpu["mimic"], cpu["plain"]), 3),
         "bare_over_plain_cpu": round(median_ratio(cpu["bare"], cpu["plain"]), 3),
+        # a stage's fixed cost: from its start to its first step, and from its last step to its commit
+        "startup_s": round(statistics.median(a for m in fixed.values() for a, _ in m), 2),
+        "teardown_s": round(statistics.median(b for m in fixed.values() for _, b in m), 2),
         "rounds": args.rounds,
         **{f"{k}_step_ms_rounds": [round(v * 1e3, 2) for v in vs] for k, vs in rounds.items()},
     }

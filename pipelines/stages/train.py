@@ -30,6 +30,7 @@ import math
 import posixpath
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Tuple
 
@@ -234,6 +235,7 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     from pipelines.training.data import Decoder, StepPlan
     from pipelines.training.loop import ProgressBoard
 
+    began = time.time()
     sources = _weight_sources(cfg, ctx)
     pool = _read_inputs(cfg, ctx, sources)
     _check_resources(cfg, ctx)
@@ -268,8 +270,10 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     resumed = first_step()
     if resumed:
         ctx.note(f"resuming from the checkpoint at step {resumed}/{total}")
+    fit_at = time.time()
     try:
         result = _fit(job, cfg, datasets, storage_path, storage_fs, board, ctx)
+        fitted = time.time()
         seen = ray.get(board.get.remote())
     finally:
         ray.kill(board)
@@ -280,6 +284,9 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     out = _finish(cfg, ctx, spec, result, plan, pool, resumed)
     # the last worker group's spread over Ray nodes (1 on one machine; a multi-node cluster shows its placement)
     out.restarts, out.worker_nodes = max(seen["starts"] - 1, 0), len(set(seen["nodes"].values()))
+    out.phases = {k: round(v - began, 3) for k, v in
+                  sorted({**seen["marks"], "fit": fit_at, "fitted": fitted, "finished": time.time()}.items(),
+                         key=lambda kv: kv[1])}
     return out.to_json()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -46,6 +47,32 @@ def step_batches(stream: Iterator[Dict[str, np.ndarray]], first: int) -> Iterato
             raise RuntimeError(f"data stream jumped from step {expect} to {step}")
         yield step, batch
         expect += 1
+
+
+class Ahead:
+    """An iterator whose first item is fetched at once, on a thread: a rank's stream starts (its decoders start up
+    and decode the first steps) while the worker builds its model."""
+
+    def __init__(self, items: Iterator) -> None:
+        self.items, self.first, self.error, self.empty = iter(items), None, None, False
+        self.thread = threading.Thread(target=self._fetch, daemon=True)
+        self.thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self.first = next(self.items)
+        except StopIteration:
+            self.empty = True
+        except BaseException as exc:  # noqa: BLE001 - raised where the items are consumed
+            self.error = exc
+
+    def __iter__(self) -> Iterator:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if not self.empty:
+            yield self.first
+            yield from self.items
 
 
 class Replayable:

@@ -31,7 +31,7 @@ from pipelines.formats.model import metrics_root
 from pipelines.formats.score_log import ScoreLogWriter, discard_after
 from pipelines.formats.skipped import SkippedWriter, skipped_root
 from pipelines.run.storage import open_storage
-from pipelines.training.batches import Replayable, step_batches
+from pipelines.training.batches import Ahead, Replayable, step_batches
 from pipelines.training.checkpoint import checkpoint_and_report, restore
 from pipelines.training.config import Job
 from pipelines.training.data import grouped
@@ -49,6 +49,7 @@ class ProgressBoard:
         self.nodes: Dict[int, str] = {}
         self.starts = 0  # worker-group starts: 1 + the restarts after failures
         self.stopped = ""  # why the workers stopped early, together (non-finite steps)
+        self.marks: Dict[str, float] = {}  # phase -> wall time rank 0 reached it (the latest worker group's)
 
     def update(self, state: Dict[str, Any]) -> None:
         self.state = state
@@ -58,12 +59,15 @@ class ProgressBoard:
         self.nodes[rank] = node
         self.starts += rank == 0
 
+    def mark(self, phase: str, at: float) -> None:
+        self.marks[phase] = at
+
     def stop(self, reason: str) -> None:
         self.stopped = reason
 
     def get(self) -> Dict[str, Any]:
         return {"state": self.state, "pids": dict(self.pids), "nodes": dict(self.nodes), "starts": self.starts,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "marks": dict(self.marks)}
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -71,17 +75,30 @@ class ProgressBoard:
 
 def train_worker(config: Dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
+    import ray.train
+
+    entered = time.time()
     job: Job = config["job"]
     comm = Comm.current()
+    evaluator, stream = rank_streams(job, comm)
+    stream = Ahead(stream)  # the decoders start while the model builds
     worker, board = start_worker(job, comm)
+    mark = _marker(board if comm.rank == 0 else None)
+    mark("process", _process_started())
+    mark("loop", entered)
+    mark("model")
+    if job.mode.comparison:
+        shard = ray.train.get_dataset_shard("comparison")
+        worker.comparison = list(grouped(shard.iter_batches(batch_size=None, batch_format="numpy"), "chunk"))
     writer, skips = score_writer(job, comm, worker)
-    evaluator, stream = rank_streams(job, comm, worker)
     plan = job.plan
     t_prev, cpu_prev = time.perf_counter(), time.process_time()
     last_report = 0.0
     batches = step_batches(stream, worker.step + 1) if worker.step < plan.total_steps else iter(())
-    in_a_row = 0
+    in_a_row, first = 0, worker.step + 1
     for step, batch in batches:
+        if step == first:
+            mark("first_step")
         batch, bad, sizes = worker.share(batch)  # the rows that decoded; the skipped ones are recorded
         skips.add(step, plan.epoch(step), bad["uid_hi"], bad["uid_lo"], bad["reason"])
         out = worker.train_step(batch, step, sizes)
@@ -104,6 +121,8 @@ def train_worker(config: Dict[str, Any]) -> None:
         seconds, t_prev = now - t_prev, now  # data wait + compute: what the stage delivers
         cpu = time.process_time() - cpu_prev  # this process's CPU (all threads): robust to a busy machine
         worker.train_seconds += seconds
+        if step == plan.total_steps:
+            mark("last_step")
         row = {"step": step, "epoch": plan.epoch(step), **stats, "step_seconds": seconds, "step_cpu_seconds": cpu,
                "samples_per_s": stats["batch_size"] / seconds}
         if evaluator is not None and ((job.cfg.eval_every and step % job.cfg.eval_every == 0)
@@ -117,9 +136,32 @@ def train_worker(config: Dict[str, Any]) -> None:
                 last_report = now
         if step % job.cfg.checkpoint_every == 0 or step == plan.total_steps:
             checkpoint_and_report(worker, writer, {"step": step, "loss": stats["loss"]}, skips)
+            if step == plan.total_steps:
+                mark("reported", flush=True)
         t_prev, cpu_prev = time.perf_counter(), time.process_time()  # evaluation and checkpoints are not step time
     if worker.step != plan.total_steps:
         raise RuntimeError(f"rank {comm.rank}'s data ended at step {worker.step} of {plan.total_steps}")
+
+
+def _marker(board):
+    """``mark(phase, at=now)``: tell the board (rank 0's; None: a no-op) when this worker reached a phase; fire
+    and forget, or with ``flush`` wait until the board has every mark sent (before the driver reads them)."""
+
+    def mark(phase: str, at: Optional[float] = None, flush: bool = False) -> None:
+        if board is not None:
+            ref = board.mark.remote(phase, time.time() if at is None else at)
+            if flush:  # one caller's calls run in order: this one done, all done
+                import ray
+
+                ray.get(ref, timeout=30)
+
+    return mark
+
+
+def _process_started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def start_worker(job: Job, comm: Comm) -> Tuple[Worker, Any]:
@@ -155,13 +197,10 @@ def score_writer(job: Job, comm: Comm, worker: Worker) -> Tuple[ScoreLogWriter, 
             SkippedWriter(fs, skipped_root(scores_root), comm.rank, first_step=worker.step + 1))
 
 
-def rank_streams(job: Job, comm: Comm, worker: Worker) -> Tuple[Optional[Replayable], Any]:
-    """``(held-out chunks or None, training batches)`` of this rank; the comparison set goes to the worker."""
+def rank_streams(job: Job, comm: Comm) -> Tuple[Optional[Replayable], Any]:
+    """``(held-out chunks or None, training batches)`` of this rank."""
     import ray.train
 
-    if job.mode.comparison:
-        shard = ray.train.get_dataset_shard("comparison")
-        worker.comparison = list(grouped(shard.iter_batches(batch_size=None, batch_format="numpy"), "chunk"))
     evaluator = Replayable(ray.train.get_dataset_shard(f"eval_{comm.rank}")) if job.eval_chunks else None
     stream = ray.train.get_dataset_shard(f"train_{comm.rank}").iter_batches(
         batch_size=job.plan.local_sizes[comm.rank], batch_format="numpy", prefetch_batches=4)

@@ -103,6 +103,12 @@ def test_two_workers_equal_one_process(storage, tmp_path, task):
     manifests, _ = run(storage, train_stage(f"{task}1", **common),
                        train_stage(f"{task}2", **common, resources={"num_workers": 2}))
     assert manifests[f"{task}2"]["workers"] == 2 and manifests[f"{task}2"]["steps"] == 6
+    # where a stage's seconds went, in the order they happen (seconds from the stage's start)
+    phases = manifests[f"{task}2"]["phases"]
+    order = ["fit", "process", "loop", "model", "first_step", "last_step", "reported", "fitted", "finished"]
+    assert list(phases) == sorted(phases, key=phases.get) and set(phases) == set(order)
+    assert all(phases[a] <= phases[b] for a, b in zip(order, order[1:])), phases
+    assert 0 < phases["fit"] and phases["finished"] <= manifests[f"{task}2"]["timings"]["seconds"]
     one, two = weights(storage, f"{task}1"), weights(storage, f"{task}2")
     assert_close_weights(two, one)
     assert any(not torch.equal(one[k], v) for k, v in ModelSpec(task, num_classes=10).build().state_dict().items()
