@@ -270,6 +270,15 @@ def read_pool(stage, columns: Sequence[str]) -> pa.Table:
     return table.set_column(table.column_names.index("tar"), "tar", tars)
 
 
+def features_as_location(table: pa.Table) -> pa.Table:
+    """A shard's rows pointing at their cached tower features: ``FEATURE_COLUMNS`` renamed to ``tar``,
+    ``image_offset``, ``image_size`` (the image's own columns, if read, left out)."""
+    location = ("tar", "image_offset", "image_size")
+    table = table.drop_columns([c for c in location if c in table.column_names])
+    return table.rename_columns([location[FEATURE_COLUMNS.index(c)] if c in FEATURE_COLUMNS else c
+                                 for c in table.column_names])
+
+
 def tar_urls(base: str, tars) -> pa.Array:
     """The ``tar`` column as full URLs: a path relative to the dataset stage's directory ``base`` (a tar the stage
     wrote) is joined to it; an absolute one (a URL with a scheme, or a local path from ``/``: a source tar indexed

@@ -156,6 +156,13 @@ class ModelSpec:
             torch.manual_seed(seed + 1)
             return ImageClassifier(clip.visual, clip_config(self.arch)["embed_dim"], self.num_classes)
 
+    def features_of(self, features: Optional[Dict[str, Any]]) -> bool:
+        """Whether cached tower features (a dataset manifest's ``features``) are of this tower CLIP's towers at its
+        image size."""
+        return self.towers and bool(features) and (features["image_tower"], features["text_tower"],
+                                                   features["image_size"]) == (self.backbone, self.text_tower,
+                                                                               self.image_size)
+
     @property
     def feature_dims(self) -> Tuple[int, int]:
         """A tower CLIP's tower feature widths (image, text): what a cached one takes."""

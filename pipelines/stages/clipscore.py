@@ -12,7 +12,7 @@ keep: {minus: [{column: clip_score, top: 0.3}, {column: mean_score, bottom: 0.2}
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -92,8 +92,9 @@ class ShardMapper:
             state = ray.get(weights)
             load_weights(model, load_state_dict(state) if isinstance(state, bytes) else state)
         self.model = model.eval()
-        self.decoder = Decoder(self.spec.image_size, tokens=self.spec.context_length, arch=self.spec.tokenizer,
-                               storage_options=storage_options)
+        text = dict(features=self.spec.feature_dims) if self.spec.cached else dict(
+            tokens=self.spec.context_length, arch=self.spec.tokenizer)
+        self.decoder = Decoder(self.spec.image_size, storage_options=storage_options, **text)
         self.data, self.out, self.cfg = data, out, cfg
         self.base = data.fs.unstrip_protocol(data.join(""))
 
@@ -113,9 +114,10 @@ class ShardMapper:
 
         from pipelines.training.batches import to_images
 
+        source = fp.features_as_location(table) if self.spec.cached else table
         for start in range(0, table.num_rows, self.cfg.batch_size):
             idx = np.arange(start, min(table.num_rows, start + self.cfg.batch_size))
-            batch = self.decoder(table, idx)
+            batch = self.decoder(source, idx)
             ok = batch["reason"] == 0
             if ok.any():
                 yield (idx[ok], to_images({"image": batch["image"][ok]}, self.spec, self.device),
@@ -197,6 +199,17 @@ def _scoring_model(cfg: ClipScoreConfig, ctx: StageContext):
     return spec, state
 
 
+def _takes_features(spec, weights, features) -> bool:
+    """Whether the CLIP scores the dataset's cached tower features exactly: they are of its towers at its image size,
+    and its weights (a train stage's file) hold nothing of the towers (those come from their packages, as the
+    features did)."""
+    from gradmimic import load_state_dict
+    from pipelines.stages.train import CACHED_PARAMS
+
+    return (spec.features_of(features) and isinstance(weights, bytes)
+            and set(load_state_dict(weights)) <= set(CACHED_PARAMS))
+
+
 def run_clipscore(cfg: ClipScoreConfig, ctx: StageContext) -> Dict[str, Any]:
     """One Ray Data map over the dataset's shards on an actor pool; the driver holds shard names and counts."""
     import ray
@@ -204,6 +217,9 @@ def run_clipscore(cfg: ClipScoreConfig, ctx: StageContext) -> Dict[str, Any]:
     data = ctx.inputs[cfg.data]
     spec, weights = _scoring_model(cfg, ctx)
     dm = DatasetManifest.read(data)
+    if _takes_features(spec, weights, dm.features):
+        spec = replace(spec, cached=True)
+        ctx.note(f"scoring on the cached tower features of stage {cfg.data!r} (locked towers)")
     shards = fp.shard_parquets(dm.files)
     if not shards:
         raise SpecError(f"data: stage {cfg.data!r} has no rows")

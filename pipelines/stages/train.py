@@ -137,8 +137,7 @@ def _use_features(cfg: TrainConfig, manifest: DatasetManifest, ctx: StageContext
     carried = [(what, sorted(full & set(state))[0]) for what, state in zip(("init", "reference"), sources)
                if state is not None and full & set(state)]
     why = ""
-    if (have["image_tower"], have["text_tower"], have["image_size"]) != (spec.backbone, spec.text_tower,
-                                                                          spec.image_size):
+    if not spec.features_of(have):
         why = (f"they are of {have['image_tower']} + {have['text_tower']} at {have['image_size']} px, this model's "
                f"of {spec.backbone} + {spec.text_tower} at {spec.image_size} px")
     elif towers:

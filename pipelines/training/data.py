@@ -126,6 +126,8 @@ class Decoder:
         if not isinstance(pool, pa.Table):
             return self.decode_index(*pool.lookup(idx))
         rows = pool.take(pa.array(idx, type=pa.int64()))
+        if self.features:  # the table's location columns point at the features (pool.features_as_location)
+            return self.decode_features(*_index_rows(rows))
         images, reason = self.images(rows)
         out = {"uid_hi": rows["uid_hi"].to_numpy(), "uid_lo": rows["uid_lo"].to_numpy(), "image": images,
                "reason": reason}
@@ -283,6 +285,20 @@ def _tokenizer(arch: Optional[str], context_length: int) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------------ Ray Data
+
+
+def _index_rows(rows: pa.Table) -> Tuple[np.ndarray, List[str]]:
+    """A table's rows (``tar`` a full URL) as index rows (:data:`~pipelines.training.index.INDEX_DTYPE`) and the
+    URLs their ``tar`` numbers."""
+    from pipelines.training.index import INDEX_DTYPE
+
+    urls, tar = np.unique(np.asarray(rows["tar"].to_pylist(), dtype=object), return_inverse=True)
+    out = np.zeros(rows.num_rows, INDEX_DTYPE)
+    out["tar"] = tar
+    for name in ("uid_hi", "uid_lo", "image_offset", "image_size", "label"):
+        if name in rows.column_names:
+            out[name] = rows[name].to_numpy()
+    return out, urls.tolist()
 
 
 def _decode_chunks(batch: Dict[str, np.ndarray], chunk_rows: int, index, decoder: Decoder):

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from pipelines.formats.pool import FEATURE_COLUMNS  # read as LOCATION[3:] (tar, image_offset, image_size)
+from pipelines.formats.pool import FEATURE_COLUMNS, features_as_location  # read as LOCATION[3:]
 
 # ``text_offset`` / ``text_size``: the caption's UTF-8 bytes in the row's tar; where that tar holds none (the pool
 # says -1), the caption is kept in the piece's own ``captions`` bytes instead, at ``-1 - text_offset``
@@ -56,8 +56,7 @@ def index_shards(fs, paths: Sequence[str], base: str, labels: bool, text: bool, 
     columns = location + (list(TEXT) if text else []) + (["label"] if labels else [])
     tables = [_read_shard(fs, p, columns, text, stage_url) for p in paths]
     if features:
-        tables = [t.rename_columns([LOCATION[location.index(c)] if c in FEATURE_COLUMNS else c
-                                    for c in t.column_names]) for t in tables]
+        tables = [features_as_location(t) for t in tables]
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     codes = pc.dictionary_encode(table["split"].combine_chunks())
     names = codes.dictionary.to_pylist()

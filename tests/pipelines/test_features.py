@@ -101,7 +101,8 @@ def test_features_stage_and_a_train_stage_on_them(tmp_path, ray_local):
               {**train, "name": "on_images", "data": "pool"}, {**train, "name": "on_features", "data": "feats"},
               {"stage": "filter", "name": "kept", "data": "feats", "keep": {"column": "label", "top": 0.5},
                "apply_to": ["train", "test"]},
-              {"stage": "clipscore", "name": "scored", "model": "on_features", "data": "feats", "actors": 1}]
+              {"stage": "clipscore", "name": "scored", "model": "on_features", "data": "feats", "actors": 1},
+              {"stage": "clipscore", "name": "scored_images", "model": "on_features", "data": "pool", "actors": 1}]
     out = io.StringIO()
     manifests = run_spec(parse_spec({**spec_yaml, "stages": stages}), stream=out)
     assert "training the projections on the cached tower features of stage 'feats'" in out.getvalue()
@@ -133,6 +134,16 @@ def test_features_stage_and_a_train_stage_on_them(tmp_path, ray_local):
     kept = stage_dir(str(tmp_path), "kept")
     assert manifests["kept"]["features"] == manifests["scored"]["features"] == feats["features"]
     assert manifests["scored"]["scored"] == 59  # the stage's CLIP: its projections on the packaged towers
+    # clipscore on the features (no decoding, no towers) equals clipscore on the images through the whole model
+    assert "scoring on the cached tower features of stage 'feats'" in out.getvalue()
+    assert "scoring on the cached tower features of stage 'pool'" not in out.getvalue()
+    scores = {}
+    for stage in ("scored", "scored_images"):
+        sd = stage_dir(str(tmp_path), stage)
+        table = pa.concat_tables([sd.read_table(f) for f in fp.shard_parquets(manifests[stage]["files"])])
+        scores[stage] = table.to_pandas().set_index("uid").sort_index()["clip_score"]
+    assert scores["scored"].isna().sum() == scores["scored_images"].isna().sum() == 1
+    np.testing.assert_allclose(scores["scored"].to_numpy(), scores["scored_images"].to_numpy(), rtol=1e-4, atol=1e-5)
     rows = pa.concat_tables([kept.read_table(f) for f in fp.shard_parquets(manifests["kept"]["files"])])
     source = pa.concat_tables([d.read_table(f) for f in shards]).to_pandas().set_index("uid")
     for column in fp.FEATURE_COLUMNS:
