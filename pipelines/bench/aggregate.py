@@ -175,7 +175,7 @@ def run_gradmimic(storage: str, log_dir: str, options: Dict[str, Any], name: str
     spec = parse_spec({"name": name, "storage": storage, "stages": [stage]}, label="bench aggregate")
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        run_spec(spec, force=["agg"] if repeat else (), stream=io.StringIO() if quiet else sys.stderr)
+        run_spec(spec, max_parallel=1, force=["agg"] if repeat else (), stream=io.StringIO() if quiet else sys.stderr)
         seconds = time.perf_counter() - t0
     t = read_utility(committed_stage(spec, "agg"), ["uid_hi", "uid_lo", "mean_score"])
     return seconds, rss.peak, t["uid_hi"].to_numpy(), t["uid_lo"].to_numpy(), t["mean_score"].to_numpy()

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             for r in range(1, args.rounds + 1):
                 stages.append({"stage": "clipscore", "name": f"scored{r}", "data": "pool", "model": "model",
                                "batch_size": args.batch_size, "actors": actors, "cpus_per_actor": threads})
-                done = run_spec(parse_spec(spec_yaml, label="bench clipscore"),
+                done = run_spec(parse_spec(spec_yaml, label="bench clipscore"), max_parallel=1,
                                 stream=io.StringIO() if args.json else sys.stderr)[f"scored{r}"]
                 stage_rates.append(done["rows_out"] / done["timings"]["seconds"])
                 bare_rates.append(bare_rows_per_s(storage, model_spec, args.batch_size, actors * threads))

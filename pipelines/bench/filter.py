@@ -156,7 +156,7 @@ def run_stage(storage: str, name: str, quiet: bool, repeat: int):
     spec = bench_spec(storage, name)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        run_spec(spec, force=["kept"] if repeat else (), stream=io.StringIO() if quiet else sys.stderr)
+        run_spec(spec, max_parallel=1, force=["kept"] if repeat else (), stream=io.StringIO() if quiet else sys.stderr)
         seconds = time.perf_counter() - t0
     kept = committed_stage(spec, "kept")
     shards = shard_parquets(DatasetManifest.read(kept).files)
@@ -172,7 +172,7 @@ def run_reshard(storage: str, name: str, quiet: bool) -> Dict[str, Any]:
 
     spec = bench_spec(storage, name, reshard=True)
     t0 = time.perf_counter()
-    run_spec(spec, stream=io.StringIO() if quiet else sys.stderr)
+    run_spec(spec, max_parallel=1, stream=io.StringIO() if quiet else sys.stderr)
     seconds = time.perf_counter() - t0
     kept = committed_stage(spec, "kept")
     m = FilterManifest.read(kept)

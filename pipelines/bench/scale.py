@@ -175,7 +175,7 @@ def measure_stage(spec, name: str, args, cores: int, quiet: bool) -> Dict[str, A
     cpu0 = sum(me.cpu_times()[:2])
     with Sampler(exact) as s:
         t0 = time.perf_counter()
-        manifest = run_spec(spec, stream=io.StringIO() if quiet else sys.stderr)[name]
+        manifest = run_spec(spec, max_parallel=1, stream=io.StringIO() if quiet else sys.stderr)[name]
         wall = time.perf_counter() - t0
     peak = (_status_kb("VmHWM") or 0) * 1024 if exact else s.driver_peak
     kind = spec.stages[-1].stage

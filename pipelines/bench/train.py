@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         try:
             for r in range(1, args.rounds + 1):
                 spec = parse_spec(_spec(storage, args, cpus, r), label="bench train")
-                run_spec(spec, stream=io.StringIO() if args.json else sys.stderr)
+                run_spec(spec, max_parallel=1, stream=io.StringIO() if args.json else sys.stderr)
                 for mode in ("plain", "mimic"):
                     rounds[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup)))
                     cpu[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup,

@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace) -> None:
     from pipelines.run.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    run_spec(spec, force=args.force)
+    run_spec(spec, force=args.force, max_parallel=args.max_parallel)
     if spec.writes_report:
         from pipelines.report.build import build_report
         from pipelines.run.storage import open_storage
@@ -91,10 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run a YAML spec's stages in order")
+    p = sub.add_parser("run", help="run a YAML spec's stages, independent ones at once")
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. stages.pool.shard_size=64 storage=s3://b/p")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun this stage even if committed")
+    p.add_argument("--max-parallel", type=int, metavar="N",
+                   help="run at most N stages at once (default: as many as the cluster's CPUs and GPUs allow; "
+                        "1: one after another, in the file's order)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("validate", help="check a spec without running it")

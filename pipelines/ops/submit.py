@@ -38,6 +38,7 @@ def add_arguments(sub) -> None:
     p.add_argument("--ship-package", action="store_true",
                    help="upload the local gradmimic and pipelines sources (else they must be installed there)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="passed to gradmimic run")
+    p.add_argument("--max-parallel", type=int, metavar="N", help="passed to gradmimic run")
     p.set_defaults(func=submit)
     p = sub.add_parser("status", help="a submitted job's status")
     p.add_argument("job_id")
@@ -115,6 +116,8 @@ def submit(args: argparse.Namespace) -> None:
         with open(os.path.join(tmp, SPEC_FILE), "w", encoding="utf-8") as f:
             f.write(dump_spec(spec))
         force = "".join(f" --force {name}" for name in args.force)
+        if args.max_parallel is not None:
+            force += f" --max-parallel {int(args.max_parallel)}"
         job_id = jobs.submit_job(entrypoint=f"python -m pipelines.ops.jobenv python -m pipelines run {SPEC_FILE}{force}",
                                  runtime_env=job_runtime_env(args, tmp),
                                  metadata={"gradmimic_spec": spec.name, "gradmimic_source": os.path.basename(args.spec)})

@@ -27,9 +27,9 @@ from pipelines.run.storage import StageDir
 class Progress:
     """One line per stage on the terminal, rewritten in place with rows/s and ETA while tasks finish."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, stream: TextIO = sys.stderr, live: bool = True) -> None:
         self.stream = stream
-        self.live = stream.isatty()
+        self.live = live and stream.isatty()  # not live: plain lines at a bounded rate (a log; stages at once)
 
     def update(self, label: str, done: int, total: int, rows: int, started: float) -> None:
         elapsed = max(time.perf_counter() - started, 1e-9)
@@ -179,6 +179,10 @@ def _cancel(refs: List[Any]) -> None:
         ray.wait(refs, num_returns=len(refs), timeout=30)
 
 
+_SETTINGS_LOCK = threading.Lock()
+_SETTINGS_USERS: List[Any] = []  # the saved settings while any stage's map holds them (stages run on threads)
+
+
 @contextlib.contextmanager
 def _single_map_settings() -> Iterator[None]:
     """Ray Data settings for a dataset that is one map over a list of work items: the stage prints its own
@@ -191,19 +195,25 @@ def _single_map_settings() -> Iterator[None]:
     import ray.data
 
     log = logging.getLogger("ray.data")
-    level = log.level
-    log.setLevel(logging.CRITICAL)  # before: turning the bars off logs a warning
-    data = ray.data.DataContext.get_current()
+    data = ray.data.DataContext.get_current()  # one per process: set by the first map in, restored by the last out
     names = ("enable_progress_bars", "op_resource_reservation_enabled", "raise_original_map_exception")
-    saved = [getattr(data, n) for n in names]
-    for n, v in zip(names, (False, False, True)):
-        setattr(data, n, v)
+    with _SETTINGS_LOCK:
+        if not _SETTINGS_USERS:
+            _SETTINGS_USERS.append((log.level, [getattr(data, n) for n in names]))
+            log.setLevel(logging.CRITICAL)  # before: turning the bars off logs a warning
+            for n, v in zip(names, (False, False, True)):
+                setattr(data, n, v)
+        _SETTINGS_USERS.append(None)
     try:
         yield
     finally:
-        for n, v in zip(names, saved):
-            setattr(data, n, v)
-        log.setLevel(max(level, logging.ERROR))
+        with _SETTINGS_LOCK:
+            _SETTINGS_USERS.pop()
+            if len(_SETTINGS_USERS) == 1:
+                level, saved = _SETTINGS_USERS.pop()
+                for n, v in zip(names, saved):
+                    setattr(data, n, v)
+                log.setLevel(max(level, logging.ERROR))
 
 
 @dataclass

@@ -6,7 +6,7 @@ A stage is registered when its implementation exists.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from pipelines.stages.aggregate import AggregateConfig, check_aggregate, run_aggregate
 from pipelines.stages.clipscore import ClipScoreConfig, run_clipscore
@@ -27,6 +27,21 @@ class StageDef:
     produces: str  # what later stages may reference it as: dataset | model | scores | utility
     check: Optional[Callable[[Any, Any], None]] = None  # spec-only checks, before any stage runs
     resumable: bool = False  # a rerun continues an uncommitted attempt with the same config (from its checkpoints)
+    # the (CPUs, GPUs) it holds while it runs, so independent stages run at once only where both fit; None (or a
+    # None result): the whole cluster (it fans out over every CPU)
+    needs: Optional[Callable[[Any], Optional[Tuple[float, float]]]] = None
+
+
+def _train_needs(cfg: TrainConfig) -> Tuple[float, float]:
+    """The workers and their decoding actors, and the evaluation's decoding tasks."""
+    r = cfg.resources
+    return (r.num_workers * (r.cpus_per_worker + r.decoders_per_worker * r.cpus_per_decoder) + r.cpus_per_decoder,
+            float(r.num_workers) if r.use_gpu else 0.0)
+
+
+def _actor_pool_needs(cfg: Any) -> Optional[Tuple[float, float]]:
+    """A given number of actors (0: one per CPU or GPU, the whole cluster)."""
+    return (cfg.actors * cfg.cpus_per_actor, float(cfg.actors) if cfg.use_gpu else 0.0) if cfg.actors else None
 
 
 STAGES: Dict[str, StageDef] = {
@@ -39,7 +54,7 @@ STAGES: Dict[str, StageDef] = {
         TrainConfig, run_train,
         "train CLIP or a classifier on Ray Train (DDP), plain or reweighted by Grad-Mimic / a baseline; "
         "writes the final weights, metrics and the score log",
-        "model", check=check_train, resumable=True,
+        "model", check=check_train, resumable=True, needs=_train_needs,
     ),
     "aggregate": StageDef(
         AggregateConfig, run_aggregate,
@@ -57,18 +72,18 @@ STAGES: Dict[str, StageDef] = {
         ClipScoreConfig, run_clipscore,
         "a CLIP's image-text cosine for every row of a dataset (batch inference on Ray Data actors); writes the "
         "dataset again with the score (and optionally the embeddings) as columns",
-        "dataset",
+        "dataset", needs=_actor_pool_needs,
     ),
     "features": StageDef(
         FeaturesConfig, run_features,
         "pretrained towers' features of every row of a dataset, computed once on Ray Data actors, so train stages "
         "with locked towers (LiT) train the projections on them; writes the dataset again with where they are",
-        "dataset",
+        "dataset", needs=_actor_pool_needs,
     ),
     "evaluate": StageDef(
         EvaluateConfig, run_evaluate,
         "a trained model on a dataset's held-out split: loss, zero-shot accuracy and retrieval recall@1/5 (CLIP), "
         "or accuracy (classifier)",
-        "evaluation",
+        "evaluation", needs=lambda cfg: (cfg.cpus, 1.0 if cfg.use_gpu else 0.0),
     ),
 }

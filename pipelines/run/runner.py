@@ -1,4 +1,5 @@
-"""Run a spec: stages in order, each into ``<storage>/<run>/<stage>/``, skipping what is already committed.
+"""Run a spec: each stage into ``<storage>/<run>/<stage>/`` once the stages it reads are done, independent stages at
+once (as the cluster's resources allow), skipping what is already committed.
 
 A stage's config hash covers its resolved config, the hashes of the stages it reads, and the package version;
 a rerun skips a committed stage whose hash matches and reruns the rest, and every stage that reads a stage rerun
@@ -11,9 +12,11 @@ import contextlib
 import hashlib
 import json
 import posixpath
+import queue
 import sys
+import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from gradmimic import __version__
 from pipelines.formats.report import RESOLVED_SPEC
@@ -88,11 +91,15 @@ def require_shared_storage(spec: Spec, fs) -> None:
                         "(an s3:// prefix)")
 
 
-def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr) -> Dict[str, Dict[str, Any]]:
-    """Run every stage; returns each stage's manifest."""
+def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr,
+             max_parallel: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
+    """Run every stage, each once its inputs are committed, as many at once as the cluster's resources allow (at most
+    ``max_parallel``; 1: one after another, in the file's order); returns each stage's manifest."""
     unknown = [f for f in force if f not in {s.name for s in spec.stages}]
     if unknown:
         raise InputError(f"--force {unknown[0]}: no stage of that name in {spec.source}")
+    if max_parallel is not None and max_parallel < 1:
+        raise InputError(f"--max-parallel {max_parallel}: must be at least 1")
     check_spec(spec)
     fs, root = open_storage(spec.storage, spec.storage_options)
     ray_ready = spec.ray.address != "local"
@@ -103,39 +110,122 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
     fs.makedirs(run_root, exist_ok=True)
     with fs.open(posixpath.join(run_root, RESOLVED_SPEC), "wb") as f:
         f.write(dump_spec(spec).encode())
-    progress = Progress(stream)
-    hashes: Dict[str, str] = {}
-    manifests: Dict[str, Dict[str, Any]] = {}
-    ran: set = set()  # stages (re)run by this invocation: whatever reads them must rerun too
     total_start = time.perf_counter()
-    for n, stage in enumerate(spec.stages, 1):
-        inputs = stage_inputs(stage)
-        h = config_hash(stage, {name: hashes[name] for name in inputs})
-        hashes[stage.name] = h
-        out = StageDir(fs, posixpath.join(run_root, stage.name))
-        label = f"[{n}/{len(spec.stages)}] {stage.stage} {stage.name}"
-        committed = out.manifest()
-        # a committed stage stands if its config and the attempts it read are still the committed ones (an input
-        # rerun by an invocation that stopped before this stage leaves it stale: its files may point into the old
-        # one); a manifest that records none (written by a tool, such as the benches' prepared stages) is trusted
-        read = {name: manifests[name].get("attempt") for name in inputs}
-        if committed and committed.get("config_hash") == h and stage.name not in force and not ran & set(inputs) \
-                and committed.get("input_attempts", read) == read:
-            manifests[stage.name] = committed
-            stream.write(f"{label}: committed, skipped (config {h})\n")
-            continue
-        if not ray_ready:
-            init_ray(spec)
-            ray_ready = True
+    manifests = _Graph(spec, fs, run_root, set(force), stream, max_parallel, ray_ready).run()
+    stream.write(f"done: {len(spec.stages)} stages in {time.perf_counter() - total_start:.1f}s, run {spec.name} "
+                 f"in {fs.unstrip_protocol(run_root)}\n")
+    return manifests
+
+
+class _Graph:
+    """The stages as a graph: each starts once every stage it reads is done (committed, or skipped as committed
+    before), if the CPUs and GPUs it holds (:attr:`StageDef.needs`) are free; the first in the file's order first,
+    later ones filling what is left.  A stage runs on a thread of its own (its work is on Ray); a failure starts
+    nothing new, lets the running stages finish, and is raised then."""
+
+    def __init__(self, spec: Spec, fs, run_root: str, force: set, stream: TextIO, max_parallel: Optional[int],
+                 ray_ready: bool) -> None:
+        self.spec, self.fs, self.run_root, self.force, self.stream = spec, fs, run_root, force, stream
+        self.max_parallel, self.ray_ready = max_parallel, ray_ready
+        self.progress = Progress(stream, live=max_parallel == 1)  # several stages at once: plain lines
+        self.hashes: Dict[str, str] = {}
+        for stage in spec.stages:  # a stage's hash covers its inputs' (earlier stages')
+            self.hashes[stage.name] = config_hash(stage, {i: self.hashes[i] for i in stage_inputs(stage)})
+        self.manifests: Dict[str, Dict[str, Any]] = {}
+        self.ran: set = set()  # stages (re)run by this invocation: whatever reads them must rerun too
+        self.finished: "queue.Queue[tuple]" = queue.Queue()
+        self.running: Dict[str, Tuple[float, float]] = {}  # name -> the (CPUs, GPUs) it holds
+        self.capacity = (float("inf"), float("inf"))
+
+    def run(self) -> Dict[str, Dict[str, Any]]:
+        pending = list(enumerate(self.spec.stages, 1))
+        failure: Optional[BaseException] = None
+        while pending or self.running:
+            if failure is None:
+                pending = self._start_ready(pending)
+            if not self.running:
+                break
+            name, result = self.finished.get()
+            del self.running[name]
+            if isinstance(result, BaseException):
+                failure = failure or result
+            else:
+                self.manifests[name] = result
+                self.ran.add(name)
+        if failure is not None:
+            raise failure
+        return self.manifests
+
+    def _start_ready(self, pending: List[Tuple[int, StageSpec]]) -> List[Tuple[int, StageSpec]]:
+        """Skip or start every pending stage that can go now (in order); the rest stay pending."""
+        waiting = []
+        for n, stage in pending:
+            inputs = stage_inputs(stage)
+            if any(i not in self.manifests for i in inputs):
+                waiting.append((n, stage))
+                continue
+            label = f"[{n}/{len(self.spec.stages)}] {stage.stage} {stage.name}"
+            out = StageDir(self.fs, posixpath.join(self.run_root, stage.name))
+            read = {name: self.manifests[name].get("attempt") for name in inputs}
+            committed = out.manifest()
+            h = self.hashes[stage.name]
+            # a committed stage stands if its config and the attempts it read are still the committed ones (an input
+            # rerun by an invocation that stopped before this stage leaves it stale: its files may point into the old
+            # one); a manifest that records none (written by a tool, such as the benches' prepared stages) is trusted
+            if committed and committed.get("config_hash") == h and stage.name not in self.force \
+                    and not self.ran & set(inputs) and committed.get("input_attempts", read) == read:
+                self.manifests[stage.name] = committed
+                self.stream.write(f"{label}: committed, skipped (config {h})\n")
+                continue
+            needs = self._needs(stage)
+            if self.running and (len(self.running) == self.max_parallel or not self._fits(needs)):
+                waiting.append((n, stage))
+                continue
+            self._start(stage, label, out, read, needs)
+        return waiting  # (inputs come earlier in the file: a skip above readies the stages below it in this pass)
+
+    def _needs(self, stage: StageSpec) -> Tuple[float, float]:
+        if not self.ray_ready:
+            init_ray(self.spec)
+            self.ray_ready = True
+        if self.capacity[0] == float("inf"):
+            import ray
+
+            res = ray.cluster_resources()
+            self.capacity = (float(res.get("CPU", 0)), float(res.get("GPU", 0)))
+        needs = STAGES[stage.stage].needs
+        held = needs(stage.config) if needs is not None else None
+        return self.capacity if held is None else (min(held[0], self.capacity[0]), min(held[1], self.capacity[1]))
+
+    def _fits(self, needs: Tuple[float, float]) -> bool:
+        return all(sum(r[k] for r in self.running.values()) + needs[k] <= self.capacity[k] + 1e-9 for k in (0, 1))
+
+    def _start(self, stage: StageSpec, label: str, out: StageDir, read: Dict[str, Any],
+               needs: Tuple[float, float]) -> None:
         definition = STAGES[stage.stage]
+        inputs = stage_inputs(stage)
         # an unfinished attempt continues, unless this invocation forced it or rewrote one of its inputs
-        reopened = out.begin(h, resume=definition.resumable and stage.name not in force and not ran & set(inputs),
-                             inputs=read)
+        resume = definition.resumable and stage.name not in self.force and not self.ran & set(inputs)
+        reopened = out.begin(self.hashes[stage.name], resume=resume, inputs=read)
         if reopened:
-            stream.write(f"{label}: continuing the unfinished attempt {out.attempt}\n")
+            self.stream.write(f"{label}: continuing the unfinished attempt {out.attempt}\n")
+        ctx = StageContext(out, {name: StageDir(self.fs, posixpath.join(self.run_root, name)) for name in inputs},
+                           label, self.progress, dict(self.spec.storage_options), self.spec.ray.address, stage.name)
+
+        def body() -> None:
+            try:
+                result: Any = self._run_stage(stage, ctx, read, reopened)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, raised there
+                result = exc
+            self.finished.put((stage.name, result))
+
+        self.running[stage.name] = needs
+        threading.Thread(target=body, name=f"stage {stage.name}", daemon=True).start()
+
+    def _run_stage(self, stage: StageSpec, ctx: StageContext, read: Dict[str, Any], reopened: bool) -> Dict[str, Any]:
+        spec, out, label = self.spec, ctx.out, ctx.label
+        definition = STAGES[stage.stage]
         started, t0 = time.time(), time.perf_counter()
-        ctx = StageContext(out, {name: StageDir(fs, posixpath.join(run_root, name)) for name in inputs}, label, progress,
-                           dict(spec.storage_options), spec.ray.address, stage.name)
         with _stage_failure(spec, stage, out, definition.resumable):
             try:
                 result = definition.run(stage.config, ctx)
@@ -146,21 +236,20 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr)
             seconds = time.perf_counter() - t0
             if "rejected" in result and result["rows_in"] != result["rows_out"] + result["rejected"]:
                 raise RuntimeError(f"{label}: row counts do not add up: {result}")  # a bug, never user error
+            inputs = stage_inputs(stage)
             manifest = {
-                "stage": stage.stage, "name": stage.name, "config_hash": h, "config": to_plain(stage.config),
-                "inputs": {name: hashes[name] for name in inputs}, "input_attempts": read, "version": VERSION,
+                "stage": stage.stage, "name": stage.name, "config_hash": self.hashes[stage.name],
+                "config": to_plain(stage.config), "inputs": {name: self.hashes[name] for name in inputs},
+                "input_attempts": read, "version": VERSION,
                 "timings": {"started": started, "seconds": round(seconds, 3)}, **result,
             }
             failpoints.hit(f"commit:{stage.name}")
-            manifests[stage.name] = manifest = out.commit(manifest)
-        ran.add(stage.name)
+            manifest = out.commit(manifest)
         rate = result["rows_in"] / max(seconds, 1e-9)
         rejected = f"{result['rejected']} rejected" if "rejected" in result else f"from {result['rows_in']} rows in"
-        stream.write(f"{label}: {result['rows_out']} rows out, {rejected}, "
-                     f"{seconds:.1f}s ({rate:,.0f} rows/s) -> {out.url}\n")
-    stream.write(f"done: {len(spec.stages)} stages in {time.perf_counter() - total_start:.1f}s, run {spec.name} "
-                 f"in {fs.unstrip_protocol(run_root)}\n")
-    return manifests
+        self.stream.write(f"{label}: {result['rows_out']} rows out, {rejected}, "
+                          f"{seconds:.1f}s ({rate:,.0f} rows/s) -> {out.url}\n")
+        return manifest
 
 
 @contextlib.contextmanager

@@ -295,3 +295,80 @@ def test_a_failed_map_task_fails_the_map_and_sends_no_more(tmp_path, ray_local, 
     with pytest.raises(InputError) as caught:  # bad input is raised as itself, its one line intact
         map_context(tmp_path).map(bad_file, [(7,)])
     assert type(caught.value) is InputError and str(caught.value) == "file 7: not a pool shard"
+
+
+# ------------------------------------------------------------------------------------------------ the graph
+
+
+def wait_stages(monkeypatch, broken=()):
+    """A ``wait`` stage: sleeps, holds ``cpus`` CPUs, reads a dataset; fails while its name is in ``broken``."""
+    import time
+    from dataclasses import dataclass, field
+
+    from pipelines.run.registry import STAGES, StageDef
+
+    @dataclass(frozen=True)
+    class WaitConfig:
+        data: str = field(metadata={"ref": "dataset"})
+        seconds: float = 1.0
+        cpus: float = 1.0
+
+    def wait(cfg, ctx):
+        time.sleep(cfg.seconds)
+        if ctx.name in broken:
+            raise RuntimeError(f"{ctx.name} broke")
+        return {"rows_in": 1, "rows_out": 1, "rejected": 0}
+
+    monkeypatch.setitem(STAGES, "wait", StageDef(WaitConfig, wait, "wait", "dataset",
+                                                 needs=lambda cfg: (cfg.cpus, 0.0)))
+
+
+def graph_spec(storage, cpus=1.0):
+    return parse_spec({"name": "g", "storage": storage, "stages": [
+        {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 12}},
+        {"stage": "wait", "name": "a", "data": "pool", "cpus": cpus},
+        {"stage": "wait", "name": "b", "data": "pool", "cpus": cpus},
+        {"stage": "wait", "name": "c", "data": "a", "seconds": 0.1}]})
+
+
+def spans(manifests):
+    return {n: (m["timings"]["started"], m["timings"]["started"] + m["timings"]["seconds"])
+            for n, m in manifests.items()}
+
+
+def test_independent_stages_run_at_once_and_a_stage_waits_for_its_inputs(tmp_path, ray_local, monkeypatch):
+    wait_stages(monkeypatch)
+    at_once = spans(run_spec(graph_spec(str(tmp_path / "par")), stream=io.StringIO()))
+    assert at_once["a"][0] < at_once["b"][1] and at_once["b"][0] < at_once["a"][1]  # a and b overlap
+    assert at_once["c"][0] >= at_once["a"][1] and at_once["a"][0] >= at_once["pool"][1]  # inputs first
+    # one at a time: the file's order, none overlapping
+    log = io.StringIO()
+    one = spans(run_spec(graph_spec(str(tmp_path / "seq")), stream=log, max_parallel=1))
+    order = sorted(one, key=lambda n: one[n][0])
+    assert order == ["pool", "a", "b", "c"]
+    assert all(one[x][1] <= one[y][0] for x, y in zip(order, order[1:]))
+    assert [line.split()[2].rstrip(":") for line in log.getvalue().splitlines() if line.startswith("[")] == order
+
+
+def test_stages_that_need_the_whole_cluster_do_not_overlap(tmp_path, ray_local, monkeypatch):
+    import ray
+
+    wait_stages(monkeypatch)
+    cpus = ray.cluster_resources()["CPU"]
+    got = spans(run_spec(graph_spec(str(tmp_path), cpus=cpus * 0.75), stream=io.StringIO()))
+    assert got["a"][1] <= got["b"][0] or got["b"][1] <= got["a"][0]
+
+
+def test_a_failed_branch_leaves_the_other_committed_and_a_rerun_completes_it(tmp_path, ray_local, monkeypatch):
+    broken = {"a"}
+    wait_stages(monkeypatch, broken)
+    spec = graph_spec(str(tmp_path))
+    with pytest.raises(RuntimeError, match="a broke"):
+        run_spec(spec, stream=io.StringIO())
+    assert committed_stage(spec, "b") is not None  # it ran to its end
+    assert committed_stage(spec, "a") is None and committed_stage(spec, "c") is None  # c never started
+    broken.clear()
+    log = io.StringIO()
+    done = run_spec(spec, stream=log)
+    assert "wait b: committed, skipped" in log.getvalue() and set(done) == {"pool", "a", "b", "c"}
+    assert "wait a: 1 rows out" in log.getvalue() and "wait c: 1 rows out" in log.getvalue()
