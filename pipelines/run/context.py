@@ -25,30 +25,84 @@ from pipelines.run.storage import StageDir
 
 
 class Progress:
-    """One line per stage on the terminal, rewritten in place with rows/s and ETA while tasks finish."""
+    """A run's console: on a terminal, a live line per piece of work running now (a stage's tasks, a training's
+    steps: several stages at once each have theirs), drawn by rich under the lines that stay (notes, summaries);
+    elsewhere (a log file, CI) plain lines at a bounded rate."""
 
     def __init__(self, stream: TextIO = sys.stderr, live: bool = True) -> None:
         self.stream = stream
-        self.live = live and stream.isatty()  # not live: plain lines at a bounded rate (a log; stages at once)
+        self.live = live and stream.isatty()
+        self._lines: Dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._display: Any = None  # rich's Live, from the first live line to close()
+
+    def write(self, text: str) -> None:
+        """A line that stays (a note, a stage's summary), above the live lines."""
+        with self._lock:
+            if self._display is not None:
+                self._display.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+
+    def line(self, key: str, text: str, final: bool = False) -> None:
+        """Live line ``key`` now reads ``text``; ``final``: its last state, which stays.  Not live: printed as it is
+        (callers bound the rate)."""
+        if not self.live:
+            self.write(text)
+            return
+        with self._lock:
+            if final:
+                self._lines.pop(key, None)
+            else:
+                self._lines[key] = text
+            self._show(refresh=final)
+        if final:
+            self.write(text)
+
+    def drop(self, label: str) -> None:
+        """A stage ended: its live lines (``label`` and ``label <unit>``) go."""
+        with self._lock:
+            gone = [k for k in self._lines if k == label or k.startswith(label + " ")]
+            for key in gone:
+                del self._lines[key]
+            if gone and self._display is not None:
+                self._show(refresh=True)  # now: the next line printed redraws what is live
+
+    def _show(self, refresh: bool = False) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        if self._display is None:
+            self._display = Live(console=Console(file=self.stream), refresh_per_second=4, transient=True,
+                                 redirect_stdout=False, redirect_stderr=False)
+            self._display.start()
+        self._display.update(Text("\n".join(self._lines.values()), no_wrap=True, overflow="ellipsis"),
+                             refresh=refresh)
+
+    def close(self) -> None:
+        """Stop the live lines (the ones still running are left out: their stages' summaries say how they ended)."""
+        with self._lock:
+            if self._display is not None:
+                self._lines.clear()
+                self._display.update("")
+                self._display.stop()
+                self._display = None
 
     def update(self, label: str, done: int, total: int, rows: int, started: float) -> None:
         elapsed = max(time.perf_counter() - started, 1e-9)
         rate = rows / elapsed
         eta = elapsed / done * (total - done) if done else float("nan")
         line = f"  {label}: {done}/{total} ({rows} rows, {rate:,.0f} rows/s, ETA {eta:,.0f}s)"
-        if self.live:
-            self.stream.write("\r" + line)
-            if done == total:
-                self.stream.write("\n")
-        elif done == total or done % max(1, total // 10) == 0:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        if self.live or done == total or done % max(1, total // 10) == 0:
+            self.line(label, line, final=done == total)
 
 
 class StepLine:
     """A training stage's progress line, from the states its workers report (``step``, ``total``,
-    ``batch_size``, ``samples_per_s``, ``loss``, ``alignment``): rewritten in place on a terminal, a line every
-    10 s into a log file.  Each new step passed hits the stage's failpoint."""
+    ``batch_size``, ``samples_per_s``, ``loss``, ``alignment``): live on a terminal, a line every 10 s into a log
+    file.  Each new step passed hits the stage's failpoint."""
 
     def __init__(self, progress: Progress, label: str, name: str) -> None:
         self.progress, self.label, self.name = progress, label, name
@@ -60,8 +114,7 @@ class StepLine:
         if state["step"] > self.step:
             self.step = state["step"]
             failpoints.hit(f"stage:{self.name}")
-        live = self.progress.live
-        if not live and time.monotonic() - self.printed < 10.0:  # a log file: a line every 10 s
+        if not self.progress.live and time.monotonic() - self.printed < 10.0:  # a log file: a line every 10 s
             return
         self.printed = time.monotonic()
         rate = state["samples_per_s"]
@@ -70,13 +123,12 @@ class StepLine:
                 f"ETA {left:,.0f}s | loss {state['loss']:.4f}"
                 + (f" | alignment {state['alignment']:+.3f}" if state.get("alignment") is not None else ""))
         if line != self.last:
-            self.progress.stream.write(("\r" + line) if live else (line + "\n"))
-            self.progress.stream.flush()
+            self.progress.line(self.label, line)
             self.last = line
 
     def close(self) -> None:
         if self.progress.live and self.last:
-            self.progress.stream.write("\n")
+            self.progress.line(self.label, self.last, final=True)
 
 
 def _remote(**resources: Any):
@@ -230,7 +282,7 @@ class StageContext:
 
     def note(self, text: str) -> None:
         """A line of its own under the stage's label (``  <label>: <text>``)."""
-        self.progress.stream.write(f"  {self.label}: {text}\n")
+        self.progress.write(f"  {self.label}: {text}")
 
     def map(self, fn: Callable, tasks: Sequence[tuple], unit: str = "tasks", rows: Optional[Sequence[int]] = None,
             combine: Optional[Callable[[Any, Any], Any]] = None, num_returns: int = 1) -> Any:

@@ -125,9 +125,9 @@ class _Graph:
 
     def __init__(self, spec: Spec, fs, run_root: str, force: set, stream: TextIO, max_parallel: Optional[int],
                  ray_ready: bool) -> None:
-        self.spec, self.fs, self.run_root, self.force, self.stream = spec, fs, run_root, force, stream
+        self.spec, self.fs, self.run_root, self.force = spec, fs, run_root, force
         self.max_parallel, self.ray_ready = max_parallel, ray_ready
-        self.progress = Progress(stream, live=max_parallel == 1)  # several stages at once: plain lines
+        self.progress = Progress(stream)
         self.hashes: Dict[str, str] = {}
         for stage in spec.stages:  # a stage's hash covers its inputs' (earlier stages')
             self.hashes[stage.name] = config_hash(stage, {i: self.hashes[i] for i in stage_inputs(stage)})
@@ -138,6 +138,12 @@ class _Graph:
         self.capacity = (float("inf"), float("inf"))
 
     def run(self) -> Dict[str, Dict[str, Any]]:
+        try:
+            return self._run()
+        finally:
+            self.progress.close()
+
+    def _run(self) -> Dict[str, Dict[str, Any]]:
         pending = list(enumerate(self.spec.stages, 1))
         failure: Optional[BaseException] = None
         while pending or self.running:
@@ -175,7 +181,7 @@ class _Graph:
             if committed and committed.get("config_hash") == h and stage.name not in self.force \
                     and not self.ran & set(inputs) and committed.get("input_attempts", read) == read:
                 self.manifests[stage.name] = committed
-                self.stream.write(f"{label}: committed, skipped (config {h})\n")
+                self.progress.write(f"{label}: committed, skipped (config {h})")
                 continue
             needs = self._needs(stage)
             if self.running and (len(self.running) == self.max_parallel or not self._fits(needs)):
@@ -208,7 +214,7 @@ class _Graph:
         resume = definition.resumable and stage.name not in self.force and not self.ran & set(inputs)
         reopened = out.begin(self.hashes[stage.name], resume=resume, inputs=read)
         if reopened:
-            self.stream.write(f"{label}: continuing the unfinished attempt {out.attempt}\n")
+            self.progress.write(f"{label}: continuing the unfinished attempt {out.attempt}")
         ctx = StageContext(out, {name: StageDir(self.fs, posixpath.join(self.run_root, name)) for name in inputs},
                            label, self.progress, dict(self.spec.storage_options), self.spec.ray.address, stage.name)
 
@@ -217,6 +223,8 @@ class _Graph:
                 result: Any = self._run_stage(stage, ctx, read, reopened)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, raised there
                 result = exc
+            finally:
+                self.progress.drop(label)
             self.finished.put((stage.name, result))
 
         self.running[stage.name] = needs
@@ -245,10 +253,11 @@ class _Graph:
             }
             failpoints.hit(f"commit:{stage.name}")
             manifest = out.commit(manifest)
+        self.progress.drop(label)
         rate = result["rows_in"] / max(seconds, 1e-9)
         rejected = f"{result['rejected']} rejected" if "rejected" in result else f"from {result['rows_in']} rows in"
-        self.stream.write(f"{label}: {result['rows_out']} rows out, {rejected}, "
-                          f"{seconds:.1f}s ({rate:,.0f} rows/s) -> {out.url}\n")
+        self.progress.write(f"{label}: {result['rows_out']} rows out, {rejected}, "
+                            f"{seconds:.1f}s ({rate:,.0f} rows/s) -> {out.url}")
         return manifest
 
 

@@ -144,6 +144,9 @@ def test_cli_run_errors(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().endswith("--force nope: no stage of that name in debug.yaml")
     res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "stages.pool.source.path=x")
     assert res.returncode == 2 and "source.path: unknown key" in res.stderr
+    res = cli("run", "pipelines/configs/debug.yaml", f"storage={tmp_path}", "--max-parallel", "0")
+    assert res.returncode == 2 and res.stderr.strip().endswith("--max-parallel 0: must be at least 1")
+    assert not any(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_resumable_stage_reopens_its_unfinished_attempt_unless_its_input_reran(tmp_path, ray_local, monkeypatch):
@@ -372,3 +375,34 @@ def test_a_failed_branch_leaves_the_other_committed_and_a_rerun_completes_it(tmp
     done = run_spec(spec, stream=log)
     assert "wait b: committed, skipped" in log.getvalue() and set(done) == {"pool", "a", "b", "c"}
     assert "wait a: 1 rows out" in log.getvalue() and "wait c: 1 rows out" in log.getvalue()
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_shows_a_live_line_per_running_stage(tmp_path, ray_local, monkeypatch):
+    """Two stages at once on a terminal: both live lines drawn together (rich), then each stage's summary stays."""
+    import re
+
+    from pipelines.run import registry
+
+    wait_stages(monkeypatch)
+    wait = registry.STAGES["wait"]
+
+    def waiting(cfg, ctx):
+        ctx.progress.line(ctx.label, f"  {ctx.label}: waiting")
+        return wait.run(cfg, ctx)
+
+    monkeypatch.setitem(registry.STAGES, "wait", registry.StageDef(wait.config, waiting, "wait", "dataset",
+                                                                   needs=wait.needs))
+    term = Terminal()
+    run_spec(graph_spec(str(tmp_path)), stream=term)
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term.getvalue())  # rich's cursor moves and colours
+    assert re.search(r"\[2/4\] wait a: waiting\n +\[3/4\] wait b: waiting", out)  # one frame, both lines
+    for name in ("a", "b", "c"):
+        assert f"wait {name}: 1 rows out" in out
+    # a stage's live line goes when it ends: none after both summaries
+    assert "waiting" not in out[max(out.index("wait a: 1 rows out"), out.index("wait b: 1 rows out")):]
+    assert out.rstrip().splitlines()[-1].startswith("done: 4 stages")
