@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise InputError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --rounds be >= 1")
     rounds: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
     cpu: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
-    fixed: Dict[str, List[Tuple[float, float]]] = {"plain": [], "mimic": []}  # (startup, teardown) per round
+    fixed: List[Tuple[float, float]] = []  # (startup, teardown) of every stage
     with tempfile.TemporaryDirectory() as tmp:
         storage = os.path.join(tmp, "runs")
         # logical CPUs: the workers', their decoding actors' (half a CPU each) and one for the rest
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     rounds[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup)))
                     cpu[mode].append(statistics.median(stage_step_seconds(storage, f"{mode}{r}", args.warmup,
                                                                           "step_cpu_seconds")))
-                    fixed[mode].append(stage_fixed_seconds(storage, f"{mode}{r}"))
+                    fixed.append(stage_fixed_seconds(storage, f"{mode}{r}"))
                 wall, used = bare_step_seconds(storage, args, cpus * args.workers)  # the workers' cores, one process
                 rounds["bare"].append(statistics.median(wall))
                 cpu["bare"].append(statistics.median(used))
@@ -163,8 +163,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "mimic_over_plain_cpu": round(median_ratio(cpu["mimic"], cpu["plain"]), 3),
         "bare_over_plain_cpu": round(median_ratio(cpu["bare"], cpu["plain"]), 3),
         # a stage's fixed cost: from its start to its first step, and from its last step to its commit
-        "startup_s": round(statistics.median(a for m in fixed.values() for a, _ in m), 2),
-        "teardown_s": round(statistics.median(b for m in fixed.values() for _, b in m), 2),
+        "startup_s": round(statistics.median(a for a, _ in fixed), 2),
+        "teardown_s": round(statistics.median(b for _, b in fixed), 2),
         "rounds": args.rounds,
         **{f"{k}_step_ms_rounds": [round(v * 1e3, 2) for v in vs] for k, vs in rounds.items()},
     }

@@ -123,7 +123,7 @@ class ModelManifest(Manifest):
     worker_nodes: int = 0
     skipped: Dict[str, int] = field(default_factory=dict)  # samples skipped as undecodable, by reason
     # seconds from the stage's start to each phase: the driver's (fit, fitted, finished) and rank 0's (process,
-    # loop, model, streams, first_step, last_step, reported: the latest worker group's)
+    # loop, model, first_step, last_step, reported: the latest worker group's)
     phases: Dict[str, float] = field(default_factory=dict)
 
 

@@ -29,9 +29,9 @@ class Progress:
     steps: several stages at once each have theirs), drawn by rich under the lines that stay (notes, summaries);
     elsewhere (a log file, CI) plain lines at a bounded rate."""
 
-    def __init__(self, stream: TextIO = sys.stderr, live: bool = True) -> None:
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.stream = stream
-        self.live = live and stream.isatty()
+        self.live = stream.isatty()
         self._lines: Dict[str, str] = {}
         self._lock = threading.RLock()
         self._display: Any = None  # rich's Live, from the first live line to close()
@@ -52,11 +52,12 @@ class Progress:
             self.write(text)
             return
         with self._lock:
+            new = key not in self._lines  # a line appearing or going is drawn now; a changing one at the next tick
             if final:
                 self._lines.pop(key, None)
             else:
                 self._lines[key] = text
-            self._show(refresh=final)
+            self._show(refresh=final or new)
         if final:
             self.write(text)
 
@@ -232,7 +233,7 @@ def _cancel(refs: List[Any]) -> None:
 
 
 _SETTINGS_LOCK = threading.Lock()
-_SETTINGS_USERS: List[Any] = []  # the saved settings while any stage's map holds them (stages run on threads)
+_SETTINGS: Dict[str, Any] = {"maps": 0, "saved": None}  # maps holding the settings now (stages run on threads)
 
 
 @contextlib.contextmanager
@@ -250,19 +251,19 @@ def _single_map_settings() -> Iterator[None]:
     data = ray.data.DataContext.get_current()  # one per process: set by the first map in, restored by the last out
     names = ("enable_progress_bars", "op_resource_reservation_enabled", "raise_original_map_exception")
     with _SETTINGS_LOCK:
-        if not _SETTINGS_USERS:
-            _SETTINGS_USERS.append((log.level, [getattr(data, n) for n in names]))
+        if not _SETTINGS["maps"]:
+            _SETTINGS["saved"] = (log.level, [getattr(data, n) for n in names])
             log.setLevel(logging.CRITICAL)  # before: turning the bars off logs a warning
             for n, v in zip(names, (False, False, True)):
                 setattr(data, n, v)
-        _SETTINGS_USERS.append(None)
+        _SETTINGS["maps"] += 1
     try:
         yield
     finally:
         with _SETTINGS_LOCK:
-            _SETTINGS_USERS.pop()
-            if len(_SETTINGS_USERS) == 1:
-                level, saved = _SETTINGS_USERS.pop()
+            _SETTINGS["maps"] -= 1
+            if not _SETTINGS["maps"]:
+                level, saved = _SETTINGS["saved"]
                 for n, v in zip(names, saved):
                     setattr(data, n, v)
                 log.setLevel(max(level, logging.ERROR))

@@ -135,7 +135,7 @@ class _Graph:
         self.ran: set = set()  # stages (re)run by this invocation: whatever reads them must rerun too
         self.finished: "queue.Queue[tuple]" = queue.Queue()
         self.running: Dict[str, Tuple[float, float]] = {}  # name -> the (CPUs, GPUs) it holds
-        self.capacity = (float("inf"), float("inf"))
+        self.capacity: Optional[Tuple[float, float]] = None  # the cluster's (CPUs, GPUs), once Ray is up
 
     def run(self) -> Dict[str, Dict[str, Any]]:
         try:
@@ -190,21 +190,27 @@ class _Graph:
             self._start(stage, label, out, read, needs)
         return waiting  # (inputs come earlier in the file: a skip above readies the stages below it in this pass)
 
-    def _needs(self, stage: StageSpec) -> Tuple[float, float]:
-        if not self.ray_ready:
-            init_ray(self.spec)
-            self.ray_ready = True
-        if self.capacity[0] == float("inf"):
+    def _cluster(self) -> Tuple[float, float]:
+        """The cluster's (CPUs, GPUs); Ray starts here for the first stage that runs."""
+        if self.capacity is None:
             import ray
 
+            if not self.ray_ready:
+                init_ray(self.spec)
+                self.ray_ready = True
             res = ray.cluster_resources()
             self.capacity = (float(res.get("CPU", 0)), float(res.get("GPU", 0)))
-        needs = STAGES[stage.stage].needs
+        return self.capacity
+
+    def _needs(self, stage: StageSpec) -> Tuple[float, float]:
+        """The (CPUs, GPUs) the stage holds, at most the cluster's."""
+        cluster, needs = self._cluster(), STAGES[stage.stage].needs
         held = needs(stage.config) if needs is not None else None
-        return self.capacity if held is None else (min(held[0], self.capacity[0]), min(held[1], self.capacity[1]))
+        return cluster if held is None else (min(held[0], cluster[0]), min(held[1], cluster[1]))
 
     def _fits(self, needs: Tuple[float, float]) -> bool:
-        return all(sum(r[k] for r in self.running.values()) + needs[k] <= self.capacity[k] + 1e-9 for k in (0, 1))
+        cluster = self._cluster()
+        return all(sum(r[k] for r in self.running.values()) + needs[k] <= cluster[k] + 1e-9 for k in (0, 1))
 
     def _start(self, stage: StageSpec, label: str, out: StageDir, read: Dict[str, Any],
                needs: Tuple[float, float]) -> None:
