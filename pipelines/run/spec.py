@@ -30,15 +30,18 @@ import copy
 import dataclasses
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from pipelines.run.config import SpecError, build, build_dataclass, config_refs, to_plain
+from pipelines.run.config import SpecError, build, build_dataclass, config_refs, require, show, to_plain
 from pipelines.run.registry import STAGES
+from pipelines.run.yaml_text import MAX_OVERRIDE_BYTES, MAX_SPEC_BYTES, check_size, load_yaml
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names are segments of dotted overrides
+MAX_STAGES = 10_000  # in a spec, after its matrices expand
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")  # no '.': names are segments of dotted overrides
 # Secrets come from the environment / credential files, never from a spec that gets saved to the run directory.
 _SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
                    "aws_session_token", "session_token", "access_key", "secret_key"}
@@ -50,6 +53,7 @@ class RayConfig:
     num_cpus: Optional[int] = field(default=None, metadata={"doc": "CPUs for a local Ray (default: all)"})
 
     def validate(self) -> None:
+        require(self, "num_cpus", 1, allow_none=True, high=1 << 16)
         if not (self.address in ("local", "auto") or self.address.startswith("ray://")
                 or re.fullmatch(r"[A-Za-z0-9.\-]+:\d+", self.address)):
             raise SpecError(f"address: expected local, auto, host:port or ray://host:port, got {self.address!r}")
@@ -107,19 +111,19 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Spec:
 
             fs, p = open_storage(path)
             with fs.open(p, "rb") as f:
-                data = yaml.safe_load(f.read().decode("utf-8"))
+                raw = f.read(MAX_SPEC_BYTES + 1)
         else:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
+            if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+                raise SpecError(f"{path}: not a regular file")  # a FIFO would block, a device never end
+            with open(path, "rb") as f:
+                raw = f.read(MAX_SPEC_BYTES + 1)
+        check_size(raw, MAX_SPEC_BYTES, path)
+        text = raw.decode("utf-8")
     except (FileNotFoundError, NotADirectoryError):
         raise SpecError(f"{path}: no such spec file") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read the spec ({type(exc).__name__})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{label}: malformed YAML{at}: {problem}") from None
+    data = load_yaml(text, label)
     return parse_spec(data, overrides, label)
 
 
@@ -129,7 +133,7 @@ def parse_spec(data: Any, overrides: Sequence[str] = (), label: str = "<spec>") 
     data = apply_overrides(data, overrides, label)
     for key in data:
         if key not in TOP_KEYS:
-            raise SpecError(f"{label}: {key}: unknown key (expected one of {', '.join(TOP_KEYS)})")
+            raise SpecError(f"{label}: {str(key)[:60]}: unknown key (expected one of {', '.join(TOP_KEYS)})")
     for key in ("name", "storage", "stages"):
         if key not in data:
             raise SpecError(f"{label}: {key}: missing required field")
@@ -142,7 +146,7 @@ def parse_spec(data: Any, overrides: Sequence[str] = (), label: str = "<spec>") 
     except SpecError as exc:
         raise SpecError(f"{label}: {exc}") from None
     if not _NAME.match(name):
-        raise SpecError(f"{label}: name: {name!r} must be letters, digits, '_' or '-'")
+        raise SpecError(f"{label}: name: {show(name)} must be letters, digits, '_' or '-' (at most 100)")
     secret = _find_secret(options, "storage_options")
     if secret:
         raise SpecError(f"{label}: {secret}: credentials belong in the environment, not the spec")
@@ -165,22 +169,17 @@ def expand_matrices(raw_stages: List[Any], label: str) -> List[Any]:
     """Each stage with ``matrix:`` replaced by its copies, one per combination (see the module docstring)."""
     import itertools
 
+    counts = [_copies(entry, f"{label}: stages[{i}]: matrix") for i, entry in enumerate(raw_stages)]
+    if sum(counts) > MAX_STAGES:  # counted before any copy is made
+        big = max(range(len(counts)), key=counts.__getitem__)
+        raise SpecError(f"{label}: stages: {sum(counts):,} stages after the matrices expand (stages[{big}]: "
+                        f"{counts[big]:,}), more than the limit of {MAX_STAGES:,}")
     out: List[Any] = []
     for i, entry in enumerate(raw_stages):
         if not isinstance(entry, dict) or "matrix" not in entry:
             out.append(entry)
             continue
-        matrix, where = entry["matrix"], f"{label}: stages[{i}]: matrix"
-        if not isinstance(matrix, dict) or not matrix:
-            raise SpecError(f"{where}: expected a mapping of variable -> list of values")
-        for var, values in matrix.items():
-            if not isinstance(var, str) or not _VAR.fullmatch("{" + var + "}"):
-                raise SpecError(f"{where}: {var!r} is not a variable name (letters, digits, '_')")
-            ok = isinstance(values, list) and values and all(
-                isinstance(v, _SCALAR) or (isinstance(v, dict) and all(isinstance(x, _SCALAR) for x in v.values()))
-                for v in values)
-            if not ok:
-                raise SpecError(f"{where}.{var}: expected a non-empty list of scalars, or of mappings of scalars")
+        matrix = entry["matrix"]
         body = {k: v for k, v in entry.items() if k != "matrix"}
         for combo in itertools.product(*matrix.values()):
             try:
@@ -188,6 +187,26 @@ def expand_matrices(raw_stages: List[Any], label: str) -> List[Any]:
             except SpecError as exc:
                 raise SpecError(f"{label}: stages[{i}]: {exc}") from None
     return out
+
+
+def _copies(entry: Any, where: str) -> int:
+    """How many stages an entry of ``stages:`` stands for (its matrix checked, nothing expanded)."""
+    if not isinstance(entry, dict) or "matrix" not in entry:
+        return 1
+    matrix = entry["matrix"]
+    if not isinstance(matrix, dict) or not matrix:
+        raise SpecError(f"{where}: expected a mapping of variable -> list of values")
+    count = 1
+    for var, values in matrix.items():
+        if not isinstance(var, str) or not _VAR.fullmatch("{" + var + "}"):
+            raise SpecError(f"{where}: {show(var)} is not a variable name (letters, digits, '_')")
+        ok = isinstance(values, list) and values and all(
+            isinstance(v, _SCALAR) or (isinstance(v, dict) and all(isinstance(x, _SCALAR) for x in v.values()))
+            for v in values)
+        if not ok:
+            raise SpecError(f"{where}.{var}: expected a non-empty list of scalars, or of mappings of scalars")
+        count *= len(values)
+    return count
 
 
 def _substitute(value: Any, env: Dict[str, Any]) -> Any:
@@ -240,11 +259,11 @@ def _parse_stage(entry: Any, index: int, produced: Dict[str, str], label: str) -
     if kind is None:
         raise SpecError(f"{where}: stage: missing required field (one of {', '.join(STAGES)})")
     if kind not in STAGES:
-        raise SpecError(f"{where}: stage: unknown stage {kind!r} (known: {', '.join(STAGES)})")
+        raise SpecError(f"{where}: stage: unknown stage {show(kind)} (known: {', '.join(STAGES)})")
     if name is None:
         raise SpecError(f"{where} ({kind}): name: missing required field")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise SpecError(f"{where} ({kind}): name: {name!r} must be letters, digits, '_' or '-'")
+        raise SpecError(f"{where} ({kind}): name: {show(name)} must be letters, digits, '_' or '-' (at most 100)")
     if name in produced:
         raise SpecError(f"{label}: stage {name!r}: name: another stage is already named {name!r}")
     where = f"{label}: stage {name!r} ({kind})"
@@ -261,12 +280,9 @@ def _parse_stage(entry: Any, index: int, produced: Dict[str, str], label: str) -
     return StageSpec(kind, name, config)
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, label: str = "override") -> Any:
     """An override's value: YAML scalars and flow collections, plus numbers YAML 1.1 reads as strings (1e-4)."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    value = load_yaml(text, label, malformed=text)
     if isinstance(value, str):
         try:
             return float(value) if any(c in value for c in ".eE") else int(value)
@@ -281,6 +297,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], label: str) 
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"override {item!r}: expected key=value")
+        check_size(item, MAX_OVERRIDE_BYTES, f"override {item.split('=', 1)[0][:100]}")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
@@ -302,7 +319,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], label: str) 
             if not isinstance(child, dict):
                 raise SpecError(f"{label}: override {key}: {part!r} is not a mapping")
             node = child
-        node[parts[-1]] = parse_value(text)
+        node[parts[-1]] = parse_value(text, f"{label}: override {key}")
     return data
 
 

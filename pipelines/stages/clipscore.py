@@ -20,7 +20,7 @@ import numpy as np
 from pipelines.formats import model as fm
 from pipelines.formats import pool as fp
 from pipelines.formats.manifest import DatasetManifest
-from pipelines.run.config import SpecError, doc, require
+from pipelines.run.config import MAX_BATCH, MAX_CPUS, MAX_WORKERS, SpecError, doc, require
 from pipelines.run.context import StageContext, cluster_cpus
 from pipelines.run.storage import parquet_schema, read_parquet, write_parquet
 from pipelines.stages.evaluate import model_spec_of
@@ -40,9 +40,9 @@ class ActorPoolConfig:
     use_gpu: bool = doc("a GPU per actor", default=False)
 
     def validate(self) -> None:
-        require(self, "batch_size", 1)
-        require(self, "actors", 0)
-        require(self, "cpus_per_actor", 0, strict=True)
+        require(self, "batch_size", 1, high=MAX_BATCH)
+        require(self, "actors", 0, high=MAX_WORKERS)
+        require(self, "cpus_per_actor", 0, strict=True, high=MAX_CPUS)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipelines.formats import model as fm
 from pipelines.formats.manifest import DatasetManifest, EvaluationManifest
-from pipelines.run.config import SpecError, doc, require
+from pipelines.run.config import MAX_BATCH, MAX_COUNT, MAX_CPUS, SpecError, doc, require
 from pipelines.run.context import StageContext
 
 
@@ -35,9 +35,9 @@ class EvaluateConfig:
     use_gpu: bool = doc("evaluate on a GPU", default=False)
 
     def validate(self) -> None:
-        require(self, "batch_size", 1)
-        require(self, "samples", 1, allow_none=True)
-        require(self, "cpus", 0, strict=True)
+        require(self, "batch_size", 1, high=MAX_BATCH)
+        require(self, "samples", 1, allow_none=True, high=MAX_COUNT)
+        require(self, "cpus", 0, strict=True, high=MAX_CPUS)
 
 
 def model_spec_of(model_json: Dict[str, Any]):

@@ -47,8 +47,7 @@ class FeaturesConfig(ActorPoolConfig):
             raise SpecError(f"image_tower: unknown {self.image_tower!r} (known: {', '.join(IMAGE_WEIGHTS)})")
         if self.text_tower not in TEXT_TOWERS:
             raise SpecError(f"text_tower: unknown {self.text_tower!r} (known: {', '.join(TEXT_TOWERS)})")
-        if self.image_size is not None:
-            require(self, "image_size", 1)
+        require(self, "image_size", 1, allow_none=True, high=4096)
 
     def spec(self):
         """The tower CLIP whose towers run (its projections are not used)."""

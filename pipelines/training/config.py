@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Tuple, Union, get_args
 
 from pipelines.models.backbones import PACKAGED_WEIGHTS
-from pipelines.run.config import SpecError, doc, require
+from pipelines.run.config import MAX_BATCH, MAX_COUNT, MAX_CPUS, MAX_SEED, MAX_WORKERS, SpecError, doc, require
 
 if TYPE_CHECKING:
     from pipelines.models.build import ModelSpec
@@ -85,6 +85,10 @@ class ModelConfig:
                                      "text tower (all-minilm-l6-v2), with backbone the image tower", default=None)
     embed_dim: int = doc("a tower CLIP's embedding width (its projections' outputs)", default=256)
 
+    def validate(self) -> None:
+        require(self, "image_size", 1, allow_none=True, high=4096)
+        require(self, "embed_dim", 1, high=1 << 16)
+
 
 @dataclass(frozen=True)
 class MimicConfig:
@@ -97,8 +101,8 @@ class MimicConfig:
     warmup_steps: int = doc("first steps with the plain mean's weights (scores still logged)", default=0)
 
     def validate(self) -> None:
-        require(self, "temperature", 0, strict=True)
-        require(self, "warmup_steps", 0)
+        require(self, "temperature", 0, strict=True, high=1e6)
+        require(self, "warmup_steps", 0, high=MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,9 @@ class ComparisonConfig:
     seed: int = doc("draw seed", default=0)
 
     def validate(self) -> None:
-        require(self, "samples every", 1)
+        require(self, "samples", 1, high=MAX_BATCH)
+        require(self, "every", 1, high=MAX_COUNT)
+        require(self, "seed", 0, high=MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,9 @@ class ResourcesConfig:
     cpus_per_decoder: float = doc("CPUs reserved per decoding actor (and per evaluation decoding task)", default=0.5)
 
     def validate(self) -> None:
-        require(self, "num_workers decoders_per_worker", 1)
-        require(self, "cpus_per_worker cpus_per_decoder", 0, strict=True)
+        require(self, "num_workers", 1, high=MAX_WORKERS)
+        require(self, "decoders_per_worker", 1, high=64)
+        require(self, "cpus_per_worker cpus_per_decoder", 0, strict=True, high=MAX_CPUS)
 
 
 @dataclass(frozen=True)
@@ -137,12 +144,14 @@ class OptimizerConfig:
     grad_clip: Optional[float] = doc("clip the gradient norm to this (null: off)", default=1.0)
 
     def validate(self) -> None:
-        require(self, "lr eps", 0, strict=True)
-        require(self, "weight_decay warmup_steps", 0)
+        require(self, "lr", 0, strict=True, high=10.0)
+        require(self, "eps", 0, strict=True, high=1.0)
+        require(self, "weight_decay", 0, high=10.0)
+        require(self, "warmup_steps", 0, high=MAX_COUNT)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise SpecError(f"betas: expected two numbers in [0, 1), got {list(self.betas)}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise SpecError(f"grad_clip: must be > 0 (or null to turn it off), got {self.grad_clip}")
+        if self.grad_clip is not None and not 0 < self.grad_clip <= 1e9:
+            raise SpecError(f"grad_clip: must be > 0 and <= 1e9 (or null to turn it off), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -201,19 +210,21 @@ class TrainConfig:
             if self.model.backbone not in IMAGE_WEIGHTS:
                 raise SpecError(f"model.backbone: a tower CLIP's image tower, one of {', '.join(IMAGE_WEIGHTS)} "
                                 f"(got {self.model.backbone!r})")
-            if self.model.embed_dim < 1:
-                raise SpecError(f"model.embed_dim: must be >= 1, got {self.model.embed_dim}")
         elif self.model.backbone and self.task != "classify":
             raise SpecError("model.backbone: for task classify, or the image tower of a clip with model.text_tower")
         if self.model.image_size is not None and not self.model.backbone:
             raise SpecError("model.image_size: only for backbones (open_clip models have their own)")
-        require(self, "batch_size checkpoint_every num_buckets eval_batch_size", 1)
+        require(self, "batch_size eval_batch_size", 1, high=MAX_BATCH)
+        require(self, "checkpoint_every", 1, high=MAX_COUNT)
+        require(self, "num_buckets", 1, high=1 << 16)
         if self.steps is not None and self.epochs is not None:
             raise SpecError("steps: give steps or epochs, not both")
-        require(self, "steps epochs eval_samples", 1, allow_none=True)
-        require(self, "eval_every", 0)
-        require(self, "max_failures", -1)
-        require(self, "max_nonfinite_steps", 1)
+        require(self, "steps eval_samples", 1, allow_none=True, high=MAX_COUNT)
+        require(self, "epochs", 1, allow_none=True, high=1 << 20)
+        require(self, "eval_every", 0, high=MAX_COUNT)
+        require(self, "max_failures", -1, high=1000)
+        require(self, "max_nonfinite_steps", 1, high=MAX_COUNT)
+        require(self, "seed", 0, high=MAX_SEED)
         for name in ("init", "reference"):
             w = getattr(self, name)
             if isinstance(w, Weights) and w.pretrained and self.model.backbone and w.pretrained not in PACKAGED_WEIGHTS:

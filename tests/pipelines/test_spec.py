@@ -74,7 +74,7 @@ def test_defaults_and_types():
         (spec(POOL, storage_options={"client_kwargs": {"aws_secret_access_key": "x"}}),
          "s.yaml: storage_options.client_kwargs.aws_secret_access_key: credentials belong in the environment"),
         (spec(POOL, ray=[]), "s.yaml: ray: expected a mapping, got []"),
-        (spec({**POOL, "name": "pool.v2"}), "s.yaml: stages[0] (ingest): name: 'pool.v2' must be letters, digits, '_' or '-'"),
+        (spec({**POOL, "name": "pool.v2"}), "s.yaml: stages[0] (ingest): name: 'pool.v2' must be letters, digits, '_' or '-' (at most 100)"),
         (spec(), "s.yaml: stages: expected a non-empty list of stages"),
         (["not", "a", "mapping"], "s.yaml: expected a mapping"),
     ],

@@ -85,7 +85,7 @@ def test_each_bad_config_names_its_stage_and_field(wide_config):
         (stages(ref(optimizer={"betas": [0.9, 1.5]})),
          "spec.yaml: stage 'ref' (train): optimizer.betas: expected two numbers in [0, 1), got [0.9, 1.5]"),
         (stages(ref(optimizer={"grad_clip": -1})),
-         "spec.yaml: stage 'ref' (train): optimizer.grad_clip: must be > 0 (or null to turn it off), got -1.0"),
+         "spec.yaml: stage 'ref' (train): optimizer.grad_clip: must be > 0 and <= 1e9 (or null to turn it off), got -1.0"),
         (stages(ref(optimizer={"eps": 0})),
          "spec.yaml: stage 'ref' (train): optimizer.eps: must be > 0, got 0.0"),
         (stages(ref(model={"image_size": 64})),

@@ -41,7 +41,7 @@ import numpy as np
 from pipelines.formats import utility as fu
 from pipelines.formats.manifest import ModelManifest, UtilityManifest
 from pipelines.formats.score_log import DIR, PATTERN, bucket_index, list_parts, log_files, segment_of
-from pipelines.run.config import SpecError, doc, ref_name, require
+from pipelines.run.config import MAX_COUNT, MAX_CPUS, SpecError, doc, ref_name, require
 from pipelines.run.context import StageContext, cluster_cpus
 from pipelines.run.errors import InputError
 from pipelines.run.storage import open_storage, parquet_metadata, parquet_schema
@@ -89,12 +89,12 @@ class AggregateConfig:
             raise SpecError(f"min_vote: must be in [0, 1], got {self.min_vote}")
         if self.decay is not None and not 0 < self.decay <= 1:
             raise SpecError(f"decay: must be in (0, 1], got {self.decay}")
-        require(self, "first_step", 1)
-        require(self, "last_epochs", 1, allow_none=True)
-        require(self, "bins", 2)
-        require(self, "chunk_rows", 1)
-        require(self, "task_rows", 1)
-        require(self, "cpus_per_task", 0, strict=True)
+        require(self, "first_step", 1, high=MAX_COUNT)
+        require(self, "last_epochs", 1, allow_none=True, high=1 << 20)
+        require(self, "bins", 2, high=1 << 16)
+        require(self, "chunk_rows", 1, high=1 << 28)
+        require(self, "task_rows", 1, high=MAX_COUNT)
+        require(self, "cpus_per_task", 0, strict=True, high=MAX_CPUS)
 
     @property
     def fitted(self) -> Tuple[str, ...]:

@@ -38,7 +38,7 @@ import numpy as np
 from pipelines.formats import pool as fp
 from pipelines.formats.manifest import DatasetManifest, FilterManifest, UtilityManifest
 from pipelines.formats.utility import bucket_files
-from pipelines.run.config import SpecError, doc, require
+from pipelines.run.config import MAX_BATCH, MAX_CPUS, MAX_SEED, SpecError, doc, require
 from pipelines.run.context import StageContext, cluster_cpus
 from pipelines.run.storage import parquet_schema
 from pipelines.stages.filter import keep_rule as kr
@@ -85,8 +85,11 @@ class FilterConfig:
         kr.parse_rule(self.keep)
         if not self.apply_to:
             raise SpecError("apply_to: give at least one split")
-        require(self, "shard_size rows_per_task sample_rows", 1)
-        require(self, "cpus_per_task", 0, strict=True)
+        require(self, "shard_size", 1, high=MAX_BATCH)
+        require(self, "rows_per_task", 1, high=1 << 30)
+        require(self, "sample_rows", 1, high=1 << 28)
+        require(self, "cpus_per_task", 0, strict=True, high=MAX_CPUS)
+        require(self, "seed", 0, high=MAX_SEED)
 
     @property
     def rule(self) -> kr.Rule:

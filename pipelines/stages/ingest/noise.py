@@ -8,7 +8,7 @@ from typing import Literal, Optional, Tuple
 
 import numpy as np
 
-from pipelines.run.config import SpecError, doc
+from pipelines.run.config import MAX_SEED, SpecError, doc, require
 from pipelines.run.errors import InputError
 from pipelines.stages.ingest.sources import Listing, template
 
@@ -22,6 +22,7 @@ class NoiseConfig:
     def validate(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
             raise SpecError(f"rate: expected a fraction in [0, 1], got {self.rate}")
+        require(self, "seed", 0, high=MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class SplitConfig:
         if not 0.0 <= self.reference_fraction < 1.0 - self.test_fraction:
             raise SpecError(f"reference_fraction: expected a fraction in [0, 1 - test_fraction), got "
                             f"{self.reference_fraction}")
+        require(self, "seed", 0, high=MAX_SEED)
 
 
 def assign_split(n: int, split: Optional[SplitConfig], part: Optional[int] = None) -> np.ndarray:

@@ -14,14 +14,17 @@ from templates: 1,797 samples) is listed on the driver and its images written in
 
 from __future__ import annotations
 
+import string
 import tarfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Union
 
 from pipelines.formats.pool import uid_of
-from pipelines.run.config import doc
+from pipelines.run.config import MAX_COUNT, SpecError, doc, require, show
 from pipelines.run.context import StageContext
 
+MAX_TEMPLATE = 500  # characters of a caption template
+MAX_CLASS_NAME = 200  # characters of a class name (so a templated caption is at most 700)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
 DIGIT_TEMPLATES = ("a handwritten digit {}.", "a scan of the number {}, written by hand.", "the digit {}.")
@@ -33,6 +36,10 @@ class EmbeddedSource:
     dataset: Literal["digits"] = doc("the packaged dataset: 'digits' (1,797 real handwritten digits)", default="digits")
     templates: Tuple[str, ...] = doc("caption templates, '{}' is the class name", default=DIGIT_TEMPLATES)
     limit: Optional[int] = doc("keep only the first N samples", default=None)
+
+    def validate(self) -> None:
+        check_templates(self.templates)
+        require(self, "limit", 1, allow_none=True, high=MAX_COUNT)
 
 
 _VALIDATE = ("decode every image while indexing (in parallel) and reject those that do not decode; otherwise "
@@ -59,6 +66,12 @@ class LabelledSource:
     class_names: Dict[str, str] = doc("folder name -> class name used in captions", default_factory=dict)
     validate_images: bool = doc(_VALIDATE, default=False)
     reshard: bool = doc(_RESHARD, default=False)
+
+    def validate(self) -> None:
+        check_templates(self.templates)
+        for folder, name in self.class_names.items():
+            if len(name) > MAX_CLASS_NAME:
+                raise SpecError(f"class_names.{folder[:60]}: {len(name):,} characters, more than {MAX_CLASS_NAME}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,24 @@ class Listing:
 
     def __len__(self) -> int:
         return len(self.refs)
+
+
+def check_templates(templates: Tuple[str, ...]) -> None:
+    """Templates are data: each holds exactly one ``{}`` (the class name) and literal text (``{{`` and ``}}`` for
+    braces), nothing a format string could also do (fields, indexing, attributes, conversions, format specs)."""
+    if not templates:
+        raise SpecError("templates: expected at least one template")
+    for i, text in enumerate(templates):
+        where = f"templates[{i}]"
+        if len(text) > MAX_TEMPLATE:
+            raise SpecError(f"{where}: {len(text):,} characters, more than {MAX_TEMPLATE}")
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+        except ValueError as exc:
+            raise SpecError(f"{where}: {show(text)}: {exc} (write '{{{{' and '}}}}' for literal braces)") from None
+        if fields != [("", "", None)]:
+            raise SpecError(f"{where}: {show(text)}: a template holds exactly one '{{}}' (the class name) and no "
+                            "other placeholder, field, conversion or format")
 
 
 def template(templates: Tuple[str, ...], uid: str, name: str) -> str:

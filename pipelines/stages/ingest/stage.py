@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from pipelines.formats import pool as fp
 from pipelines.formats.manifest import IngestManifest
-from pipelines.run.config import SpecError, doc, require
+from pipelines.run.config import MAX_BATCH, SpecError, doc, require
 from pipelines.run.context import StageContext
 from pipelines.stages.ingest.index import run_index
 from pipelines.stages.ingest.noise import NoiseConfig, SplitConfig, assign_split, inject_noise
@@ -45,7 +45,7 @@ class IngestConfig:
                           "per uid partition aimed at (at most 1024 partitions)", default=1000)
 
     def validate(self) -> None:
-        require(self, "shard_size", 1)
+        require(self, "shard_size", 1, high=MAX_BATCH)
         if self.noise and self.noise.kind == "label" and self.source.kind not in ("labelled", "embedded"):
             raise SpecError(f"noise.kind: label noise needs a labelled source, not {self.source.kind!r}")
 

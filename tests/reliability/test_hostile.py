@@ -1,0 +1,251 @@
+"""Hostile and careless input (issue: specs and inputs refused in seconds, in one line, with bounded memory).
+
+Spec cases run ``gradmimic validate`` / ``run`` as a command and measure the child itself (``os.wait4``): exit 2,
+one line naming the file and field, its CPU seconds under :data:`CPU_BOUND` and its peak memory under
+:data:`MEMORY_BOUND` (the cases this file is about ran for minutes and grew to gigabytes before).  Data cases run an
+ingest on the session's Ray and read its rejects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import typing
+
+import pytest
+
+from pipelines.run.config import SpecError, build_dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.faults]
+CPU_BOUND = 10.0  # seconds of the child's own CPU (user + system): robust to a busy machine, unlike wall time
+MEMORY_BOUND = 1 << 30  # bytes of the child's peak resident memory
+WALL_GUARD = 120.0  # the child is killed past this (a hang), and the test fails
+
+
+def command(*args: str, env=None) -> typing.Tuple[int, typing.List[str], float, int]:
+    """Run ``gradmimic *args``: ``(exit code, stderr lines, CPU seconds, peak RSS bytes)`` of the child itself."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + WALL_GUARD
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            pytest.fail(f"gradmimic {' '.join(args)[:80]} still running after {WALL_GUARD:.0f}s")
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+    proc.stdout.close()
+    proc.stderr.close()
+    return proc.returncode, err, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def refused(*args: str, env=None) -> str:
+    """A command that must be refused as bad input: exit 2, one line, no traceback, in bounded CPU and memory;
+    returns the line without its prefix."""
+    code, err, cpu, rss = command(*args, env=env)
+    assert code == 2, err[-20:]
+    assert len(err) == 1 and err[0].startswith("gradmimic: error: "), err[-20:]
+    assert cpu < CPU_BOUND, f"{cpu:.1f} CPU seconds"
+    assert rss < MEMORY_BOUND, f"{rss / 2**20:.0f} MiB peak"
+    return err[0][len("gradmimic: error: "):]
+
+
+def write_spec(path: pathlib.Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+POOL = "  - {stage: ingest, name: pool, source: {kind: embedded, limit: 20}, shard_size: 10}\n"
+
+
+def spec_text(tmp_path, stages: str = POOL, name: str = "h") -> str:
+    return f"name: {name}\nstorage: {tmp_path / 'runs'}\nstages:\n{stages}"
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def alias_bomb(levels: int = 10, width: int = 10) -> str:
+    lines = ["a0: &a0 [" + ", ".join(["x"] * width) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_in_the_name_is_refused(tmp_path):
+    text = alias_bomb() + f"name: *a9\nstorage: {tmp_path}\nstages:\n{POOL}"
+    line = refused("validate", write_spec(tmp_path / "s.yaml", text))
+    assert line == "s.yaml: line 5: aliases expand the document to more than 100,000 values"
+
+
+def test_an_alias_bomb_in_storage_options_is_refused_by_run_before_ray_starts(tmp_path):
+    text = alias_bomb() + f"name: h\nstorage: {tmp_path}\nstorage_options: {{x: *a9}}\nstages:\n{POOL}"
+    line = refused("run", write_spec(tmp_path / "s.yaml", text))
+    assert line == "s.yaml: line 5: aliases expand the document to more than 100,000 values"
+    assert not (tmp_path / "h").exists()
+
+
+def test_an_alias_bomb_in_a_typed_field_is_refused(tmp_path):
+    text = alias_bomb() + spec_text(tmp_path, POOL.replace("shard_size: 10", "shard_size: *a9"))
+    line = refused("validate", write_spec(tmp_path / "s.yaml", text))
+    assert line == "s.yaml: line 5: aliases expand the document to more than 100,000 values"
+    # large but within the budget: the message is built from a bounded repr, not the whole value's
+    big = "storage_options: {b: &b [" + ", ".join(["y" * 50] * 1000) + "]}\n"
+    text = big + spec_text(tmp_path, POOL.replace("shard_size: 10", "shard_size: [" + ", ".join(["*b"] * 40) + "]"))
+    line = refused("validate", write_spec(tmp_path / "s.yaml", text))
+    assert line.startswith("s.yaml: stage 'pool' (ingest): shard_size: expected an integer, got [[") and len(line) < 150
+
+
+def test_an_alias_that_contains_itself_and_deep_nesting_are_refused(tmp_path):
+    assert refused("validate", write_spec(tmp_path / "s.yaml", "name: &n [*n]\n")) == \
+        "s.yaml: line 1: an alias refers to a value that contains it"
+    text = "name: " + "[" * 200_000 + "]" * 200_000 + "\n"
+    assert refused("validate", write_spec(tmp_path / "s.yaml", text)) == "s.yaml: nested more than 64 levels deep"
+
+
+def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path):
+    stages = "  - stage: ingest\n    name: pool\n    shard_size: 50\n    shard_size: 7\n"
+    line = refused("validate", write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages)))
+    assert line == "s.yaml: line 7: duplicate key 'shard_size' (first at line 6)"
+
+
+def test_merges_still_work_and_a_key_beside_a_merge_overrides_it(tmp_path):
+    from pipelines.run.spec import load_spec
+
+    stages = ("  - &base {stage: ingest, name: pool, source: {kind: embedded, limit: 20}, shard_size: 10}\n"
+              "  - {<<: *base, name: pool2, shard_size: 5}\n")
+    spec = load_spec(write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages)))
+    assert [(s.name, s.config.shard_size, s.config.source.limit) for s in spec.stages] == [("pool", 10, 20),
+                                                                                         ("pool2", 5, 20)]
+
+
+def test_a_spec_file_and_an_override_over_their_size_caps_are_refused(tmp_path):
+    text = spec_text(tmp_path) + "#" + "x" * (1 << 20) + "\n"
+    path = write_spec(tmp_path / "s.yaml", text)
+    assert refused("validate", path) == f"{path}: larger than the limit of 1,048,576 bytes"
+    path = write_spec(tmp_path / "s.yaml", spec_text(tmp_path))
+    line = refused("validate", path, "stages.pool.shard_size=" + "1" * (64 << 10))
+    assert line == "override stages.pool.shard_size: larger than the limit of 65,536 bytes"
+
+
+def test_a_spec_that_is_a_fifo_is_refused_not_read(tmp_path):
+    os.mkfifo(tmp_path / "s.yaml")
+    assert refused("validate", str(tmp_path / "s.yaml")) == f"{tmp_path / 's.yaml'}: not a regular file"
+
+
+def test_a_matrix_of_a_hundred_million_stages_is_refused_before_it_is_built(tmp_path):
+    matrix = ", ".join(f"v{i}: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" for i in range(8))
+    stages = POOL + ("  - {stage: aggregate, name: 'a{v0}{v1}{v2}{v3}{v4}{v5}{v6}{v7}', scores: pool, "
+                     f"matrix: {{{matrix}}}}}\n")
+    line = refused("validate", write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages)))
+    assert line == ("s.yaml: stages: 100,000,001 stages after the matrices expand (stages[1]: 100,000,000), more "
+                    "than the limit of 10,000")
+
+
+def test_a_long_name_is_refused(tmp_path):
+    line = refused("validate", write_spec(tmp_path / "s.yaml", spec_text(tmp_path, name="n" * 100_000)))
+    assert line == f"s.yaml: name: '{'n' * 27}...{'n' * 28}' must be letters, digits, '_' or '-' (at most 100)"
+
+
+# ------------------------------------------------------------------------------------------------ templates
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{0.__class__.__mro__}", "a template holds exactly one '{}'"),
+    ("{!r}", "a template holds exactly one '{}'"),
+    ("{0}", "a template holds exactly one '{}'"),
+    ("a {} and a {}", "a template holds exactly one '{}'"),
+    ("no placeholder", "a template holds exactly one '{}'"),
+    ("a {", "Single '{' encountered"),
+    ("x" * 499 + "{}", "501 characters, more than 500"),
+])
+def test_a_caption_template_is_data_not_code(tmp_path, template, problem):
+    from pipelines.run.spec import load_spec
+
+    stages = f"  - {{stage: ingest, name: pool, source: {{kind: labelled, path: p, templates: [{json.dumps(template)}]}}}}\n"
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages)))
+    assert str(info.value).startswith("s.yaml: stage 'pool' (ingest): source.templates[0]: ") and \
+        problem in str(info.value), info.value
+
+
+def test_a_template_with_a_huge_format_spec_is_refused_at_validate(tmp_path):
+    stages = "  - {stage: ingest, name: pool, source: {kind: embedded, templates: ['{:>1500000000}']}}\n"
+    line = refused("validate", write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages)))
+    assert line == ("s.yaml: stage 'pool' (ingest): source.templates[0]: '{:>1500000000}': a template holds exactly "
+                    "one '{}' (the class name) and no other placeholder, field, conversion or format")
+
+
+def test_templates_with_literal_braces_pass():
+    from pipelines.stages.ingest.sources import check_templates, template
+
+    check_templates(("a {} in {{braces}}",))
+    assert template(("a {} in {{braces}}",), "0" * 32, "cat") == "a cat in {braces}"
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def _configs() -> typing.List[type]:
+    from pipelines.run.registry import STAGES
+    from pipelines.run.spec import RayConfig
+
+    seen: typing.List[type] = []
+
+    def walk(cls: type) -> None:
+        if cls in seen:
+            return
+        seen.append(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            for arg in typing.get_args(hints[f.name]) or [hints[f.name]]:
+                if dataclasses.is_dataclass(arg):
+                    walk(arg)
+
+    for definition in STAGES.values():
+        walk(definition.config)
+    walk(RayConfig)
+    return seen
+
+
+REQUIRED = {  # the required fields of the configs that have them (the value does not matter to a range)
+    "CaptionFolderSource": {"kind": "caption_folder", "path": "p"}, "LabelledSource": {"kind": "labelled", "path": "p"},
+    "DataCompSource": {"kind": "datacomp", "path": "p"}, "WebDatasetSource": {"kind": "webdataset", "path": "p"},
+    "NoiseConfig": {"kind": "caption", "rate": 0.1}, "SplitConfig": {"test_fraction": 0.1},
+    "TrainConfig": {"data": "d"}, "ComparisonConfig": {"data": "d"}, "AggregateConfig": {"scores": "s"},
+    "LogPath": {"path": "p"}, "FilterConfig": {"data": "d", "keep": {"column": "c", "top": 0.5}},
+    "ClipScoreConfig": {"data": "d", "model": "m"}, "FeaturesConfig": {"data": "d"},
+    "EvaluateConfig": {"model": "m", "data": "d"},
+}
+
+
+def _numeric_fields():
+    for cls in _configs():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            args = [a for a in typing.get_args(hints[f.name]) or [hints[f.name]] if a is not type(None)]
+            if any(a in (int, float) for a in args):
+                yield pytest.param(cls, f.name, False, id=f"{cls.__name__}.{f.name}")
+            elif any(typing.get_origin(a) is tuple and typing.get_args(a)[0] in (int, float) for a in args):
+                yield pytest.param(cls, f.name, True, id=f"{cls.__name__}.{f.name}")
+
+
+@pytest.mark.parametrize("cls, name, is_tuple", list(_numeric_fields()))
+def test_every_number_in_every_config_has_a_range(cls, name, is_tuple):
+    """Each numeric field of each stage's config (nested ones too) refuses a huge and a hugely negative value,
+    naming the field: what cannot run is refused at validate, before Ray starts."""
+    base = REQUIRED.get(cls.__name__, {})
+    for bad in (10 ** 18, -10 ** 18, float("inf"), float("nan")):
+        value = [bad, 0.5] if is_tuple else bad
+        with pytest.raises(SpecError) as info:
+            build_dataclass(cls, {**base, name: value}, "")
+        assert str(info.value).split(":")[0] in (name, f"{name}[0]"), (bad, str(info.value))
