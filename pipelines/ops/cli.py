@@ -146,10 +146,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # a failed stage's other tasks are cancelled and the failure reported once, as one line: not again by Ray
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    # Ray starts where the runner says, never as a side effect of a call (a stage still ending after Ctrl-C)
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, exit 130, and no Ray process left behind
+        _stop_ray()
+        where = getattr(exc, "gradmimic_interrupted", "before any stage started")
+        print(f"gradmimic: interrupted {where}", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - classified: one line and an exit code, or re-raised (a bug)
         from pipelines.run.errors import classify
 
@@ -160,6 +167,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gradmimic: error: {line}", file=sys.stderr)
         return code
     return 0
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray; a Ray this process started (``address: local``) stops with its workers."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class StageDef:
     # the (CPUs, GPUs) it holds while it runs, so independent stages run at once only where both fit; None (or a
     # None result): the whole cluster (it fans out over every CPU)
     needs: Optional[Callable[[Any], Optional[Tuple[float, float]]]] = None
+    needs_field: str = ""  # the config field those come from (named when the cluster is too small for them)
 
 
 def _train_needs(cfg: TrainConfig) -> Tuple[float, float]:
@@ -54,7 +55,7 @@ STAGES: Dict[str, StageDef] = {
         TrainConfig, run_train,
         "train CLIP or a classifier on Ray Train (DDP), plain or reweighted by Grad-Mimic / a baseline; "
         "writes the final weights, metrics and the score log",
-        "model", check=check_train, resumable=True, needs=_train_needs,
+        "model", check=check_train, resumable=True, needs=_train_needs, needs_field="resources",
     ),
     "aggregate": StageDef(
         AggregateConfig, run_aggregate,
@@ -72,18 +73,18 @@ STAGES: Dict[str, StageDef] = {
         ClipScoreConfig, run_clipscore,
         "a CLIP's image-text cosine for every row of a dataset (batch inference on Ray Data actors); writes the "
         "dataset again with the score (and optionally the embeddings) as columns",
-        "dataset", needs=_actor_pool_needs,
+        "dataset", needs=_actor_pool_needs, needs_field="actors",
     ),
     "features": StageDef(
         FeaturesConfig, run_features,
         "pretrained towers' features of every row of a dataset, computed once on Ray Data actors, so train stages "
         "with locked towers (LiT) train the projections on them; writes the dataset again with where they are",
-        "dataset", needs=_actor_pool_needs,
+        "dataset", needs=_actor_pool_needs, needs_field="actors",
     ),
     "evaluate": StageDef(
         EvaluateConfig, run_evaluate,
         "a trained model on a dataset's held-out split: loss, zero-shot accuracy and retrieval recall@1/5 (CLIP), "
         "or accuracy (classifier)",
-        "evaluation", needs=lambda cfg: (cfg.cpus, 1.0 if cfg.use_gpu else 0.0),
+        "evaluation", needs=lambda cfg: (cfg.cpus, 1.0 if cfg.use_gpu else 0.0), needs_field="cpus",
     ),
 }

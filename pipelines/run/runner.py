@@ -91,6 +91,32 @@ def require_shared_storage(spec: Spec, fs) -> None:
                         "(an s3:// prefix)")
 
 
+def make_run_root(spec: Spec, fs, run_root: str) -> None:
+    """The run's folder, made before anything else: local storage that is a file, or where this user cannot write,
+    is the spec's fault (exit 2), found before Ray starts."""
+    import errno
+
+    if is_local(fs):
+        top = next((p for p in _ancestors(run_root) if fs.exists(p)), "/")
+        if not fs.isdir(top):
+            raise SpecError(f"{spec.source}: storage: {top} is a file, not a folder")
+    try:
+        fs.makedirs(run_root, exist_ok=True)
+    except OSError as exc:
+        if not is_local(fs) or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                                                         errno.ENOENT):
+            raise
+        raise SpecError(f"{spec.source}: storage: cannot make {run_root} ({exc.strerror})") from None
+
+
+def _ancestors(path: str) -> List[str]:
+    """``path`` and the folders above it, nearest first."""
+    out = [path]
+    while posixpath.dirname(out[-1]) != out[-1]:
+        out.append(posixpath.dirname(out[-1]))
+    return out
+
+
 def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr,
              max_parallel: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
     """Run every stage, each once its inputs are committed, as many at once as the cluster's resources allow (at most
@@ -107,7 +133,7 @@ def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr,
         init_ray(spec)
         require_shared_storage(spec, fs)
     run_root = posixpath.join(root, spec.name)
-    fs.makedirs(run_root, exist_ok=True)
+    make_run_root(spec, fs, run_root)
     with fs.open(posixpath.join(run_root, RESOLVED_SPEC), "wb") as f:
         f.write(dump_spec(spec).encode())
     total_start = time.perf_counter()
@@ -140,8 +166,23 @@ class _Graph:
     def run(self) -> Dict[str, Dict[str, Any]]:
         try:
             return self._run()
+        except KeyboardInterrupt as exc:  # the CLI says what was running and what a rerun does
+            exc.gradmimic_interrupted = self._interrupted()
+            raise
         finally:
             self.progress.close()
+
+    def _interrupted(self) -> str:
+        running = [self.spec.stage(name) for name in self.running]
+        if not running:
+            return "between stages; a rerun skips the committed ones"
+        names = ", ".join(f"{st.name!r} ({st.stage})" for st in running)
+        resumed = [st.name for st in running if STAGES[st.stage].resumable]
+        again = [st.name for st in running if not STAGES[st.stage].resumable]
+        plan = "; ".join(part for part in (
+            f"resumes {', '.join(map(repr, resumed))} from the last checkpoint" if resumed else "",
+            f"runs {', '.join(map(repr, again))} again" if again else "") if part)
+        return f"while running {names}; a rerun skips the committed stages and {plan}"
 
     def _run(self) -> Dict[str, Dict[str, Any]]:
         pending = list(enumerate(self.spec.stages, 1))
@@ -200,6 +241,7 @@ class _Graph:
                 self.ray_ready = True
             res = ray.cluster_resources()
             self.capacity = (float(res.get("CPU", 0)), float(res.get("GPU", 0)))
+            self._check_fits(self.spec.stages)  # before the first stage that runs starts
         return self.capacity
 
     def _needs(self, stage: StageSpec) -> Tuple[float, float]:
@@ -207,6 +249,23 @@ class _Graph:
         cluster, needs = self._cluster(), STAGES[stage.stage].needs
         held = needs(stage.config) if needs is not None else None
         return cluster if held is None else (min(held[0], cluster[0]), min(held[1], cluster[1]))
+
+    def _check_fits(self, stages: Sequence[StageSpec]) -> None:
+        """A stage that needs more CPUs or GPUs than the cluster has would wait for ever: on a Ray started here that
+        is the spec's fault, refused before anything runs; a cluster may still grow (an autoscaler), so there it is
+        a note."""
+        cluster = self.capacity
+        for stage in stages:
+            definition = STAGES[stage.stage]
+            held = definition.needs(stage.config) if definition.needs is not None else None
+            if held is None or all(held[k] <= cluster[k] + 1e-9 for k in (0, 1)):
+                continue
+            text = (f"{definition.needs_field}: needs {held[0]:g} CPUs and {held[1]:g} GPUs, the cluster has "
+                    f"{cluster[0]:g} CPUs and {cluster[1]:g} GPUs")
+            if self.spec.ray.address == "local":
+                raise SpecError(f"{self.spec.source}: stage {stage.name!r} ({stage.stage}): {text} (ask for less, or "
+                                "for more with ray.num_cpus)")
+            self.progress.write(f"note: stage {stage.name!r} ({stage.stage}): {text}: it waits for the cluster to grow")
 
     def _fits(self, needs: Tuple[float, float]) -> bool:
         cluster = self._cluster()

@@ -155,25 +155,6 @@ def _use_features(cfg: TrainConfig, manifest: DatasetManifest, ctx: StageContext
     return True
 
 
-def _check_resources(cfg: TrainConfig, ctx: StageContext) -> None:
-    """On a Ray started here (nothing will join it), a stage asking for more than there is would wait forever."""
-    import ray
-
-    if ctx.ray_address != "local":
-        return  # a cluster may autoscale to what the stage asks for
-    have = ray.cluster_resources()
-    res = cfg.resources
-    if res.use_gpu and have.get("GPU", 0) < res.num_workers:
-        raise SpecError(f"resources.use_gpu: {res.num_workers} workers need {res.num_workers} GPUs, this Ray has "
-                        f"{int(have.get('GPU', 0))}")
-    cpus = have.get("CPU", 0)
-    need = res.num_workers * (res.cpus_per_worker + res.decoders_per_worker * res.cpus_per_decoder)
-    if need + res.cpus_per_decoder > cpus:  # and room for a task decoding the evaluation set
-        raise SpecError(f"resources: {res.num_workers} workers with their decoders need {need:g} CPUs (and "
-                        f"{res.cpus_per_decoder:g} more to decode the evaluation set); this Ray has {cpus:g}: lower "
-                        f"cpus_per_worker or cpus_per_decoder, or raise ray.num_cpus")
-
-
 def _weight_sources(cfg: TrainConfig, ctx: StageContext):
     """``(init, reference)`` state dicts as given (``None`` where not given, or a reference the mode does not use)."""
     init = load_weights_source(ctx, cfg.init, cfg.model.arch, "init") if cfg.init is not None else None
@@ -237,7 +218,6 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     began = time.time()
     sources = _weight_sources(cfg, ctx)
     pool = _read_inputs(cfg, ctx, sources)
-    _check_resources(cfg, ctx)
     spec = replace(model_spec(cfg, len(pool.class_names)), cached=pool.cached)  # cached: takes the towers' features
     params = mimic_params(cfg)
     reinit = tuple(match_names([n for n, _ in meta_model(spec).named_parameters()], cfg.reinit))  # globs to names

@@ -7,46 +7,106 @@ files' count and its sub-folders), so the driver holds folder names and counts, 
 per group of folders (about :data:`FILES_PER_TASK` files) lists them again and writes one row per image into the
 uid partitions (:func:`index_folders`), reading the ``.txt`` captions of a caption folder (all of a folder's at
 once) or captioning a labelled image from its class name.
+
+Files are read as files, inside the source: a folder's entries that are not regular files (a FIFO, a socket, a
+device), symbolic links (to a file or a folder, inside the source or out), hard links (a file with more than one
+name) and files over :data:`MAX_CAPTION_BYTES` / :data:`MAX_IMAGE_BYTES` are never opened or followed; an image
+among them, or an image whose caption is among them, is a reject with the reason.  A local file is opened without
+following a link or blocking and checked again once open (what was listed may have changed since).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import posixpath
-from typing import Any, Dict, List, Optional, Tuple
+import stat
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines.formats import pool as fp
 from pipelines.run.errors import InputError, InputNotFound
-from pipelines.run.storage import open_storage
+from pipelines.run.storage import is_local, open_storage
 from pipelines.stages.ingest.sources import IMAGE_EXTS, template
 from pipelines.stages.ingest.writer import image_problem
 
 FILES_PER_TASK = 10_000  # files listed and indexed by one phase-1 task (folders are grouped up to about this)
 MAX_ROUNDS = 64  # folder depth searched
+MAX_CAPTION_BYTES = 64 << 10  # a caption file larger than this is a reject, never read
+MAX_IMAGE_BYTES = 256 << 20  # an image file larger than this is a reject
 
 
-def _entries(fs, folder: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """``([(file, size)], [sub-folder])`` of one folder, sorted: one listing."""
-    files, dirs = [], []
+def _entries(fs, folder: str):
+    """``([(file, size)], [sub-folder], {entry: why it is not read})`` of one folder, sorted: one listing.  Only
+    regular files and real folders are listed as such (see the module docstring)."""
+    files, dirs, odd = [], [], {}
     for info in fs.ls(folder, detail=True):
-        name = info["name"]
-        if info.get("type") == "directory":
+        name, kind, size = info["name"], info.get("type"), int(info.get("size") or 0)
+        if info.get("islink"):  # (only local folders have links: asking where one leads opens nothing)
+            odd[name] = f"a symbolic link{' to a folder' if os.path.isdir(name) else ''}, not followed"
+        elif kind == "directory":
             dirs.append(name)
+        elif kind != "file":
+            odd[name] = "not a regular file"
+        elif int(info.get("nlink") or 1) > 1:
+            odd[name] = f"a hard link ({info['nlink']} names), not read"
         else:
-            files.append((name, int(info.get("size") or 0)))
-    return sorted(files), sorted(dirs)
+            limit = MAX_CAPTION_BYTES if name.endswith(".txt") else MAX_IMAGE_BYTES
+            if size > limit:
+                odd[name] = f"larger than {limit:,} bytes"
+            else:
+                files.append((name, size))
+    return sorted(files), sorted(dirs), odd
 
 
-def _images(files: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
-    return [(p, s) for p, s in files if posixpath.splitext(p)[1].lower() in IMAGE_EXTS]
+def _is_image(path: str) -> bool:
+    return posixpath.splitext(path)[1].lower() in IMAGE_EXTS
+
+
+def _samples(files: List[Tuple[str, int]], odd: Dict[str, str]) -> List[Tuple[str, int, Optional[str]]]:
+    """A folder's samples, ``(image, size, why it is rejected)``, sorted: its images, and the entries that would
+    have been images or folders had they been regular (reported, not silently skipped)."""
+    out = [(p, s, None) for p, s in files if _is_image(p)]
+    out += [(p, 0, f"image: {why}") for p, why in odd.items() if _is_image(p)]
+    out += [(p, 0, why) for p, why in odd.items() if "to a folder" in why]
+    return sorted(out)
 
 
 def list_folder(fs, folder: str) -> Tuple[int, List[str]]:
-    """A folder's image count and its sub-folders (a breadth-first round's task)."""
-    files, dirs = _entries(fs, folder)
-    return len(_images(files)), dirs
+    """A folder's sample count and its sub-folders (a breadth-first round's task)."""
+    files, dirs, odd = _entries(fs, folder)
+    return len(_samples(files, odd)), dirs
+
+
+def read_files(fs, paths: List[str], limit: int) -> List[Union[bytes, str]]:
+    """Each file's bytes, or why it was not read.  Local files are opened without following a link or blocking
+    and must still be regular and within ``limit`` bytes once open; elsewhere (object stores) one concurrent read."""
+    if not paths:
+        return []
+    if not is_local(fs):
+        return list(fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths)))
+    out: List[Union[bytes, str]] = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            out.append("a symbolic link, not followed")
+            continue
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                out.append("not a regular file")
+            elif st.st_nlink > 1:
+                out.append(f"a hard link ({st.st_nlink} names), not read")
+            elif st.st_size > limit:
+                out.append(f"larger than {limit:,} bytes")
+            else:
+                out.append(f.read(limit + 1))
+    return out
 
 
 def find_folders(ctx, fs, tops: List[Tuple[str, int]]) -> List[Tuple[str, int, int]]:
@@ -86,7 +146,7 @@ def plan_folders(src, ctx) -> Tuple[Any, str, List[List[Tuple[str, int]]], Optio
     names = None
     tops = [(root, -1)]
     if src.kind == "labelled":
-        _, dirs = _entries(fs, root)  # the classes (images directly under the root have no label: not samples)
+        _, dirs, _ = _entries(fs, root)  # the classes (images directly under the root have no label: not samples)
         if not dirs:
             raise InputNotFound(f"labelled source {src.path}: expected one sub-folder of images per class")
         base = [posixpath.basename(d.rstrip("/")) for d in dirs]
@@ -96,38 +156,49 @@ def plan_folders(src, ctx) -> Tuple[Any, str, List[List[Tuple[str, int]]], Optio
     return fs, root, group_folders(folders), names, sum(n for _, _, n in folders)
 
 
-def _captions(fs, images: List[Tuple[str, int]], present: set, first_line: bool) -> List[Optional[str]]:
-    """The same-named ``.txt`` caption of each image (stripped, or its first line with ``first_line``; ``None`` if
-    there is none)."""
-    wanted = [posixpath.splitext(p)[0] + ".txt" for p, _ in images]
+def _captions(fs, images: List[str], present: set, odd: Dict[str, str],
+              first_line: bool) -> List[Tuple[Optional[str], Optional[str]]]:
+    """``(caption, why it is rejected)`` of each image: its same-named ``.txt`` (stripped, or its first line with
+    ``first_line``; ``None`` if there is none), or why that file was not read or is not UTF-8."""
+    wanted = [posixpath.splitext(p)[0] + ".txt" for p in images]
     have = [w for w in wanted if w in present]
-    # cat_ranges: concurrent on object stores, and no glob expansion of names such as "a[1].txt"
-    texts = dict(zip(have, fs.cat_ranges(have, [None] * len(have), [None] * len(have)))) if have else {}
-    out: List[Optional[str]] = []
+    # read_files: concurrent on object stores, and no glob expansion of names such as "a[1].txt"
+    texts = dict(zip(have, read_files(fs, have, MAX_CAPTION_BYTES)))
+    out: List[Tuple[Optional[str], Optional[str]]] = []
     for w in wanted:
-        text = texts[w].decode("utf-8", errors="replace").strip() if w in texts else None
-        out.append(text.split("\n", 1)[0].strip() if text and first_line else text)
+        data = texts.get(w, odd.get(w))
+        if isinstance(data, str):
+            out.append((None, f"caption: {data}"))
+            continue
+        try:
+            text = data.decode("utf-8").strip() if data is not None else None
+        except UnicodeDecodeError:
+            out.append((None, "caption: not UTF-8"))
+            continue
+        out.append((text.split("\n", 1)[0].strip() if text and first_line else text, None))
     return out
 
 
 def _folder_rows(fs, root: str, folder: str, label: int, src, names) -> Dict:
     kind, templates = src.kind, tuple(getattr(src, "templates", ()))
-    files, _ = _entries(fs, folder)
-    images = _images(files)
-    captions = (_captions(fs, images, {p for p, _ in files}, src.first_line) if kind == "caption_folder"
-                else [None] * len(images))
-    problems = [None] * len(images)
-    if src.validate_images and images:
-        blobs = fs.cat_ranges([p for p, _ in images], [None] * len(images), [None] * len(images))
-        problems = [image_problem(b) for b in blobs]
+    files, _, odd = _entries(fs, folder)
+    samples = _samples(files, odd)
+    images = [p for p, _, _ in samples]
+    captions = (_captions(fs, images, {p for p, _ in files}, odd, src.first_line) if kind == "caption_folder"
+                else [(None, None)] * len(images))
+    problems = [why for _, _, why in samples]
+    if src.validate_images:
+        good = [i for i, why in enumerate(problems) if why is None]
+        for i, blob in zip(good, read_files(fs, [images[i] for i in good], MAX_IMAGE_BYTES)):
+            problems[i] = f"image: {blob}" if isinstance(blob, str) else image_problem(blob)
     cols: Dict[str, list] = {k: [] for k in ("uid", "key", "source", "tar", "image", "image_size", "text", "reason",
                                              "label")}
-    for (path, size), text, problem in zip(images, captions, problems):
+    for (path, size, _), (text, caption_problem), problem in zip(samples, captions, problems):
         rel = posixpath.relpath(path, root)
         uid = fp.uid_of(f"{kind}:{rel}")
         if kind == "labelled":
             text = template(templates, uid, names[label])
-        reason = problem or ("missing caption" if text is None else None)
+        reason = problem or caption_problem or ("missing caption" if text is None else None)
         for k, v in (("uid", uid), ("key", posixpath.splitext(rel)[0]), ("source", rel),
                      ("tar", fs.unstrip_protocol(path)), ("image", rel), ("image_size", size),
                      ("text", text), ("reason", reason), ("label", label)):

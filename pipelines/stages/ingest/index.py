@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -89,7 +90,10 @@ def tar_rows(fs, path: str, number: int, rel: str, kind: str, validate: bool) ->
     images = [e.get("image", ("", -1, -1)) for e in found]
     texts = [e.get("text", (None, -1, -1)) for e in found]
     reasons = [r if r is not None or im[0] else "no image in tar" for r, im in zip(reasons, images)]
-    reasons = [r or e.get("problem") for r, e in zip(reasons, found)]
+    # a .txt that is not UTF-8 (its offset -1) is the sample's reject, but in a datacomp pool, whose captions are
+    # the metadata's
+    reasons = [r or e.get("problem") or (None if t[0] is None or t[1] >= 0 or kind == "datacomp" else
+                                         "caption: not UTF-8") for r, e, t in zip(reasons, found, texts)]
     uid_array = pa.array(uids, pa.string())
     hi, lo = fp.uid_halves(uid_array)
     order = (np.int64(number) << np.int64(32)) | np.arange(n, dtype=np.int64)
@@ -214,6 +218,26 @@ def _join_metadata(tars: pa.Table, meta: pa.Table, reasons: np.ndarray, texts: n
     return extras, meta.take(lone["_i"])
 
 
+MAX_CAPTION_CHARS = 10_000  # a caption longer than this is a reject (the text towers read the first few dozen words)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # control characters but tab, newline, return
+
+
+def caption_problem(text: Optional[str], kind: str) -> Optional[str]:
+    """Why a sample's caption is rejected, or ``None``: captions are text, whatever their source (``.txt`` files,
+    tar members, metadata cells).  Missing, empty, over :data:`MAX_CAPTION_CHARS`, or holding a NUL or another
+    control character (tab, newline and carriage return are whitespace, kept); bytes that are not UTF-8 are
+    rejected where they are read, never replaced by U+FFFD."""
+    if text is None:
+        return "empty caption" if kind == "datacomp" else "missing caption"
+    if not text.strip():
+        return "empty caption"
+    if len(text) > MAX_CAPTION_CHARS:
+        return f"caption longer than {MAX_CAPTION_CHARS:,} characters"
+    if _CONTROL.search(text):
+        return "caption holds control characters"
+    return None
+
+
 def _first_copies(hi: np.ndarray, lo: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Among the ``ok`` rows (in their order), the first of each uid."""
     idx = np.flatnonzero(ok)
@@ -257,8 +281,7 @@ def join_partition(fs, work: str, part: int, kind: str, schema: Optional[pa.Sche
     if meta is not None:
         extras, orphans = _join_metadata(tars, meta, reasons, texts, offsets, sizes)
     for i in np.flatnonzero(reasons == None):  # noqa: E711 - elementwise
-        if texts[i] is None or not texts[i].strip():
-            reasons[i] = "missing caption" if texts[i] is None and kind != "datacomp" else "empty caption"
+        reasons[i] = caption_problem(texts[i], kind)
     hi, lo = tars["uid_hi"].to_numpy(), tars["uid_lo"].to_numpy()
     ok = reasons == None  # noqa: E711 - elementwise
     keep = _first_copies(hi, lo, ok)
@@ -329,8 +352,12 @@ def _find(fs, root: str, suffix: str, what: str) -> List[Tuple[str, int]]:
         return [(root, int(fs.size(root)))]
     if not fs.isdir(root):
         raise InputNotFound(f"{what} folder not found: {fs.unstrip_protocol(root)}")
-    found = fs.find(root, detail=True)
-    return sorted((p, int(info.get("size") or 0)) for p, info in found.items() if p.endswith(suffix))
+    found = {p: info for p, info in fs.find(root, detail=True).items() if p.endswith(suffix)}
+    for p, info in sorted(found.items()):  # read as files: never followed, never opened blocking (see .folders)
+        if info.get("islink") or info.get("type") != "file":
+            why = "a symbolic link (give the folder it leads to)" if info.get("islink") else "not a regular file"
+            raise InputError(f"{what}: {fs.unstrip_protocol(p)}: {why}")
+    return sorted((p, int(info.get("size") or 0)) for p, info in found.items())
 
 
 def _plan(src, ctx) -> Tuple[List[str], str, List[str], Optional[pa.Schema], int]:

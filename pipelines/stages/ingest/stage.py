@@ -29,6 +29,7 @@ from pipelines.formats import pool as fp
 from pipelines.formats.manifest import IngestManifest
 from pipelines.run.config import MAX_BATCH, SpecError, doc, require
 from pipelines.run.context import StageContext
+from pipelines.run.errors import InputError
 from pipelines.stages.ingest.index import run_index
 from pipelines.stages.ingest.noise import NoiseConfig, SplitConfig, assign_split, inject_noise
 from pipelines.stages.ingest.sources import INDEXED, LISTERS, EmbeddedSource, Listing, Source
@@ -54,8 +55,16 @@ class IngestConfig:
 
 
 def run_ingest(cfg: IngestConfig, ctx: StageContext) -> Dict[str, Any]:
-    if cfg.source.kind in INDEXED:  # a pool in place: an index, built by tasks
-        return IngestManifest(**run_index(cfg, ctx)).to_json()
+    manifest = IngestManifest(**run_index(cfg, ctx)) if cfg.source.kind in INDEXED else _ingest_listed(cfg, ctx)
+    if not manifest.rows_out:  # nothing to train on, filter or score: the source is wrong, not the run
+        path = getattr(cfg.source, "path", None)
+        where = f"source.path: {path}" if path else f"source: {cfg.source.kind}"
+        raise InputError(f"{where}: no samples to keep ({manifest.rows_in} found, {manifest.rejected} rejected)")
+    return manifest.to_json()
+
+
+def _ingest_listed(cfg: IngestConfig, ctx: StageContext) -> IngestManifest:
+    """A source listed on the driver (the embedded default): its samples copied into tars by tasks."""
     listing, split, corrupted = _listing(cfg, ctx)
     n = len(listing)
     ok = [i for i in range(n) if listing.reasons[i] is None]
@@ -76,7 +85,7 @@ def run_ingest(cfg: IngestConfig, ctx: StageContext) -> Dict[str, Any]:
         test=int(sum(split[i] == "test" for i in kept)),
         reference=int(sum(split[i] == "reference" for i in kept)),
         class_names=listing.class_names, templates=list(getattr(cfg.source, "templates", ()) or ()) or None,
-    ).to_json()
+    )
 
 
 def _listing(cfg: IngestConfig, ctx: StageContext):
