@@ -69,15 +69,16 @@ def client(address: Optional[str]):
 
 
 def job_runtime_env(args: argparse.Namespace, working_dir: str) -> Dict[str, Any]:
-    import yaml
+    from pipelines.run.yaml_text import load_yaml, read_local
 
     env: Dict[str, Any] = {}
     if args.runtime_env:
+        label = f"--runtime-env {args.runtime_env}"
         try:
-            with open(args.runtime_env, encoding="utf-8") as f:
-                env = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise SpecError(f"--runtime-env {args.runtime_env}: {str(exc).splitlines()[0]}") from None
+            raw = read_local(args.runtime_env)
+        except OSError as exc:
+            raise SpecError(f"{label}: {exc.strerror or exc}") from None
+        env = load_yaml(raw, label, label) or {}
         if not isinstance(env, dict):
             raise SpecError(f"--runtime-env {args.runtime_env}: expected a mapping")
     env["working_dir"] = working_dir

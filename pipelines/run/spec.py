@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -38,7 +37,7 @@ import yaml
 
 from pipelines.run.config import SpecError, build, build_dataclass, config_refs, require, show, to_plain
 from pipelines.run.registry import STAGES
-from pipelines.run.yaml_text import MAX_OVERRIDE_BYTES, MAX_SPEC_BYTES, check_size, load_yaml
+from pipelines.run.yaml_text import MAX_OVERRIDE_BYTES, MAX_SPEC_BYTES, check_size, load_yaml, read_local
 
 MAX_STAGES = 10_000  # in a spec, after its matrices expand
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")  # no '.': names are segments of dotted overrides
@@ -113,17 +112,12 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Spec:
             with fs.open(p, "rb") as f:
                 raw = f.read(MAX_SPEC_BYTES + 1)
         else:
-            if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-                raise SpecError(f"{path}: not a regular file")  # a FIFO would block, a device never end
-            with open(path, "rb") as f:
-                raw = f.read(MAX_SPEC_BYTES + 1)
-        check_size(raw, MAX_SPEC_BYTES, path)
-        text = raw.decode("utf-8")
+            raw = read_local(path)
     except (FileNotFoundError, NotADirectoryError):
         raise SpecError(f"{path}: no such spec file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+    except (IsADirectoryError, PermissionError) as exc:
         raise SpecError(f"{path}: cannot read the spec ({type(exc).__name__})") from None
-    data = load_yaml(text, label)
+    data = load_yaml(raw, label, path)
     return parse_spec(data, overrides, label)
 
 

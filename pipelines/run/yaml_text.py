@@ -10,6 +10,8 @@ specs are ordinary here: small, counted like any alias, and a key set beside a m
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any, Dict
 
 import yaml
@@ -34,9 +36,25 @@ class _Loader(yaml.SafeLoader):
         return node
 
 
-def load_yaml(text: str, label: str, malformed: Any = _RAISE) -> Any:
+def read_local(path: str) -> bytes:
+    """A local YAML file's bytes, at most :data:`MAX_SPEC_BYTES` + 1 of them (:func:`load_yaml` refuses more);
+    anything but a regular file is refused unread (a FIFO would block, a device never end)."""
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise SpecError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        return f.read(MAX_SPEC_BYTES + 1)
+
+
+def load_yaml(text: str | bytes, label: str, path: str = "", malformed: Any = _RAISE) -> Any:
     """The data of one YAML document, or a :class:`SpecError` naming ``label`` and the line (for text that is not
-    YAML at all, ``malformed`` instead where it is given)."""
+    YAML at all, ``malformed`` instead where it is given).  Bytes (a file's, ``path``) are size-capped and must be
+    UTF-8."""
+    if isinstance(text, bytes):
+        check_size(text, MAX_SPEC_BYTES, path or label)
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecError(f"{path or label}: not UTF-8 text") from None
     loader = _Loader(text)
     try:
         return loader.get_single_data()

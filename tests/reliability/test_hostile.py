@@ -249,3 +249,192 @@ def test_every_number_in_every_config_has_a_range(cls, name, is_tuple):
         with pytest.raises(SpecError) as info:
             build_dataclass(cls, {**base, name: value}, "")
         assert str(info.value).split(":")[0] in (name, f"{name}[0]"), (bad, str(info.value))
+
+
+def test_limits_and_cpus_that_cannot_run_are_refused_at_validate(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", spec_text(tmp_path))
+    assert refused("validate", path, "stages.pool.source.limit=-5") == \
+        "s.yaml: stage 'pool' (ingest): source.limit: must be >= 1, got -5"
+    assert refused("validate", path, "stages.pool.source.limit=0") == \
+        "s.yaml: stage 'pool' (ingest): source.limit: must be >= 1, got 0"
+    assert refused("validate", path, "ray.num_cpus=0") == "s.yaml: ray.num_cpus: must be >= 1, got 0"
+
+
+# ------------------------------------------------------------------------------------------------ storage, cluster
+
+
+def test_storage_that_is_a_file_or_cannot_be_made_is_refused_before_ray_starts(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    path = write_spec(tmp_path / "s.yaml", spec_text(tmp_path))
+    for storage in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        assert refused("run", path, f"storage={storage}") == f"s.yaml: storage: {tmp_path / 'afile'} is a file, " \
+                                                               "not a folder"
+    assert (tmp_path / "afile").read_text() == "x"
+    # a location nothing can be made in (the kernel's own file system): the same, not a run failure
+    assert refused("run", path, "storage=/proc/gradmimic-nowhere") == \
+        "s.yaml: storage: cannot make /proc/gradmimic-nowhere/h (No such file or directory)"
+
+
+@pytest.mark.slow
+def test_a_stage_needing_more_cpus_than_a_local_ray_has_is_refused_before_any_stage_runs(tmp_path):
+    stages = POOL + "  - {stage: train, name: t, data: pool, batch_size: 8, steps: 2, resources: {num_workers: 2}}\n"
+    path = write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages))
+    code, err, _, rss = command("run", path, "ray.num_cpus=2")
+    assert code == 2 and err[-1] == ("gradmimic: error: s.yaml: stage 't' (train): resources: needs 3.5 CPUs and 0 "
+                                     "GPUs, the cluster has 2 CPUs and 0 GPUs (ask for less, or for more with "
+                                     "ray.num_cpus)"), err
+    assert rss < MEMORY_BOUND
+    assert not (tmp_path / "runs" / "h" / "pool").exists()  # refused before the first stage started
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def hostile_folder(root: pathlib.Path, outside: pathlib.Path) -> dict:
+    """A caption folder of 3 good pairs and one of each hostile entry; returns ``{image: its reject reason}``."""
+    import socket
+
+    from PIL import Image
+
+    from tests.support.train import bomb_png
+
+    root.mkdir()
+    (root / "sub").mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("root:x:0:0:root:/root:/bin/bash")
+    Image.new("RGB", (8, 8)).save(outside / "o.png")
+
+    def pair(name: str, caption: bytes = b"a square") -> None:
+        Image.new("RGB", (8, 8), (len(name) * 20 % 255, 0, 0)).save(root / f"{name}.png")
+        if caption is not None:
+            (root / f"{name}.txt").write_bytes(caption)
+
+    for name in ("good0", "good1", "sub/good2"):
+        pair(name)
+    pair("fifo_caption", None)
+    os.mkfifo(root / "fifo_caption.txt")
+    pair("linked_caption", None)
+    os.symlink(outside / "secret.txt", root / "linked_caption.txt")
+    pair("hard_caption", None)
+    os.link(outside / "secret.txt", root / "hard_caption.txt")
+    pair("not_utf8", b"caf\xe9 au lait")
+    pair("nul", b"a nul\x00 inside")
+    pair("huge_caption", b"x" * ((64 << 10) + 1))
+    pair("long_caption", b"word " * 2500)
+    (root / "bomb.png").write_bytes(bomb_png())
+    (root / "bomb.txt").write_text("a bomb")
+    os.symlink(outside / "o.png", root / "linked_image.png")
+    (root / "linked_image.txt").write_text("a linked image")
+    os.mkfifo(root / "fifo_image.png")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "socket_image.png"))
+    sock.close()
+    os.symlink(outside, root / "linked_folder")
+    return {
+        "fifo_caption.png": "caption: not a regular file",
+        "linked_caption.png": "caption: a symbolic link, not followed",
+        "hard_caption.png": "caption: a hard link (2 names), not read",
+        "not_utf8.png": "caption: not UTF-8",
+        "nul.png": "caption holds control characters",
+        "huge_caption.png": "caption: larger than 65,536 bytes",
+        "long_caption.png": "caption longer than 10,000 characters",
+        "bomb.png": "unreadable image: too_large",
+        "linked_image.png": "image: a symbolic link, not followed",
+        "fifo_image.png": "image: not a regular file",
+        "socket_image.png": "image: not a regular file",
+        "linked_folder": "a symbolic link to a folder, not followed",
+    }
+
+
+@pytest.mark.slow
+def test_hostile_files_in_a_caption_folder_are_rejects_never_read(tmp_path):
+    """Each hostile entry is one reject with its reason (nothing blocks, nothing outside the folder is read), the
+    good pairs are kept, and the rows add up; the run is the command, with its own Ray."""
+    import pyarrow.dataset as ds
+
+    from pipelines.run.storage import StageDir, open_storage
+
+    expected = hostile_folder(tmp_path / "cf", tmp_path / "outside")
+    stages = (f"  - {{stage: ingest, name: pool, shard_size: 4, source: {{kind: caption_folder, path: "
+              f"{tmp_path / 'cf'}, validate_images: true}}}}\n")
+    code, err, _, rss = command("run", write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages)))
+    assert code == 0, err[-10:]
+    assert rss < MEMORY_BOUND
+    fs, root = open_storage(str(tmp_path / "runs"))
+    stage = StageDir(fs, f"{root}/h/pool")
+    manifest = stage.manifest()
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rejected"]) == (3 + len(expected), 3, len(expected))
+    rejects = ds.dataset(stage.join("rejects"), format="parquet").to_table().to_pylist()
+    assert {r["source"]: r["reason"] for r in rejects} == expected
+    for path in (tmp_path / "runs").rglob("*"):  # the file outside never reached an output
+        assert not path.is_file() or b"root:x:0:0" not in path.read_bytes(), path
+
+
+def test_an_empty_caption_folder_is_refused_and_nothing_is_committed(tmp_path, ray_local, capsys):
+    from pipelines.ops import cli
+
+    (tmp_path / "empty").mkdir()
+    stages = f"  - {{stage: ingest, name: pool, source: {{kind: caption_folder, path: {tmp_path / 'empty'}}}}}\n"
+    assert cli.main(["run", write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"gradmimic: error: s.yaml: stage 'pool' (ingest): source.path: {tmp_path / 'empty'}: no samples to keep (0 "
+        "found, 0 rejected)")
+    pool = tmp_path / "runs" / "h" / "pool"
+    assert not (pool / "_MANIFEST.json").exists() and not list(pool.glob("_attempt-*"))
+
+
+# ------------------------------------------------------------------------------------------------ interrupts
+
+
+def _process_tree(root: int) -> typing.List[int]:
+    children: typing.Dict[int, typing.List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(pathlib.Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_ray_process(tmp_path):
+    import signal
+
+    stages = POOL + ("  - {stage: train, name: t, data: pool, batch_size: 8, steps: 100000, checkpoint_every: 50, "
+                     "eval_every: 0}\n")
+    path = write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run", path], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
+    deadline, lines = time.monotonic() + WALL_GUARD, []
+    for line in proc.stderr:  # until the train stage is under way
+        lines.append(line)
+        if "train t" in line or time.monotonic() > deadline:
+            break
+    assert any("train t" in line for line in lines), lines[-10:]
+    tree = _process_tree(proc.pid)
+    assert len(tree) > 3  # its Ray: the GCS, the raylet, workers
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read().strip().splitlines()
+    assert proc.wait(timeout=WALL_GUARD) == 130
+    assert rest[-1] == ("gradmimic: interrupted while running 't' (train); a rerun skips the committed stages and "
+                        "resumes 't' from the last checkpoint"), rest[-10:]
+    assert not [line for line in rest[:-1] if "Traceback" in line or line.startswith("gradmimic:")], rest
+    for _ in range(100):  # bounded: 10 s for the processes to be reaped
+        if not any(_alive(pid) for pid in tree):
+            break
+        time.sleep(0.1)
+    assert not [pid for pid in tree if _alive(pid)]
