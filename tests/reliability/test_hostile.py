@@ -438,3 +438,40 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_ray_process(tmp_path):
             break
         time.sleep(0.1)
     assert not [pid for pid in tree if _alive(pid)]
+
+
+def test_hostile_members_of_a_webdataset_tar_are_rejects(tmp_path, ray_local, capsys):
+    """The same rules inside a tar: a caption not UTF-8 or holding a NUL, a .json member over the read bound
+    (never read), each its sample's reject; the good samples kept."""
+    import io
+    import json as json_
+    import tarfile
+
+    import pyarrow.dataset as ds
+    from PIL import Image
+
+    from pipelines.ops import cli
+    from pipelines.run.storage import StageDir, open_storage
+    from pipelines.stages.ingest.tarscan import MAX_READ
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    samples = {"good0": b"a square", "good1": b"another square", "latin1": b"caf\xe9", "nul": b"a\x00b",
+               "bigjson": b"a square with a large json"}
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(tmp_path / "wds" / "000.tar", "w") as tf:
+        for key, caption in samples.items():
+            meta = json_.dumps({"note": "x" * (MAX_READ + 1) if key == "bigjson" else ""}).encode()
+            for ext, data in ((".png", png.getvalue()), (".txt", caption), (".json", meta)):
+                info = tarfile.TarInfo(key + ext)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    stages = f"  - {{stage: ingest, name: pool, source: {{kind: webdataset, path: {tmp_path / 'wds'}}}}}\n"
+    assert cli.main(["run", write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages))]) == 0, capsys.readouterr()
+    fs, root = open_storage(str(tmp_path / "runs"))
+    stage = StageDir(fs, f"{root}/h/pool")
+    assert (stage.manifest()["rows_out"], stage.manifest()["rejected"]) == (2, 3)
+    rejects = ds.dataset(stage.join("rejects"), format="parquet").to_table().to_pylist()
+    assert {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in rejects} == {
+        "latin1": "caption: not UTF-8", "nul": "caption holds control characters",
+        "bigjson": f"member 'bigjson.json' larger than {MAX_READ:,} bytes, not read"}

@@ -29,13 +29,12 @@ import pyarrow as pa
 from pipelines.formats import pool as fp
 from pipelines.run.errors import InputError, InputNotFound
 from pipelines.run.storage import is_local, open_storage
-from pipelines.stages.ingest.sources import IMAGE_EXTS, template
+from pipelines.stages.ingest.sources import IMAGE_EXTS, MAX_IMAGE_BYTES, template
 from pipelines.stages.ingest.writer import image_problem
 
 FILES_PER_TASK = 10_000  # files listed and indexed by one phase-1 task (folders are grouped up to about this)
 MAX_ROUNDS = 64  # folder depth searched
 MAX_CAPTION_BYTES = 64 << 10  # a caption file larger than this is a reject, never read
-MAX_IMAGE_BYTES = 256 << 20  # an image file larger than this is a reject
 
 
 def _entries(fs, folder: str):

@@ -25,6 +25,7 @@ from pipelines.run.context import StageContext
 
 MAX_TEMPLATE = 500  # characters of a caption template
 MAX_CLASS_NAME = 200  # characters of a class name (so a templated caption is at most 700)
+MAX_IMAGE_BYTES = 256 << 20  # an image file or tar member larger than this is a reject, never read
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PHOTO_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.")
 DIGIT_TEMPLATES = ("a handwritten digit {}.", "a scan of the number {}, written by hand.", "the digit {}.")

@@ -18,11 +18,12 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 import numpy as np
 
 from pipelines.formats import pool as fp
-from pipelines.stages.ingest.sources import IMAGE_EXTS, unsafe_member
+from pipelines.stages.ingest.sources import IMAGE_EXTS, MAX_IMAGE_BYTES, unsafe_member
 from pipelines.stages.ingest.writer import image_problem
 
 BLOCK = 512
-MAX_READ = 16 << 20  # a .json / .txt member larger than this (or a header's garbage size) goes to tarfile
+MAX_READ = 16 << 20  # a .json / .txt member larger than this (or a header's garbage size) goes to tarfile, which
+# makes its sample a reject, unread
 NEAR = 16 << 10  # bytes read after a seek over a member: the next few headers and small members of its sample
 FAR = 1 << 20  # bytes read where the tar is read through (small images: reading on beats seeking)
 _ZERO = bytes(BLOCK)
@@ -197,6 +198,12 @@ def _read_with_tarfile(f, entries: Dict[str, Dict[str, Any]], unsafe: List[Tuple
             key, ext = posixpath.splitext(m.name)
             ext = ext.lower()
             entry = entries.setdefault(key, {})
+            limit = MAX_IMAGE_BYTES if ext in IMAGE_EXTS else MAX_READ
+            if m.size > limit and (ext in (".json", ".txt") or (validate and ext in IMAGE_EXTS)):
+                entry["problem"] = f"member {posixpath.basename(m.name)[:60]!r} larger than {limit:,} bytes, not read"
+                if ext in IMAGE_EXTS:
+                    entry.setdefault("image", (m.name, m.offset_data, m.size))
+                continue
             if ext in IMAGE_EXTS and "image" not in entry:
                 entry["image"] = (m.name, m.offset_data, m.size)
                 if validate:
