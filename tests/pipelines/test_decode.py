@@ -126,3 +126,39 @@ def test_heldout_leaves_undecodable_rows_out_and_counts_them():
     assert torch.equal(torch.cat(bad.images), torch.cat(good.images))
     all_bad = heldout(model, spec, [{**chunk, "reason": np.full(5, skipped.CORRUPT, np.uint8)}], torch.device("cpu"))
     assert all_bad.sums.tolist() == [0, 0, 0, 5]  # a chunk with nothing decodable runs nothing
+
+
+def test_the_decoders_tokenizer_is_open_clips_exactly():
+    """The decoders load open_clip's BPE tokenizer module alone (not the package: seconds of every decoder's start);
+    its ids equal open_clip's own tokenizer's for the same architecture, in a process that had not imported
+    open_clip until the comparison."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = """
+import sys, numpy as np
+from pipelines.training.data import _bpe_tokenizer, tokenize
+archs = [None, "tiny-clip", "ViT-B-32", "RN50", "ViT-B-32-quickgelu", "ViT-L-14"]
+texts = ["a photo of a cat.", "Caf\u00e9 &amp; cr\u00e8me br\u00fbl\u00e9e!", "", "x " * 200, "\u4e2d\u6587 \U0001f600"]
+ours = {a: tokenize(a, 16, texts) for a in archs}
+assert all(_bpe_tokenizer(a, 16) is not None for a in archs)
+assert "open_clip" not in sys.modules
+import open_clip
+from pipelines.models.build import open_clip_name
+for a in archs:
+    ref = (open_clip.get_tokenizer(open_clip_name(a), context_length=16) if a
+           else lambda t: open_clip.tokenize(t, context_length=16))(texts).numpy()
+    assert np.array_equal(ours[a], ref), (a, ours[a], ref)
+print("ok")
+"""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-16-SigLIP", "xlm-roberta-base-ViT-B-32", "no-such-arch", "cfg.json"])
+def test_a_tokenizer_the_bpe_module_cannot_mirror_goes_to_open_clip(arch):
+    from pipelines.training.data import _bpe_tokenizer
+
+    assert _bpe_tokenizer(arch, 16) is None
