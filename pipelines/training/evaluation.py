@@ -107,7 +107,7 @@ def _text_inputs(spec: ModelSpec, texts: Sequence[str]) -> np.ndarray:
         from pipelines.models.towers import text_features
 
         return text_features(spec.text_tower, spec.context_length, texts).numpy()
-    from pipelines.training.data import tokenize
+    from pipelines.models.tokens import tokenize
 
     return tokenize(spec.tokenizer, spec.context_length, texts)
 

@@ -138,11 +138,11 @@ def test_the_decoders_tokenizer_is_open_clips_exactly():
 
     script = """
 import sys, numpy as np
-from pipelines.training.data import _bpe_tokenizer, tokenize
+from pipelines.models.tokens import bpe_tokenizer, tokenize
 archs = [None, "tiny-clip", "ViT-B-32", "RN50", "ViT-B-32-quickgelu", "ViT-L-14"]
 texts = ["a photo of a cat.", "Caf\u00e9 &amp; cr\u00e8me br\u00fbl\u00e9e!", "", "x " * 200, "\u4e2d\u6587 \U0001f600"]
 ours = {a: tokenize(a, 16, texts) for a in archs}
-assert all(_bpe_tokenizer(a, 16) is not None for a in archs)
+assert all(bpe_tokenizer(a, 16) is not None for a in archs)
 assert "open_clip" not in sys.modules
 import open_clip
 from pipelines.models.build import open_clip_name
@@ -159,6 +159,6 @@ print("ok")
 
 @pytest.mark.parametrize("arch", ["ViT-B-16-SigLIP", "xlm-roberta-base-ViT-B-32", "no-such-arch", "cfg.json"])
 def test_a_tokenizer_the_bpe_module_cannot_mirror_goes_to_open_clip(arch):
-    from pipelines.training.data import _bpe_tokenizer
+    from pipelines.models.tokens import bpe_tokenizer
 
-    assert _bpe_tokenizer(arch, 16) is None
+    assert bpe_tokenizer(arch, 16) is None

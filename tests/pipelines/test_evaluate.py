@@ -121,8 +121,9 @@ def test_evaluate_stage_equals_brute_force(tmp_path, monkeypatch):
     from safetensors.torch import save
 
     from pipelines.formats.pool import read_pool, split_rows
+    from pipelines.models.tokens import tokenize
     from pipelines.training.batches import to_images
-    from pipelines.training.data import Decoder, tokenize
+    from pipelines.training.data import Decoder
 
     spec_yaml = {"name": "e", "storage": str(tmp_path), "stages": [
         {"stage": "ingest", "name": "pool", "source": {"kind": "embedded", "limit": 60},

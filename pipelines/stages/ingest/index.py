@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import posixpath
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -33,6 +32,7 @@ from pipelines.run.errors import InputError, InputNotFound
 from pipelines.run.storage import open_storage, parquet_metadata, read_parquet, write_parquet
 from pipelines.stages.ingest import folders
 from pipelines.stages.ingest.noise import assign_split, flip_labels, swap_captions
+from pipelines.stages.ingest.sources import caption_problem
 from pipelines.stages.ingest.tarscan import read_tar
 from pipelines.stages.ingest.writer import reshard_shard
 
@@ -216,26 +216,6 @@ def _join_metadata(tars: pa.Table, meta: pa.Table, reasons: np.ndarray, texts: n
                      ["uid_hi", "uid_lo"], join_type="left anti").sort_by([("_file", "ascending"),
                                                                           ("_row", "ascending")])
     return extras, meta.take(lone["_i"])
-
-
-MAX_CAPTION_CHARS = 10_000  # a caption longer than this is a reject (the text towers read the first few dozen words)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # control characters but tab, newline, return
-
-
-def caption_problem(text: Optional[str], kind: str) -> Optional[str]:
-    """Why a sample's caption is rejected, or ``None``: captions are text, whatever their source (``.txt`` files,
-    tar members, metadata cells).  Missing, empty, over :data:`MAX_CAPTION_CHARS`, or holding a NUL or another
-    control character (tab, newline and carriage return are whitespace, kept); bytes that are not UTF-8 are
-    rejected where they are read, never replaced by U+FFFD."""
-    if text is None:
-        return "empty caption" if kind == "datacomp" else "missing caption"
-    if not text.strip():
-        return "empty caption"
-    if len(text) > MAX_CAPTION_CHARS:
-        return f"caption longer than {MAX_CAPTION_CHARS:,} characters"
-    if _CONTROL.search(text):
-        return "caption holds control characters"
-    return None
 
 
 def _first_copies(hi: np.ndarray, lo: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from templates: 1,797 samples) is listed on the driver and its images written in
 
 from __future__ import annotations
 
+import re
 import string
 import tarfile
 from dataclasses import dataclass, field
@@ -159,6 +160,26 @@ def list_embedded(src: EmbeddedSource, ctx: Optional[StageContext] = None) -> Li
         label = int(labels[i])
         out.add(f"digits:{i}", template(src.templates, uid, CLASS_NAMES[label]), uid, f"digits/{i}", label=label)
     return out
+
+
+MAX_CAPTION_CHARS = 10_000  # a caption longer than this is a reject (the text towers read the first few dozen words)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # control characters but tab, newline, return
+
+
+def caption_problem(text: Optional[str], kind: str) -> Optional[str]:
+    """Why a sample's caption is rejected, or ``None``: captions are text, whatever their source (``.txt`` files,
+    tar members, metadata cells).  Missing, empty, over :data:`MAX_CAPTION_CHARS`, or holding a NUL or another
+    control character (tab, newline and carriage return are whitespace, kept); bytes that are not UTF-8 are
+    rejected where they are read, never replaced by U+FFFD."""
+    if text is None:
+        return "empty caption" if kind == "datacomp" else "missing caption"
+    if not text.strip():
+        return "empty caption"
+    if len(text) > MAX_CAPTION_CHARS:
+        return f"caption longer than {MAX_CAPTION_CHARS:,} characters"
+    if _CONTROL.search(text):
+        return "caption holds control characters"
+    return None
 
 
 def unsafe_member(m: tarfile.TarInfo) -> Optional[str]:
