@@ -1,9 +1,9 @@
 """Hostile and careless input (issue: specs and inputs refused in seconds, in one line, with bounded memory).
 
-Spec cases run ``gradmimic validate`` / ``run`` as a command and measure the child itself (``os.wait4``): exit 2,
-one line naming the file and field, its CPU seconds under :data:`CPU_BOUND` and its peak memory under
-:data:`MEMORY_BOUND` (the cases this file is about ran for minutes and grew to gigabytes before).  Data cases run an
-ingest on the session's Ray and read its rejects.
+Spec cases run ``gradmimic validate`` / ``run`` as a command and measure the child itself (``os.wait4`` for its CPU
+seconds, its own ``VmHWM`` for its peak memory: a forked child's ``ru_maxrss`` counts the parent's): exit 2, one line
+naming the file and field, under :data:`CPU_BOUND` seconds and :data:`MEMORY_BOUND` bytes (the cases this file is
+about ran for minutes and grew to gigabytes before).  Data cases run an ingest and read its rejects.
 """
 
 from __future__ import annotations
@@ -28,25 +28,47 @@ MEMORY_BOUND = 1 << 30  # bytes of the child's peak resident memory
 WALL_GUARD = 120.0  # the child is killed past this (a hang), and the test fails
 
 
+_PEAK = """
+import atexit, runpy, sys
+peak_file = sys.argv.pop(1)
+
+def peak():  # this process's own high-water mark (its exec started a new one; ru_maxrss would count the parent's)
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(peak_file, "w") as out:
+        out.write(str(kb * 1024))
+
+atexit.register(peak)
+sys.argv[0] = "gradmimic"
+runpy.run_module("pipelines", run_name="__main__", alter_sys=True)
+"""
+
+
 def command(*args: str, env=None) -> typing.Tuple[int, typing.List[str], float, int]:
     """Run ``gradmimic *args``: ``(exit code, stderr lines, CPU seconds, peak RSS bytes)`` of the child itself."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + WALL_GUARD
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.kill()
-            _, status, usage = os.wait4(proc.pid, 0)
-            pytest.fail(f"gradmimic {' '.join(args)[:80]} still running after {WALL_GUARD:.0f}s")
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace").strip().splitlines()
-    proc.stdout.close()
-    proc.stderr.close()
-    return proc.returncode, err, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = os.path.join(tmp, "peak")
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK, peak_file, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + WALL_GUARD
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                pytest.fail(f"gradmimic {' '.join(args)[:80]} still running after {WALL_GUARD:.0f}s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+        proc.stdout.close()
+        proc.stderr.close()
+        peak = int(open(peak_file).read()) if os.path.exists(peak_file) else -1
+    assert peak > 0, err[-10:]
+    return proc.returncode, err, usage.ru_utime + usage.ru_stime, peak
 
 
 def refused(*args: str, env=None) -> str:
@@ -417,19 +439,33 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_ray_process(tmp_path):
     stages = POOL + ("  - {stage: train, name: t, data: pool, batch_size: 8, steps: 100000, checkpoint_every: 50, "
                      "eval_every: 0}\n")
     path = write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages))
+    import threading
+
+    # SIGINT as a terminal sends it, even where this test runs with it ignored (a background job inherits that)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "run", path], cwd=ROOT, stderr=subprocess.PIPE,
-                            text=True)
-    deadline, lines = time.monotonic() + WALL_GUARD, []
-    for line in proc.stderr:  # until the train stage is under way
-        lines.append(line)
-        if "train t" in line or time.monotonic() > deadline:
-            break
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    guard = threading.Timer(WALL_GUARD, proc.kill)  # a child that hangs is killed, and the checks below fail
+    guard.start()
+    lines = []
+    try:
+        for line in proc.stderr:  # until the train stage is under way
+            lines.append(line)
+            if "train t" in line:
+                break
+    finally:
+        guard.cancel()
     assert any("train t" in line for line in lines), lines[-10:]
+    guard = threading.Timer(WALL_GUARD, proc.kill)
+    guard.start()
     tree = _process_tree(proc.pid)
     assert len(tree) > 3  # its Ray: the GCS, the raylet, workers
     proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read().strip().splitlines()
-    assert proc.wait(timeout=WALL_GUARD) == 130
+    try:
+        rest = proc.stderr.read().strip().splitlines()
+        code = proc.wait(timeout=WALL_GUARD)
+    finally:
+        guard.cancel()
+    assert code == 130, rest[-10:]
     assert rest[-1] == ("gradmimic: interrupted while running 't' (train); a rerun skips the committed stages and "
                         "resumes 't' from the last checkpoint"), rest[-10:]
     assert not [line for line in rest[:-1] if "Traceback" in line or line.startswith("gradmimic:")], rest
