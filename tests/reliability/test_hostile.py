@@ -193,7 +193,8 @@ def test_a_long_name_is_refused(tmp_path):
 def test_a_caption_template_is_data_not_code(tmp_path, template, problem):
     from pipelines.run.spec import load_spec
 
-    stages = f"  - {{stage: ingest, name: pool, source: {{kind: labelled, path: p, templates: [{json.dumps(template)}]}}}}\n"
+    source = f"{{kind: labelled, path: p, templates: [{json.dumps(template)}]}}"
+    stages = f"  - {{stage: ingest, name: pool, source: {source}}}\n"
     with pytest.raises(SpecError) as info:
         load_spec(write_spec(tmp_path / "s.yaml", spec_text(tmp_path, stages)))
     assert str(info.value).startswith("s.yaml: stage 'pool' (ingest): source.templates[0]: ") and \
