@@ -96,25 +96,18 @@ def make_run_root(spec: Spec, fs, run_root: str) -> None:
     is the spec's fault (exit 2), found before Ray starts."""
     import errno
 
-    if is_local(fs):
-        top = next((p for p in _ancestors(run_root) if fs.exists(p)), "/")
-        if not fs.isdir(top):
-            raise SpecError(f"{spec.source}: storage: {top} is a file, not a folder")
     try:
         fs.makedirs(run_root, exist_ok=True)
     except OSError as exc:
         if not is_local(fs) or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
-                                                         errno.ENOENT):
+                                                 errno.ENOENT):
             raise
+        path = run_root  # the nearest existing path above: a file there is the usual mistake
+        while not fs.exists(path) and posixpath.dirname(path) != path:
+            path = posixpath.dirname(path)
+        if not fs.isdir(path):
+            raise SpecError(f"{spec.source}: storage: {path} is a file, not a folder") from None
         raise SpecError(f"{spec.source}: storage: cannot make {run_root} ({exc.strerror})") from None
-
-
-def _ancestors(path: str) -> List[str]:
-    """``path`` and the folders above it, nearest first."""
-    out = [path]
-    while posixpath.dirname(out[-1]) != out[-1]:
-        out.append(posixpath.dirname(out[-1]))
-    return out
 
 
 def run_spec(spec: Spec, force: Sequence[str] = (), stream: TextIO = sys.stderr,
@@ -244,10 +237,15 @@ class _Graph:
             self._check_fits(self.spec.stages)  # before the first stage that runs starts
         return self.capacity
 
+    @staticmethod
+    def _held(stage: StageSpec) -> Optional[Tuple[float, float]]:
+        """The (CPUs, GPUs) the stage declares it holds; ``None``: the whole cluster."""
+        needs = STAGES[stage.stage].needs
+        return needs(stage.config) if needs is not None else None
+
     def _needs(self, stage: StageSpec) -> Tuple[float, float]:
         """The (CPUs, GPUs) the stage holds, at most the cluster's."""
-        cluster, needs = self._cluster(), STAGES[stage.stage].needs
-        held = needs(stage.config) if needs is not None else None
+        cluster, held = self._cluster(), self._held(stage)
         return cluster if held is None else (min(held[0], cluster[0]), min(held[1], cluster[1]))
 
     def _check_fits(self, stages: Sequence[StageSpec]) -> None:
@@ -256,11 +254,10 @@ class _Graph:
         a note."""
         cluster = self.capacity
         for stage in stages:
-            definition = STAGES[stage.stage]
-            held = definition.needs(stage.config) if definition.needs is not None else None
+            held = self._held(stage)
             if held is None or all(held[k] <= cluster[k] + 1e-9 for k in (0, 1)):
                 continue
-            text = (f"{definition.needs_field}: needs {held[0]:g} CPUs and {held[1]:g} GPUs, the cluster has "
+            text = (f"{STAGES[stage.stage].needs_field}: needs {held[0]:g} CPUs and {held[1]:g} GPUs, the cluster has "
                     f"{cluster[0]:g} CPUs and {cluster[1]:g} GPUs")
             if self.spec.ray.address == "local":
                 raise SpecError(f"{self.spec.source}: stage {stage.name!r} ({stage.stage}): {text} (ask for less, or "

@@ -35,6 +35,7 @@ from pipelines.stages.ingest.writer import image_problem
 FILES_PER_TASK = 10_000  # files listed and indexed by one phase-1 task (folders are grouped up to about this)
 MAX_ROUNDS = 64  # folder depth searched
 MAX_CAPTION_BYTES = 64 << 10  # a caption file larger than this is a reject, never read
+FOLDER_LINK = "a symbolic link to a folder, not followed"
 
 
 def _entries(fs, folder: str):
@@ -43,21 +44,32 @@ def _entries(fs, folder: str):
     files, dirs, odd = [], [], {}
     for info in fs.ls(folder, detail=True):
         name, kind, size = info["name"], info.get("type"), int(info.get("size") or 0)
-        if info.get("islink"):  # (only local folders have links: asking where one leads opens nothing)
-            odd[name] = f"a symbolic link{' to a folder' if os.path.isdir(name) else ''}, not followed"
-        elif kind == "directory":
+        # (only local folders have links: asking where one leads opens nothing)
+        if info.get("islink") and os.path.isdir(name):
+            odd[name] = FOLDER_LINK
+        elif kind == "directory" and not info.get("islink"):
             dirs.append(name)
-        elif kind != "file":
-            odd[name] = "not a regular file"
-        elif int(info.get("nlink") or 1) > 1:
-            odd[name] = f"a hard link ({info['nlink']} names), not read"
         else:
-            limit = MAX_CAPTION_BYTES if name.endswith(".txt") else MAX_IMAGE_BYTES
-            if size > limit:
-                odd[name] = f"larger than {limit:,} bytes"
+            why = _not_read(bool(info.get("islink")), kind == "file", int(info.get("nlink") or 1), size,
+                            MAX_CAPTION_BYTES if name.endswith(".txt") else MAX_IMAGE_BYTES)
+            if why:
+                odd[name] = why
             else:
                 files.append((name, size))
     return sorted(files), sorted(dirs), odd
+
+
+def _not_read(link: bool, regular: bool, names: int, size: int, limit: int) -> Optional[str]:
+    """Why a file is not read (see the module docstring), or ``None``: one rule for the listing and the open file."""
+    if link:
+        return "a symbolic link, not followed"
+    if not regular:
+        return "not a regular file"
+    if names > 1:
+        return f"a hard link ({names} names), not read"
+    if size > limit:
+        return f"larger than {limit:,} bytes"
+    return None
 
 
 def _is_image(path: str) -> bool:
@@ -69,7 +81,7 @@ def _samples(files: List[Tuple[str, int]], odd: Dict[str, str]) -> List[Tuple[st
     have been images or folders had they been regular (reported, not silently skipped)."""
     out = [(p, s, None) for p, s in files if _is_image(p)]
     out += [(p, 0, f"image: {why}") for p, why in odd.items() if _is_image(p)]
-    out += [(p, 0, why) for p, why in odd.items() if "to a folder" in why]
+    out += [(p, 0, why) for p, why in odd.items() if why == FOLDER_LINK]
     return sorted(out)
 
 
@@ -97,14 +109,8 @@ def read_files(fs, paths: List[str], limit: int) -> List[Union[bytes, str]]:
             continue
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                out.append("not a regular file")
-            elif st.st_nlink > 1:
-                out.append(f"a hard link ({st.st_nlink} names), not read")
-            elif st.st_size > limit:
-                out.append(f"larger than {limit:,} bytes")
-            else:
-                out.append(f.read(limit + 1))
+            why = _not_read(False, stat.S_ISREG(st.st_mode), st.st_nlink, st.st_size, limit)
+            out.append(why or f.read(limit + 1))
     return out
 
 
