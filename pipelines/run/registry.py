@@ -5,18 +5,29 @@ A stage is registered when its implementation exists.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from pipelines.stages.aggregate import AggregateConfig, check_aggregate, run_aggregate
-from pipelines.stages.clipscore import ClipScoreConfig, run_clipscore
-from pipelines.stages.evaluate import EvaluateConfig, run_evaluate
-from pipelines.stages.features import FeaturesConfig, run_features
-from pipelines.stages.filter.stage import FilterConfig, run_filter
-from pipelines.stages.ingest.stage import IngestConfig, run_ingest
-from pipelines.stages.train import run_train
-from pipelines.training.checks import check_train
+from pipelines.stages.aggregate import AggregateConfig
+from pipelines.stages.clipscore import ClipScoreConfig
+from pipelines.stages.evaluate import EvaluateConfig
+from pipelines.stages.features import FeaturesConfig
+from pipelines.stages.filter.stage import FilterConfig
+from pipelines.stages.ingest.stage import IngestConfig
 from pipelines.training.config import TrainConfig
+
+
+def _late(path: str) -> Callable[..., Any]:
+    """``module:function``, imported at its first call: what a stage runs (and most of its checks) imports torch,
+    Ray or open_clip, which ``validate``, ``show`` and ``report`` of other stages never need."""
+
+    def call(*args: Any) -> Any:
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)(*args)
+
+    call.__qualname__ = path
+    return call
 
 
 @dataclass(frozen=True)
@@ -47,42 +58,43 @@ def _actor_pool_needs(cfg: Any) -> Optional[Tuple[float, float]]:
 
 STAGES: Dict[str, StageDef] = {
     "ingest": StageDef(
-        IngestConfig, run_ingest,
+        IngestConfig, _late("pipelines.stages.ingest.stage:run_ingest"),
         "turn a source (image folder, DataComp pool, labelled set, embedded digits) into sample shards",
         "dataset",
     ),
     "train": StageDef(
-        TrainConfig, run_train,
+        TrainConfig, _late("pipelines.stages.train:run_train"),
         "train CLIP or a classifier on Ray Train (DDP), plain or reweighted by Grad-Mimic / a baseline; "
         "writes the final weights, metrics and the score log",
-        "model", check=check_train, resumable=True, needs=_train_needs, needs_field="resources",
+        "model", check=_late("pipelines.training.checks:check_train"), resumable=True, needs=_train_needs,
+        needs_field="resources",
     ),
     "aggregate": StageDef(
-        AggregateConfig, run_aggregate,
+        AggregateConfig, _late("pipelines.stages.aggregate:run_aggregate"),
         "reduce a train stage's score log to one utility row per sample (means, per-step binariser votes) on Ray "
         "Data, by ranges of uid buckets; the manifest holds the dataset quality estimate",
-        "utility", check=check_aggregate,
+        "utility", check=_late("pipelines.stages.aggregate:check_aggregate"),
     ),
     "filter": StageDef(
-        FilterConfig, run_filter,
+        FilterConfig, _late("pipelines.stages.filter.stage:run_filter"),
         "join utilities with the pool by uid, keep by a rule (thresholds, exact top / bottom fractions, and / or / "
         "minus); writes kept shards (resharded tars), rejected rows with reasons and a DataComp subset file",
         "dataset",
     ),
     "clipscore": StageDef(
-        ClipScoreConfig, run_clipscore,
+        ClipScoreConfig, _late("pipelines.stages.clipscore:run_clipscore"),
         "a CLIP's image-text cosine for every row of a dataset (batch inference on Ray Data actors); writes the "
         "dataset again with the score (and optionally the embeddings) as columns",
         "dataset", needs=_actor_pool_needs, needs_field="actors",
     ),
     "features": StageDef(
-        FeaturesConfig, run_features,
+        FeaturesConfig, _late("pipelines.stages.features:run_features"),
         "pretrained towers' features of every row of a dataset, computed once on Ray Data actors, so train stages "
         "with locked towers (LiT) train the projections on them; writes the dataset again with where they are",
         "dataset", needs=_actor_pool_needs, needs_field="actors",
     ),
     "evaluate": StageDef(
-        EvaluateConfig, run_evaluate,
+        EvaluateConfig, _late("pipelines.stages.evaluate:run_evaluate"),
         "a trained model on a dataset's held-out split: loss, zero-shot accuracy and retrieval recall@1/5 (CLIP), "
         "or accuracy (classifier)",
         "evaluation", needs=lambda cfg: (cfg.cpus, 1.0 if cfg.use_gpu else 0.0), needs_field="cpus",

@@ -212,8 +212,8 @@ def _datasets(cfg: TrainConfig, ctx: StageContext, pool: _Pool, plan, decoder,
 def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     import ray
 
+    from pipelines.training.board import ProgressBoard
     from pipelines.training.data import Decoder, StepPlan
-    from pipelines.training.loop import ProgressBoard
 
     began = time.time()
     sources = _weight_sources(cfg, ctx)

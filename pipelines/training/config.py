@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Tuple, Union, get_args
 
-from pipelines.models.backbones import PACKAGED_WEIGHTS
 from pipelines.run.config import MAX_BATCH, MAX_COUNT, MAX_CPUS, MAX_SEED, MAX_WORKERS, SpecError, doc, require
 
 if TYPE_CHECKING:
@@ -225,6 +224,8 @@ class TrainConfig:
         require(self, "max_failures", -1, high=1000)
         require(self, "max_nonfinite_steps", 1, high=MAX_COUNT)
         require(self, "seed", 0, high=MAX_SEED)
+        from pipelines.models.backbones import PACKAGED_WEIGHTS  # torch: only where it can matter
+
         for name in ("init", "reference"):
             w = getattr(self, name)
             if isinstance(w, Weights) and w.pretrained and self.model.backbone and w.pretrained not in PACKAGED_WEIGHTS:

@@ -32,43 +32,12 @@ from pipelines.formats.score_log import ScoreLogWriter, discard_after
 from pipelines.formats.skipped import SkippedWriter, skipped_root
 from pipelines.run.storage import open_storage
 from pipelines.training.batches import Ahead, Replayable, step_batches
+from pipelines.training.board import marker
 from pipelines.training.checkpoint import checkpoint_and_report, restore
 from pipelines.training.config import Job
 from pipelines.training.data import grouped
 from pipelines.training.dist import Comm
 from pipelines.training.step import Worker
-
-
-class ProgressBoard:
-    """A tiny actor the driver polls for the progress line, the workers' nodes (for the manifest) and their pids
-    (for the fault tests)."""
-
-    def __init__(self) -> None:
-        self.state: Dict[str, Any] = {}
-        self.pids: Dict[int, int] = {}
-        self.nodes: Dict[int, str] = {}
-        self.starts = 0  # worker-group starts: 1 + the restarts after failures
-        self.stopped = ""  # why the workers stopped early, together (non-finite steps)
-        self.marks: Dict[str, float] = {}  # phase -> wall time rank 0 reached it (the latest worker group's)
-
-    def update(self, state: Dict[str, Any]) -> None:
-        self.state = state
-
-    def register(self, rank: int, pid: int, node: str = "") -> None:
-        self.pids[rank] = pid
-        self.nodes[rank] = node
-        self.starts += rank == 0
-
-    def mark(self, phase: str, at: float) -> None:
-        self.marks[phase] = at
-
-    def stop(self, reason: str) -> None:
-        self.stopped = reason
-
-    def get(self) -> Dict[str, Any]:
-        return {"state": self.state, "pids": dict(self.pids), "nodes": dict(self.nodes), "starts": self.starts,
-                "stopped": self.stopped, "marks": dict(self.marks)}
-
 
 # ------------------------------------------------------------------------------------------------ the loop
 
@@ -83,7 +52,7 @@ def train_worker(config: Dict[str, Any]) -> None:
     evaluator, stream = rank_streams(job, comm)
     stream = Ahead(stream)  # the decoders start while the model builds
     worker, board = start_worker(job, comm)
-    mark = _marker(board if comm.rank == 0 else None)
+    mark = marker(board if comm.rank == 0 else None)
     mark("process", _process_started())
     mark("loop", entered)
     mark("model")
@@ -141,21 +110,6 @@ def train_worker(config: Dict[str, Any]) -> None:
         t_prev, cpu_prev = time.perf_counter(), time.process_time()  # evaluation and checkpoints are not step time
     if worker.step != plan.total_steps:
         raise RuntimeError(f"rank {comm.rank}'s data ended at step {worker.step} of {plan.total_steps}")
-
-
-def _marker(board):
-    """``mark(phase, at=now)``: tell the board (rank 0's; None: a no-op) when this worker reached a phase; fire
-    and forget, or with ``flush`` wait until the board has every mark sent (before the driver reads them)."""
-
-    def mark(phase: str, at: Optional[float] = None, flush: bool = False) -> None:
-        if board is not None:
-            ref = board.mark.remote(phase, time.time() if at is None else at)
-            if flush:  # one caller's calls run in order: this one done, all done
-                import ray
-
-                ray.get(ref, timeout=30)
-
-    return mark
 
 
 def _process_started() -> float:

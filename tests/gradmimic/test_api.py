@@ -98,7 +98,7 @@ def test_reference_files_load_without_unpickling(tmp_path):
 
 def test_open_clip_sites_match_the_model_and_the_full_model_oracle():
     pytest.importorskip("open_clip")
-    from pipelines.bench.overhead import make_batch
+    from pipelines.bench.exact_steps import make_batch
     from pipelines.models.build import tiny_clip
     from tests.support.oracle import assert_clip_mimic_matches_oracle
 

@@ -13,6 +13,7 @@ def gradmimic(*args):
     return subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bench_overhead_json():
     res = gradmimic("bench", "overhead", "--json", "--batch-size", "24", "--repeats", "1", "--warmup", "0",
                     "--method", "normed_cos")

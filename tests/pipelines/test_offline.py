@@ -151,6 +151,7 @@ def test_an_interrupted_filter_commits_nothing_and_a_rerun_completes(tmp_path):
     assert not kept.fs.exists(kept.join("_work"))
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     log = tmp_path / "log"
     fs, root = open_storage(str(log))

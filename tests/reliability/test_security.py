@@ -54,6 +54,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
     assert torch.equal(load_state_dict(data)["w"], torch.arange(4.0))
 
 
+@pytest.mark.slow
 def test_a_hostile_init_file_stops_the_run_with_one_line_and_exit_2(tmp_path):
     import subprocess
     import sys
@@ -151,6 +152,8 @@ def test_tar_members_that_would_escape_are_rejected_and_recorded(tmp_path, ray_l
     assert not (tmp_path / "escaped.jpg").exists() and not pathlib.Path("/abs").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_local_ray_serves_its_dashboard_and_job_api_on_loopback_only():
     import subprocess
     import sys
