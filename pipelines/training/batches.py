@@ -77,24 +77,31 @@ class Ahead:
 
 class Replayable:
     """A dataset shard read many times (evaluation): decoded once and kept if it fits ``budget`` bytes, else
-    streamed through Ray Data again on every pass."""
+    streamed through Ray Data again on every pass.  The first pass starts at once, on a thread, so the held-out
+    chunks decode while the worker builds its model and takes its first steps."""
 
     def __init__(self, shard, budget: int = 2 << 30) -> None:
         self.shard, self.budget = shard, budget
         self.kept: Optional[List[Dict[str, np.ndarray]]] = None
+        self.first: Optional[Ahead] = Ahead(self._keep())  # one item: the first pass (None: over the budget)
+
+    def _keep(self) -> Iterator[Optional[List[Dict[str, np.ndarray]]]]:
+        yield self._read()
+
+    def _read(self) -> Optional[List[Dict[str, np.ndarray]]]:
+        kept: List[Dict[str, np.ndarray]] = []
+        size = 0
+        for batch in self.shard.iter_batches(batch_size=None, batch_format="numpy"):
+            size += sum(v.nbytes for v in batch.values())
+            if size > self.budget:
+                return None  # streamed on every pass instead
+            kept.append(batch)
+        return kept
 
     def batches(self) -> Iterator[Dict[str, np.ndarray]]:
+        if self.first is not None:
+            self.kept, self.first = next(iter(self.first)), None
         if self.kept is not None:
             yield from self.kept
             return
-        kept: Optional[List[Dict[str, np.ndarray]]] = []
-        size = 0
-        for batch in self.shard.iter_batches(batch_size=None, batch_format="numpy"):
-            if kept is not None:
-                size += sum(v.nbytes for v in batch.values())
-                if size <= self.budget:
-                    kept.append(batch)
-                else:
-                    kept = None
-            yield batch
-        self.kept = kept
+        yield from self.shard.iter_batches(batch_size=None, batch_format="numpy")

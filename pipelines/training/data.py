@@ -2,7 +2,7 @@
 
 **The plan.**  Epoch ``e`` visits the training rows in the order of a permutation keyed by ``(seed, e)``; step
 ``s`` (1-based) takes the next ``batch_size`` rows of it (the epoch's last partial batch is dropped), and rank
-``r`` takes its slice of that global batch (:func:`~pipelines.training.dist.world_rank_sizes`: unequal when the
+``r`` takes its slice of that global batch (:func:`world_rank_sizes`: unequal when the
 batch does not divide).  Everything is a pure function of the spec, so the same spec gives the same batches, a
 one-process run sees the same global batches as a many-rank one, and a resumed run picks up at any step.  The
 permutation is computed per position (:func:`permute`, a keyed Feistel network), never materialised: a step of a
@@ -33,9 +33,13 @@ import pyarrow as pa
 from pipelines.formats import skipped
 from pipelines.models.tokens import tokenize
 from pipelines.run.storage import read_ranges
-from pipelines.training.dist import world_rank_sizes
 
 SAMPLES_PER_TASK = 1024  # decode work per Ray Data task: large enough to amortise a task, small enough to stream
+
+
+def world_rank_sizes(batch: int, world: int) -> List[int]:
+    """Local batch sizes when a global batch of ``batch`` is spread over ``world`` ranks (the first get one more)."""
+    return [batch // world + (1 if r < batch % world else 0) for r in range(world)]
 
 
 @dataclass(frozen=True)

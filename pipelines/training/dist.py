@@ -106,9 +106,3 @@ def maybe_ddp(module: torch.nn.Module, comm: Comm, device: torch.device) -> torc
         return module
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-
-def world_rank_sizes(batch: int, world: int) -> List[int]:
-    """Local batch sizes when a global batch of ``batch`` is spread over ``world`` ranks (the first get one more)."""
-    return [batch // world + (1 if r < batch % world else 0) for r in range(world)]
-
