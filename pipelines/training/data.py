@@ -312,7 +312,7 @@ class StepDecoder:
     """A decoding actor of one rank's stream: the tokenizer and filesystems are loaded once.
 
     Long-lived actors rather than tasks: a stream that pauses when its buffer is full would otherwise let Ray reap
-    the idle task processes, and every new one would import torch and open_clip again (seconds of CPU each).
+    the idle task processes, and every new one would load the tokenizer (and with it torch) again.
     """
 
     def __init__(self, plan: StepPlan, rank: int, first: int, index, decoder: Decoder) -> None:
