@@ -24,11 +24,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 from pipelines.run import errors, failpoints
 from pipelines.run.storage import StageDir
 
-# Ray Data (2.60) takes a task's retries (``max_retries``, ``retry_exceptions``) only as ``**ray_remote_args``, which
-# it warns are deprecated, with no named replacement yet: :meth:`StageContext.map_dataset` needs them, and its
-# users need not read the warning on every run.  Revisit when Ray names them (the warning says: removed in 2.64).
-warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-
 
 class Progress:
     """A run's console: on a terminal, a live line per piece of work running now (a stage's tasks, a training's
@@ -312,6 +307,10 @@ class StageContext:
         ``rows`` column of each."""
         import ray.data
 
+        # Ray Data (2.60) takes a task's retries (``max_retries``, ``retry_exceptions``) only as remote args, which
+        # it warns are deprecated, with no named replacement yet (removed in 2.64, it says): not a warning for every
+        # run.  Put first here, after Ray's own filter for its deprecations (added when Ray is imported).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         task = functools.partial(failpoints.run_task, f"task:{fn.__name__}", fn)
         with _single_map_settings():
             ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
