@@ -224,11 +224,13 @@ class TrainConfig:
         require(self, "max_failures", -1, high=1000)
         require(self, "max_nonfinite_steps", 1, high=MAX_COUNT)
         require(self, "seed", 0, high=MAX_SEED)
-        from pipelines.models.backbones import PACKAGED_WEIGHTS  # torch: only where it can matter
-
         for name in ("init", "reference"):
             w = getattr(self, name)
-            if isinstance(w, Weights) and w.pretrained and self.model.backbone and w.pretrained not in PACKAGED_WEIGHTS:
+            if not (isinstance(w, Weights) and w.pretrained and self.model.backbone):
+                continue
+            from pipelines.models.backbones import PACKAGED_WEIGHTS  # imports torch: only where it is asked
+
+            if w.pretrained not in PACKAGED_WEIGHTS:
                 raise SpecError(f"{name}.pretrained: {w.pretrained!r} is not a packaged tag for a backbone "
                                 f"({', '.join(PACKAGED_WEIGHTS)}; other weights: give a path)")
 
