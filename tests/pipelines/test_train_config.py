@@ -105,6 +105,9 @@ def test_each_bad_config_names_its_stage_and_field(wide_config):
          "spec.yaml: stage 'ref' (train): model.embed_dim: must be >= 1, got 0"),
         (stages(ref(task="classify", model={"backbone": "efficientnet_lite0", "text_tower": "all-minilm-l6-v2"})),
          "spec.yaml: stage 'ref' (train): model.text_tower: only for task clip"),
+        (stages(ref(task="classify", model={"backbone": "efficientnet_lite0"}, init={"pretrained": "imagenet"})),
+         "spec.yaml: stage 'ref' (train): init.pretrained: 'imagenet' is not a packaged tag for a backbone "
+         "(efficientnet-lite0; other weights: give a path)"),
     ]
     for data, message in cases:
         got = error_of(data)
