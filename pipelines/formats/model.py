@@ -11,9 +11,13 @@
   step range, rewritten under the same name, discarded past the resumed checkpoint), so a checkpoint costs its
   own rows, not the whole history;
 - ``scores/``: the score log (:mod:`pipelines.formats.score_log`);
-- ``train/`` (:data:`RUN_DIR`): Ray Train's run state and checkpoints, each holding :data:`WEIGHTS`,
-  ``state.json`` (:data:`CHECKPOINT_STATE`: the step and counters) and ``trainer.pt``
-  (:data:`CHECKPOINT_TRAINER`: optimiser, scheduler, RNG and comparison direction).
+- ``checkpoints/`` (:data:`CHECKPOINTS_DIR`): the stage's checkpoints, ``step-<step>/`` each holding :data:`WEIGHTS`
+  and ``trainer.pt`` (:data:`CHECKPOINT_TRAINER`: optimiser, scheduler, RNG and comparison direction), and
+  ``latest.json`` (:data:`CHECKPOINT_LATEST`), which *registers* one: its name and counters (step, samples seen,
+  ...), so a checkpoint's cost does not grow with the run.  Rank 0 writes it (atomically) only after every rank
+  has flushed the checkpoint's score rows, so the log, the metrics and the checkpoint become durable together;
+  a worker group (re)starting, or a rerun reopening the attempt, resumes from it.  The two latest are kept;
+- ``train/`` (:data:`RUN_DIR`): Ray Train's own run state.
 
 ``evaluate``: ``metrics.json`` (:data:`EVAL_METRICS`).
 """
@@ -33,7 +37,8 @@ MODEL_JSON = "model.json"
 METRICS = "metrics.parquet"
 METRICS_DIR = "metrics"
 RUN_DIR = "train"
-CHECKPOINT_STATE = "state.json"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_LATEST = "latest.json"
 CHECKPOINT_TRAINER = "trainer.pt"
 EVAL_METRICS = "metrics.json"
 
@@ -55,6 +60,45 @@ def read_metrics(stage) -> pa.Table:
 def metrics_root(scores_root: str) -> str:
     """The folder of the per-checkpoint metrics segments, next to the score log's folder."""
     return posixpath.join(posixpath.dirname(scores_root.rstrip("/")), METRICS_DIR)
+
+
+def checkpoints_root(scores_root: str) -> str:
+    """The folder of the stage's checkpoints, next to the score log's folder."""
+    return posixpath.join(posixpath.dirname(scores_root.rstrip("/")), CHECKPOINTS_DIR)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def latest_checkpoint(fs, root: str) -> Optional[Dict[str, Any]]:
+    """The registered checkpoint under ``root``: ``{"name": ..., "state": {"step": ..., ...}}``, or ``None``."""
+    try:
+        with fs.open(posixpath.join(root, CHECKPOINT_LATEST), "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def registered_step(fs, root: str) -> int:
+    """The step of the registered checkpoint under ``root`` (0: none yet): where a worker group resumes."""
+    latest = latest_checkpoint(fs, root)
+    return int(latest["state"]["step"]) if latest else 0
+
+
+def register_checkpoint(fs, root: str, state: Dict[str, Any], keep: int = 2) -> None:
+    """Make the checkpoint of ``state["step"]`` (written under ``root``) the one to resume from, then delete the
+    others but the ``keep`` latest (unregistered ones past it too: a group that died before registering them)."""
+    from pipelines.run.storage import atomic_write
+
+    name = checkpoint_name(state["step"])
+    atomic_write(fs, posixpath.join(root, CHECKPOINT_LATEST), json.dumps({"name": name, "state": state}).encode())
+    held = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    held = [h for h in held if h.startswith("step-")]
+    kept = {name, *[h for h in held if h < name][-(keep - 1):]} if keep > 1 else {name}
+    for h in held:
+        if h not in kept:
+            fs.rm(posixpath.join(root, h), recursive=True)
 
 
 def metrics_part_name(first: int, last: int) -> str:

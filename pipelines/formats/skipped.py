@@ -5,7 +5,7 @@ the broken images.  A decoder never raises for one sample: it marks the row with
 a stable ``uint8`` and its name, no exception text) and a zero image, and the worker drops the row from its share
 of the step before the forward pass.  Every skipped ``(step, uid)`` is recorded exactly once, per rank per
 checkpoint, next to the score log and under its rules (:mod:`pipelines.formats.score_log`: flushed just before the
-checkpoint is reported, named by step range and rank, segments past the resumed checkpoint deleted):
+checkpoint is registered, named by step range and rank, segments past the resumed checkpoint deleted):
 
     skipped/part-s<first step>-<last step>-r<rank>.parquet
 

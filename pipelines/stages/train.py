@@ -4,9 +4,9 @@ The driver indexes the ingest stage's split with Ray tasks (:mod:`pipelines.trai
 and object refs, never rows or images), resolves weights (a previous stage, a local file, an
 open_clip pretrained tag), checks everything it can before any worker starts, builds each rank's Ray Data stream
 (:mod:`pipelines.training.data`) and runs :func:`pipelines.training.loop.train_worker` on a ``TorchTrainer``
-(DDP: NCCL on GPUs, gloo on CPUs).  Checkpoints and Ray Train's run state live in the stage's attempt directory
-(``train/``), so ``FailureConfig(max_failures)`` restarts resume from the last checkpoint, and so does a
-``gradmimic run`` rerun after the driver itself died (the runner reopens the uncommitted attempt).  The stage's
+(DDP: NCCL on GPUs, gloo on CPUs).  The checkpoints live in the stage's attempt directory (``checkpoints/``), so
+``FailureConfig(max_failures)`` restarts resume from the last registered one, and so does a ``gradmimic run`` rerun
+after the driver itself died (the runner reopens the uncommitted attempt).  The stage's
 fields and what each ``mode`` needs are :mod:`pipelines.training.config`; the checks from the spec alone
 :mod:`pipelines.training.checks`.
 
@@ -21,7 +21,8 @@ Output, under the stage directory:
 - ``skipped/part-s<first>-<last>-r<rank>.parquet``: the samples a rank skipped because they did not decode, each
   ``(step, uid)`` once with its reason (:mod:`pipelines.formats.skipped`; counts in the manifest's ``skipped``,
   and ``rows_in = rows_out + rejected`` counts them);
-- ``train/``: Ray Train's checkpoints.
+- ``checkpoints/``: the stage's checkpoints and the registration of the latest (:mod:`pipelines.formats.model`);
+  ``train/``: Ray Train's own run state.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     decoder = Decoder(spec.image_size, labels=bool(pool.class_names), storage_options=ctx.storage_options, **text)
     attempt = ctx.out.join("").rstrip("/")
     storage_path, storage_fs = _ray_storage(ctx.out.fs, attempt)
-    first_step = _FirstStep(posixpath.join(storage_path, fm.RUN_DIR), storage_fs)
+    first_step = _FirstStep(ctx.out.fs.unstrip_protocol(ctx.out.join(fm.CHECKPOINTS_DIR)), dict(ctx.storage_options))
     datasets, eval_chunks = _datasets(cfg, ctx, pool, plan, decoder, first_step)
     board_name = progress_board_name(ctx.out.path)
     board = ray.remote(ProgressBoard).options(name=board_name, num_cpus=0, get_if_exists=True).remote()
@@ -251,7 +252,7 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
         ctx.note(f"resuming from the checkpoint at step {resumed}/{total}")
     fit_at = time.time()
     try:
-        result = _fit(job, cfg, datasets, storage_path, storage_fs, board, ctx)
+        _fit(job, cfg, datasets, storage_path, storage_fs, board, ctx)
         fitted = time.time()
         seen = ray.get(board.get.remote())
     finally:
@@ -260,7 +261,7 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
         from pipelines.run.errors import RunFailed
 
         raise RunFailed(seen["stopped"])  # the runner adds the file and the stage
-    out = _finish(cfg, ctx, spec, result, plan, pool, resumed)
+    out = _finish(cfg, ctx, spec, plan, pool, resumed)
     # the last worker group's spread over Ray nodes (1 on one machine; a multi-node cluster shows its placement)
     out.restarts, out.worker_nodes = max(seen["starts"] - 1, 0), len(set(seen["nodes"].values()))
     out.phases = {k: round(v - began, 3) for k, v in
@@ -275,15 +276,15 @@ def progress_board_name(stage_path: str) -> str:
 
 
 class _FirstStep:
-    """Picklable: the step of the run's latest registered checkpoint, read when Ray Train (re)starts workers."""
+    """Picklable: the step of the stage's registered checkpoint, read when Ray Train (re)starts workers."""
 
-    def __init__(self, experiment: str, filesystem) -> None:
-        self.experiment, self.filesystem = experiment, filesystem
+    def __init__(self, url: str, storage_options) -> None:
+        self.url, self.storage_options = url, storage_options
 
     def __call__(self) -> int:
-        from pipelines.training.data import latest_checkpoint_step
+        from pipelines.run.storage import open_storage
 
-        return latest_checkpoint_step(self.experiment, self.filesystem)
+        return fm.registered_step(*open_storage(self.url, self.storage_options))
 
 
 def _ray_storage(fs, attempt: str):
@@ -316,13 +317,7 @@ def _comparison_rows(ctx: StageContext, cfg: TrainConfig, pool: _Pool):
 def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, ctx: StageContext):
     import ray
     from ray.data import ExecutionOptions
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        RunConfig,
-        ScalingConfig,
-    )
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.training.loop import train_worker
@@ -333,8 +328,7 @@ def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, 
         scaling_config=ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
                                      resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
         run_config=RunConfig(name=fm.RUN_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
@@ -342,26 +336,23 @@ def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, 
     before = signal.getsignal(signal.SIGINT) if main else None
     try:
         with ctx.watch_steps(lambda: ray.get(board.get.remote(), timeout=5)["state"]):
-            return trainer.fit()
+            trainer.fit()
     finally:  # Ray Train's Ctrl-C handler holds its controller actor (and keeps it alive): put ours back
         if main:
             signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
 
 
-def _finish(cfg, ctx: StageContext, spec: ModelSpec, result, plan, pool: _Pool, resumed: int):
-    import json
-
+def _finish(cfg, ctx: StageContext, spec: ModelSpec, plan, pool: _Pool, resumed: int):
     from pipelines.formats.score_log import list_parts
 
-    ckpt = result.checkpoint
-    if ckpt is None:
-        raise RuntimeError(f"{ctx.label}: training reported no checkpoint")
-    with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, fm.CHECKPOINT_STATE)) as f:  # not the optimiser's
-        state = json.loads(f.read())
+    root = ctx.out.join(fm.CHECKPOINTS_DIR)
+    latest = fm.latest_checkpoint(ctx.out.fs, root)
+    if latest is None:
+        raise RuntimeError(f"{ctx.label}: training registered no checkpoint")
+    state = latest["state"]
     if state["step"] != plan.total_steps:
         raise RuntimeError(f"{ctx.label}: training stopped at step {state['step']} of {plan.total_steps}")
-    with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, fm.WEIGHTS)) as f:
-        ctx.out.write_bytes(fm.WEIGHTS, f.read())
+    ctx.out.fs.copy(posixpath.join(root, latest["name"], fm.WEIGHTS), ctx.out.join(fm.WEIGHTS))
     # the per-checkpoint metrics segments and the score log's: one listing of each flat folder, here only
     parts = list_parts(ctx.out.fs, ctx.out.join(fm.METRICS_DIR))
     steps, last_eval = fm.concat_metrics(ctx.out.fs, parts, ctx.out.join(fm.METRICS))

@@ -23,7 +23,6 @@ without decoding it again.  The worker still checks the ``step`` column of every
 from __future__ import annotations
 
 import io
-import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -396,25 +395,3 @@ def _concat(parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     if len(parts) == 1:
         return parts[0]
     return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-
-
-def latest_checkpoint_step(experiment: str, filesystem) -> int:
-    """The step of a Ray Train run's latest registered checkpoint (0 if none): where its workers resume."""
-    import json
-
-    from ray.train import Result
-
-    from pipelines.formats.model import CHECKPOINT_STATE
-
-    try:
-        result = Result.from_path(experiment, storage_filesystem=filesystem)
-    except Exception:  # noqa: BLE001 - no run yet (or an unreadable one): the worker checks every batch's step
-        return 0
-    ckpt = result.checkpoint
-    if ckpt is None:
-        return 0
-    try:
-        with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, CHECKPOINT_STATE)) as f:
-            return int(json.loads(f.read())["step"])
-    except Exception:  # noqa: BLE001 - same fallback
-        return 0

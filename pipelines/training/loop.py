@@ -1,7 +1,7 @@
 """The loop every training worker runs: one process's data-parallel share of each global batch.
 
 It is the ordinary PyTorch loop (forward, per-sample losses, one backward, AdamW step) with four additions, each a
-few lines: Ray Train's ``get_dataset_shard`` / ``get_checkpoint`` / ``report``; the collectives of
+few lines: Ray Train's ``get_dataset_shard``; the stage's checkpoints (:mod:`pipelines.training.checkpoint`); the collectives of
 :class:`~pipelines.training.dist.Comm` (DDP, the global-batch gathers), which are identities for one worker;
 :class:`gradmimic.GradMimic` for every mode but ``plain``; and the score log.
 
@@ -12,8 +12,8 @@ weights are computed (softmax over the global batch) and the one backward leaves
 DDP averages into the single-process update; each sample's ``(score, weight, loss)`` joins the rank's score-log
 buffer.  Every ``eval_every`` steps every rank evaluates its share of the held-out chunks; every
 ``checkpoint_every`` steps (and at the end) the score-log buffers are flushed and a checkpoint (model, optimiser,
-scheduler, step, RNG, counters) is reported, rank 0 writing the segment's metrics rows beside the score log: all
-become durable together.
+scheduler, step, RNG, counters) is written and registered, rank 0 writing the segment's metrics rows beside the
+score log: all become durable together.
 
 The step is :class:`~pipelines.training.step.Worker`'s, the held-out loop
 :func:`~pipelines.training.evaluation.heldout`, the checkpoints :mod:`pipelines.training.checkpoint`.
@@ -33,7 +33,7 @@ from pipelines.formats.skipped import SkippedWriter, skipped_root
 from pipelines.run.storage import open_storage
 from pipelines.training.batches import Ahead, Replayable, step_batches
 from pipelines.training.board import marker
-from pipelines.training.checkpoint import checkpoint_and_report, restore
+from pipelines.training.checkpoint import checkpoint, restore_latest
 from pipelines.training.config import Job
 from pipelines.training.data import grouped
 from pipelines.training.dist import Comm
@@ -104,7 +104,7 @@ def train_worker(config: Dict[str, Any]) -> None:
                 board.update.remote({**row, "total": plan.total_steps, "train_seconds": worker.train_seconds})
                 last_report = now
         if step % job.cfg.checkpoint_every == 0 or step == plan.total_steps:
-            checkpoint_and_report(worker, writer, {"step": step, "loss": stats["loss"]}, skips)
+            checkpoint(worker, writer, skips)
             if step == plan.total_steps:
                 mark("reported", flush=True)
         t_prev, cpu_prev = time.perf_counter(), time.process_time()  # evaluation and checkpoints are not step time
@@ -119,9 +119,8 @@ def _process_started() -> float:
 
 
 def start_worker(job: Job, comm: Comm) -> Tuple[Worker, Any]:
-    """This rank's :class:`Worker` (restored from the run's latest checkpoint, if any) and the progress board."""
+    """This rank's :class:`Worker` (restored from the stage's registered checkpoint, if any) and the progress board."""
     import ray
-    import ray.train
     import ray.train.torch
 
     if job.threads:
@@ -132,10 +131,7 @@ def start_worker(job: Job, comm: Comm) -> Tuple[Worker, Any]:
     if board is not None:
         board.register.remote(comm.rank, os.getpid(), ray.get_runtime_context().get_node_id())
     worker = Worker(job, comm, device)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            restore(worker, d)
+    restore_latest(worker, *open_storage(job.scores_url, job.storage_options))
     return worker, board
 
 

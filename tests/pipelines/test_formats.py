@@ -82,6 +82,8 @@ def test_names_are_the_ones_runs_hold():
     assert score_log.is_log_file("scores/part-s000000001-000000020-r0003.parquet")
     assert not score_log.is_log_file("scores/bucket=1/x.parquet") and not score_log.is_log_file("model.json")
     assert model.metrics_part_name(1, 20) == "part-s000000001-000000020.parquet" and model.METRICS_DIR == "metrics"
+    assert (model.CHECKPOINTS_DIR, model.CHECKPOINT_LATEST, model.checkpoint_name(4)) == (
+        "checkpoints", "latest.json", "step-000000004")
 
 
 def test_uids_round_trip():

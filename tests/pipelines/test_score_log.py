@@ -154,3 +154,32 @@ def test_metrics_segments_concatenate_to_the_whole_history(tmp_path):
     assert steps == 8 and got.column_names == want.column_names
     assert got.to_pydict() == want.to_pydict()
     assert last_eval["step"] == 6 and last_eval["test_loss"] == 0.5 / 6 and last_eval["test_accuracy"] == 0.25
+
+
+def test_a_checkpoint_counts_once_it_is_registered(tmp_path):
+    """The stage's checkpoints sit next to its score log; a worker resumes from the registered one only (one written
+    but never registered does not count), and registering keeps the two latest, dropping older and unregistered
+    ones."""
+    fs = fsspec.filesystem("file")
+    root = fm.checkpoints_root(str(tmp_path / "attempt" / "scores"))
+    assert root == str(tmp_path / "attempt" / fm.CHECKPOINTS_DIR)
+    assert fm.latest_checkpoint(fs, root) is None and fm.registered_step(fs, root) == 0
+
+    def write(step: int) -> None:
+        fs.makedirs(f"{root}/{fm.checkpoint_name(step)}", exist_ok=True)
+        fs.pipe_file(f"{root}/{fm.checkpoint_name(step)}/{fm.WEIGHTS}", b"w%d" % step)
+
+    for step in (5, 10, 15):
+        write(step)
+        fm.register_checkpoint(fs, root, {"step": step, "samples_seen": 4 * step})
+    write(20)  # the group died before registering it
+    assert fm.registered_step(fs, root) == 15
+    assert fm.latest_checkpoint(fs, root) == {"name": "step-000000015", "state": {"step": 15, "samples_seen": 60}}
+    assert sorted(fs.ls(root, detail=False)) == [f"{root}/{n}" for n in (fm.CHECKPOINT_LATEST, "step-000000010",
+                                                                         "step-000000015", "step-000000020")]
+    write(20)  # the restarted group writes it again, and registers it
+    fm.register_checkpoint(fs, root, {"step": 20, "samples_seen": 80})
+    assert sorted(fs.ls(root, detail=False)) == [f"{root}/{n}" for n in (fm.CHECKPOINT_LATEST, "step-000000015",
+                                                                         "step-000000020")]
+    assert fs.cat_file(f"{root}/step-000000020/{fm.WEIGHTS}") == b"w20" and fm.registered_step(fs, root) == 20
+    assert not [p for p in fs.ls(root, detail=False) if p.endswith(".tmp")]  # the registration was written aside

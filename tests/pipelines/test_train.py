@@ -218,8 +218,10 @@ def test_train_on_s3(s3_endpoint, ray_local, tmp_path):
     assert m["steps"] == 4 and m["rows_out"] == 64
     assert_exactly_once(score_log(storage, "s3run", "s3"), 16, 4)
     attempt = f"gm-train/runs/s3/s3run/{m['attempt']}"
-    assert fs.exists(f"{attempt}/train/checkpoint_000000004/model.safetensors")
-    assert fs.exists(f"{attempt}/train/checkpoint_manager_snapshot.json")
+    held = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{attempt}/checkpoints", detail=False))
+    assert held == ["latest.json", "step-000000002", "step-000000004"]  # the two latest, the last registered
+    assert fs.exists(f"{attempt}/checkpoints/step-000000004/model.safetensors")
+    assert json.loads(fs.cat_file(f"{attempt}/checkpoints/latest.json"))["state"]["step"] == 4
     assert set(weights(storage, "s3run", "s3")) == set(ModelSpec("clip").build().state_dict())
     assert json.loads(fs.cat_file(f"{attempt}/model.json"))["open_clip_config"]["embed_dim"] == 32
     assert not alive_train_controllers(), "the stage's Ray Train controller outlived it"
@@ -289,8 +291,9 @@ def test_rerun_after_the_driver_was_killed_resumes(storage, steady, tmp_path):
 
     import psutil
     import yaml
+    from fsspec.implementations.local import LocalFileSystem
 
-    from pipelines.training.data import latest_checkpoint_step
+    from pipelines.formats.model import registered_step
 
     spec = tmp_path / "spec.yaml"  # the shared run: its ingest is committed already
     spec.write_text(yaml.safe_dump({"name": "t", "storage": storage, "ray": {"address": "local", "num_cpus": 4},
@@ -300,8 +303,8 @@ def test_rerun_after_the_driver_was_killed_resumes(storage, steady, tmp_path):
     driver = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and max([latest_checkpoint_step(p, None) for p in
-                                              glob.glob(f"{storage}/t/job/_attempt-*/train")] or [0]) < 10:
+        while time.time() < deadline and max([registered_step(LocalFileSystem(), p) for p in
+                                              glob.glob(f"{storage}/t/job/_attempt-*/checkpoints")] or [0]) < 10:
             assert driver.poll() is None, "the run ended before it could be killed"
             time.sleep(0.2)
         driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, its local Ray with it
