@@ -13,9 +13,10 @@ after another within a round, and every ratio is the median of the per-round rat
 slows down between rounds (these are shared) moves all three alike.  ``mimic_over_plain`` is the ratio of median
 step times; ``pipeline_efficiency`` is plain stage throughput over bare-loop throughput (1.0: data loading and the
 stage's bookkeeping cost nothing).  ``startup_s`` and ``teardown_s`` are a stage's fixed cost (median over the
-stages): from its start to its first step (Ray Train's worker group, the model, the first decoded batch), and from
-its last step to its end (the final evaluation and checkpoint, the worker group's exit), from the manifest's
-``phases``.
+stages), from the manifest's ``phases``: from its start to its first step (the model, the first decoded batch) for a
+stage that ran on an idle worker group (each round's ``mimic``, after its ``plain``), and from its last step to its
+end (the final evaluation and checkpoint); ``group_startup_s`` the same start for a stage that started its group
+(each round's ``plain``: Ray Train's processes and the workers' imports too).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -65,15 +66,19 @@ def stage_step_seconds(storage: str, stage: str, warmup: int, column: str = "ste
     return table[table.step > warmup][column].tolist()
 
 
-def stage_fixed_seconds(storage: str, stage: str) -> Tuple[float, float]:
-    """A train stage's ``(startup, teardown)`` seconds from its manifest's phases: its start to its first step,
-    its last step to the end of the stage."""
+def _median(values: List[float]) -> Optional[float]:
+    return round(statistics.median(values), 2) if values else None
+
+
+def stage_fixed_seconds(storage: str, stage: str) -> Tuple[float, float, bool]:
+    """A train stage's ``(startup, teardown, started its group)`` from its manifest's phases: its start to its first
+    step, its last step to the end of the stage (seconds), and whether its worker group started for it."""
     from pipelines.formats.manifest import ModelManifest
     from pipelines.run.storage import StageDir, open_storage
 
     fs, root = open_storage(storage)
     phases = ModelManifest.read(StageDir(fs, f"{root}/bench/{stage}")).phases
-    return phases["first_step"], phases["finished"] - phases["last_step"]
+    return phases["first_step"], phases["finished"] - phases["last_step"], "process" in phases
 
 
 def bare_step_seconds(storage: str, args, threads: int):
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise InputError(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), and --rounds be >= 1")
     rounds: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
     cpu: Dict[str, List[float]] = {"plain": [], "mimic": [], "bare": []}
-    fixed: List[Tuple[float, float]] = []  # (startup, teardown) of every stage
+    fixed: List[Tuple[float, float, bool]] = []  # (startup, teardown, started its group) of every stage
     with tempfile.TemporaryDirectory() as tmp:
         storage = os.path.join(tmp, "runs")
         # logical CPUs: the workers', their decoding actors' (half a CPU each) and one for the rest
@@ -162,9 +167,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         # the same ratios from the processes' CPU time, which a busy machine disturbs less than wall time
         "mimic_over_plain_cpu": round(median_ratio(cpu["mimic"], cpu["plain"]), 3),
         "bare_over_plain_cpu": round(median_ratio(cpu["bare"], cpu["plain"]), 3),
-        # a stage's fixed cost: from its start to its first step, and from its last step to its commit
-        "startup_s": round(statistics.median(a for a, _ in fixed), 2),
-        "teardown_s": round(statistics.median(b for _, b in fixed), 2),
+        # a stage's fixed cost: from its start to its first step (on an idle worker group; starting one), and from
+        # its last step to its commit
+        "startup_s": _median([a for a, _, new in fixed if not new]),
+        "group_startup_s": _median([a for a, _, new in fixed if new]),
+        "teardown_s": _median([b for _, b, _ in fixed]),
         "rounds": args.rounds,
         **{f"{k}_step_ms_rounds": [round(v * 1e3, 2) for v in vs] for k, vs in rounds.items()},
     }

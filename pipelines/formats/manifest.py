@@ -121,9 +121,11 @@ class ModelManifest(Manifest):
     class_names: Optional[List[str]] = None
     restarts: int = 0
     worker_nodes: int = 0
+    # the Ray Train worker group it ran on: a run's train stages with the same resources share one, one after another
+    worker_group: str = ""
     skipped: Dict[str, int] = field(default_factory=dict)  # samples skipped as undecodable, by reason
-    # seconds from the stage's start to each phase: the driver's (fit, fitted, finished) and rank 0's (process,
-    # loop, model, first_step, last_step, reported: the latest worker group's)
+    # seconds from the stage's start to each phase: the driver's (fit, fitted, finished) and rank 0's (process: only
+    # where the group started for this stage; loop, model, first_step, last_step, reported: the latest restart's)
     phases: Dict[str, float] = field(default_factory=dict)
 
 

@@ -17,7 +17,10 @@
   ...), so a checkpoint's cost does not grow with the run.  Rank 0 writes it (atomically) only after every rank
   has flushed the checkpoint's score rows, so the log, the metrics and the checkpoint become durable together;
   a worker group (re)starting, or a rerun reopening the attempt, resumes from it.  The two latest are kept;
-- ``train/`` (:data:`RUN_DIR`): Ray Train's own run state.
+
+A run's train stages share worker groups (:mod:`pipelines.training.groups`), whose Ray Train runs keep their own
+state (a storage marker) under ``_train/`` (:data:`GROUPS_DIR`), removed when the group ends; nothing a stage needs
+is there.
 
 ``evaluate``: ``metrics.json`` (:data:`EVAL_METRICS`).
 """
@@ -36,7 +39,8 @@ WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 METRICS = "metrics.parquet"
 METRICS_DIR = "metrics"
-RUN_DIR = "train"
+GROUPS_DIR = "_train"  # the Ray Train runs of a run's worker groups, in its folder on object storage (no stage name
+# starts with _), in the temp folder on local storage
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_LATEST = "latest.json"
 CHECKPOINT_TRAINER = "trainer.pt"

@@ -42,6 +42,9 @@ class StageDef:
     # None result): the whole cluster (it fans out over every CPU)
     needs: Optional[Callable[[Any], Optional[Tuple[float, float]]]] = None
     needs_field: str = ""  # the config field those come from (named when the cluster is too small for them)
+    # what kind of Ray processes it can reuse from an earlier stage of the run (train: a worker group's key); the
+    # runner releases the idle ones of other kinds before it starts it
+    reuses: Optional[Callable[[Any], Any]] = None
 
 
 def _train_needs(cfg: TrainConfig) -> Tuple[float, float]:
@@ -67,7 +70,7 @@ STAGES: Dict[str, StageDef] = {
         "train CLIP or a classifier on Ray Train (DDP), plain or reweighted by Grad-Mimic / a baseline; "
         "writes the final weights, metrics and the score log",
         "model", check=_late("pipelines.training.checks:check_train"), resumable=True, needs=_train_needs,
-        needs_field="resources",
+        needs_field="resources", reuses=_late("pipelines.training.groups:group_key"),
     ),
     "aggregate": StageDef(
         AggregateConfig, _late("pipelines.stages.aggregate:run_aggregate"),

@@ -27,6 +27,7 @@ from pipelines.run.errors import InputError
 from pipelines.run.registry import STAGES
 from pipelines.run.spec import Spec, StageSpec, check_spec, dump_spec
 from pipelines.run.storage import StageDir, is_local, open_storage
+from pipelines.training import groups
 
 VERSION = __version__  # in every config hash: a release that changes what stages write reruns them
 
@@ -157,12 +158,15 @@ class _Graph:
         self.capacity: Optional[Tuple[float, float]] = None  # the cluster's (CPUs, GPUs), once Ray is up
 
     def run(self) -> Dict[str, Dict[str, Any]]:
+        wait = 60.0  # for the train worker groups to end (their CPUs free for whatever runs next on this Ray)
         try:
             return self._run()
         except KeyboardInterrupt as exc:  # the CLI says what was running and what a rerun does
             exc.gradmimic_interrupted = self._interrupted()
+            wait = 0.0
             raise
         finally:
+            groups.close_all(wait)
             self.progress.close()
 
     def _interrupted(self) -> str:
@@ -271,6 +275,8 @@ class _Graph:
     def _start(self, stage: StageSpec, label: str, out: StageDir, read: Dict[str, Any],
                needs: Tuple[float, float]) -> None:
         definition = STAGES[stage.stage]
+        # the CPUs of idle train worker groups this stage cannot use were admitted to it: free them
+        groups.release_idle(keep=definition.reuses(stage.config) if definition.reuses else None)
         inputs = stage_inputs(stage)
         # an unfinished attempt continues, unless this invocation forced it or rewrote one of its inputs
         resume = definition.resumable and stage.name not in self.force and not self.ran & set(inputs)

@@ -21,16 +21,14 @@ Output, under the stage directory:
 - ``skipped/part-s<first>-<last>-r<rank>.parquet``: the samples a rank skipped because they did not decode, each
   ``(step, uid)`` once with its reason (:mod:`pipelines.formats.skipped`; counts in the manifest's ``skipped``,
   and ``rows_in = rows_out + rejected`` counts them);
-- ``checkpoints/``: the stage's checkpoints and the registration of the latest (:mod:`pipelines.formats.model`);
-  ``train/``: Ray Train's own run state.
+- ``checkpoints/``: the stage's checkpoints and the registration of the latest (:mod:`pipelines.formats.model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import posixpath
-import signal
-import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Tuple
@@ -44,6 +42,7 @@ from pipelines.models.build import ModelSpec, fetch_pretrained, fit_state, match
 from pipelines.run.config import SpecError, ref_name
 from pipelines.run.context import StageContext
 from pipelines.run.errors import InputNotFound
+from pipelines.run.storage import is_local
 from pipelines.training.checks import spec_error
 from pipelines.training.config import MODES, Job, TrainConfig, WeightsRef, mimic_params, model_spec
 
@@ -231,7 +230,6 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
         text = dict(features=spec.feature_dims)
     decoder = Decoder(spec.image_size, labels=bool(pool.class_names), storage_options=ctx.storage_options, **text)
     attempt = ctx.out.join("").rstrip("/")
-    storage_path, storage_fs = _ray_storage(ctx.out.fs, attempt)
     first_step = _FirstStep(ctx.out.fs.unstrip_protocol(ctx.out.join(fm.CHECKPOINTS_DIR)), dict(ctx.storage_options))
     datasets, eval_chunks = _datasets(cfg, ctx, pool, plan, decoder, first_step)
     board_name = progress_board_name(ctx.out.path)
@@ -245,16 +243,15 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
         precision=cfg.precision if cfg.precision != "auto" else ("bf16" if cfg.resources.use_gpu else "fp32"),
         eval_chunks=eval_chunks,
         zero_shot=(tuple(pool.class_names), pool.templates) if cfg.task == "clip" and pool.class_names else None,
-        threads=max(1, int(cfg.resources.cpus_per_worker)), progress=board_name,
+        threads=max(1, int(cfg.resources.cpus_per_worker)), progress=board_name, datasets=datasets,
     )
     resumed = first_step()
     if resumed:
         ctx.note(f"resuming from the checkpoint at step {resumed}/{total}")
     fit_at = time.time()
     try:
-        _fit(job, cfg, datasets, storage_path, storage_fs, board, ctx)
+        seen, group = _fit(job, cfg, board, ctx)
         fitted = time.time()
-        seen = ray.get(board.get.remote())
     finally:
         ray.kill(board)
     if seen["stopped"]:  # the workers gave up together (non-finite steps): not a failure a restart would fix
@@ -264,6 +261,7 @@ def run_train(cfg: TrainConfig, ctx: StageContext) -> Dict[str, Any]:
     out = _finish(cfg, ctx, spec, plan, pool, resumed)
     # the last worker group's spread over Ray nodes (1 on one machine; a multi-node cluster shows its placement)
     out.restarts, out.worker_nodes = max(seen["starts"] - 1, 0), len(set(seen["nodes"].values()))
+    out.worker_group = group
     out.phases = {k: round(v - began, 3) for k, v in
                   sorted({**seen["marks"], "fit": fit_at, "fitted": fitted, "finished": time.time()}.items(),
                          key=lambda kv: kv[1])}
@@ -287,15 +285,13 @@ class _FirstStep:
         return fm.registered_step(*open_storage(self.url, self.storage_options))
 
 
-def _ray_storage(fs, attempt: str):
-    """Ray Train's ``(storage_path, storage_filesystem)`` for the stage's attempt directory on ``fs``."""
-    from pipelines.run.storage import is_local
-
+def _ray_storage(fs, path: str):
+    """Ray Train's ``(storage_path, storage_filesystem)`` for ``path`` on ``fs``."""
     if is_local(fs):
-        return attempt.rstrip("/"), None
+        return path.rstrip("/"), None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    return attempt.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+    return path.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
 
 def _comparison_rows(ctx: StageContext, cfg: TrainConfig, pool: _Pool):
@@ -314,32 +310,48 @@ def _comparison_rows(ctx: StageContext, cfg: TrainConfig, pool: _Pool):
     return rows.sample(cfg.comparison.samples, cfg.comparison.seed)
 
 
-def _fit(job, cfg: TrainConfig, datasets, storage_path: str, storage_fs, board, ctx: StageContext):
+def _fit(job, cfg: TrainConfig, board, ctx: StageContext) -> Tuple[Dict[str, Any], str]:
+    """Run the job on a worker group of its key (an idle one, or a new one); returns the board's record of it and
+    the group's name."""
     import ray
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from pipelines.training.loop import train_worker
+    from pipelines.training import groups
 
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
-                                     resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
-        run_config=RunConfig(name=fm.RUN_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGINT) if main else None
+    def trainer(slot, name: str):
+        import tempfile
+
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from pipelines.training.loop import group_worker
+
+        # Ray Train's run state (a storage marker, nothing a stage needs): where every node can reach it, the temp
+        # folder when the storage is local (one node: the runner refuses local storage on a cluster)
+        fs = ctx.out.fs
+        groups_dir = posixpath.join(tempfile.gettempdir() if is_local(fs) else posixpath.dirname(ctx.out.path),
+                                    fm.GROUPS_DIR)
+        storage_path, storage_fs = _ray_storage(fs, groups_dir)
+
+        def ended() -> None:
+            with contextlib.suppress(OSError):
+                fs.rm(posixpath.join(groups_dir, name), recursive=True)
+
+        return TorchTrainer(
+            group_worker, train_loop_config={"slot": slot},
+            scaling_config=ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
+                                         resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures))), ended
+
+    group = groups.take(groups.group_key(cfg), trainer)
+    seen: Dict[str, Any] = {}
     try:
         with ctx.watch_steps(lambda: ray.get(board.get.remote(), timeout=5)["state"]):
-            trainer.fit()
-    finally:  # Ray Train's Ctrl-C handler holds its controller actor (and keeps it alive): put ours back
-        if main:
-            signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
+            group.run(job)
+        seen = ray.get(board.get.remote())
+    finally:  # a group that restarted (or failed) is not reused: every stage gets the restarts it asks for
+        groups.give_back(group, reusable=seen.get("starts") == 1)
+    return seen, group.name
 
 
 def _finish(cfg, ctx: StageContext, spec: ModelSpec, plan, pool: _Pool, resumed: int):

@@ -251,8 +251,8 @@ def mimic_params(cfg: TrainConfig) -> Tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a worker needs, as plain data and object refs: the stage's config and what the driver resolved
-    from it (picklable: Ray Train hands it to every worker)."""
+    """Everything a worker needs, as plain data, object refs and stream factories: the stage's config and what the
+    driver resolved from it (picklable: its worker group's slot hands it to every worker)."""
 
     cfg: TrainConfig
     label: str
@@ -269,6 +269,7 @@ class Job:
     zero_shot: Optional[Tuple[Tuple[str, ...], Tuple[str, ...]]] = None  # (class names, templates)
     threads: int = 0
     progress: Optional[str] = None  # name of the ProgressBoard actor
+    datasets: Dict[str, Any] = field(default_factory=dict)  # train_<rank>, eval_<rank>, comparison: stream factories
 
     @property
     def mode(self) -> Mode:

@@ -8,16 +8,16 @@ one-process run sees the same global batches as a many-rank one, and a resumed r
 permutation is computed per position (:func:`permute`, a keyed Feistel network), never materialised: a step of a
 billion-row pool costs what its batch costs.
 
-**The pipelines.**  Each rank streams its own dataset (``train_<rank>``, via ``ray.train.get_dataset_shard``):
+**The pipelines.**  Each rank streams its own dataset (``train_<rank>``, built in the worker from the job's factory):
 ``range(steps) -> map_batches(decode)`` where each decoding actor turns a few steps into that rank's row numbers,
 looks them up in the split's :class:`~pipelines.training.index.RowIndex` (fixed-width pieces in the object store:
 the driver holds no row of the pool) and fetches every image, and every caption, with one ranged read from its tar,
 resizing images to ``uint8`` on the cluster's CPUs (normalisation happens on the training device); a batch costs
 what its rows cost, whatever the pool size.  A sample that does not decode never fails the stream: its row gets a
 zero image and a ``reason`` code (:func:`decode_image`, :mod:`pipelines.formats.skipped`), and the worker skips it.  Evaluation and comparison sets are fixed-size chunks of a prefix or a
-seeded sample of such an index.  The datasets are built by a factory Ray Train calls whenever it (re)starts the
-workers; it starts at the step after the run's latest checkpoint, so a resumed epoch skips what it already consumed
-without decoding it again.  The worker still checks the ``step`` column of every batch.
+seeded sample of such an index.  The datasets are built by a factory the worker calls whenever it (re)starts the
+stage; it starts at the step after the stage's registered checkpoint, so a resumed epoch skips what it already
+consumed without decoding it again.  The worker still checks the ``step`` column of every batch.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The loop every training worker runs: one process's data-parallel share of each global batch.
 
 It is the ordinary PyTorch loop (forward, per-sample losses, one backward, AdamW step) with four additions, each a
-few lines: Ray Train's ``get_dataset_shard``; the stage's checkpoints (:mod:`pipelines.training.checkpoint`); the collectives of
+few lines: the rank's Ray Data streams, built in the worker; the stage's checkpoints; the collectives of
 :class:`~pipelines.training.dist.Comm` (DDP, the global-batch gathers), which are identities for one worker;
-:class:`gradmimic.GradMimic` for every mode but ``plain``; and the score log.
+:class:`gradmimic.GradMimic` for every mode but ``plain``; and the score log.  A worker runs the stages of its group
+(:mod:`pipelines.training.groups`) one after another, each as a :class:`~pipelines.training.config.Job`.
 
 Per step ``s``: the rank's rows of the global batch arrive decoded from its Ray Data stream; the rows that did not
 decode are dropped and recorded (:mod:`pipelines.formats.skipped`) and the ranks exchange their actual shares; for CLIP the embeddings
@@ -42,23 +43,41 @@ from pipelines.training.step import Worker
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train_worker(config: Dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``."""
-    import ray.train
+def group_worker(config: Dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker`` for a worker group (:mod:`pipelines.training.groups`): the stages' jobs
+    from the group's slot, one after another, until the driver stops the group."""
+    import gc
 
+    import ray
+
+    slot, comm, done, first = config["slot"], Comm.current(), 0, True
+    while True:
+        taken = ray.get(slot.next.remote(done))
+        if taken is None:
+            return
+        done, job = taken
+        train_job(job, comm, first)
+        if comm.rank == 0:
+            ray.get(slot.finish.remote(done))
+        first = False
+        gc.collect()  # the stage's model, optimiser and streams, before the next one's
+
+
+def train_job(job: Job, comm: Comm, first: bool = True) -> None:
+    """One train stage's share of this rank, resumed from the stage's registered checkpoint, if any.  ``first``: the
+    process's first job (its start is a phase of this stage)."""
     entered = time.time()
-    job: Job = config["job"]
-    comm = Comm.current()
     evaluator, stream = rank_streams(job, comm)
     stream = Ahead(stream)  # the decoders start while the model builds
     worker, board = start_worker(job, comm)
     mark = marker(board if comm.rank == 0 else None)
-    mark("process", _process_started())
+    if first:
+        mark("process", _process_started())
     mark("loop", entered)
     mark("model")
     if job.mode.comparison:
-        shard = ray.train.get_dataset_shard("comparison")
-        worker.comparison = list(grouped(shard.iter_batches(batch_size=None, batch_format="numpy"), "chunk"))
+        worker.comparison = list(grouped(stage_dataset(job, "comparison").iter_batches(
+            batch_size=None, batch_format="numpy"), "chunk"))
     writer, skips = score_writer(job, comm, worker)
     plan = job.plan
     t_prev, cpu_prev = time.perf_counter(), time.process_time()
@@ -147,12 +166,18 @@ def score_writer(job: Job, comm: Comm, worker: Worker) -> Tuple[ScoreLogWriter, 
             SkippedWriter(fs, skipped_root(scores_root), comm.rank, first_step=worker.step + 1))
 
 
+def stage_dataset(job: Job, name: str):
+    """One of the stage's Ray Data streams (:attr:`Job.datasets`), built here (the factory reads where the stage
+    resumes), its rows in order."""
+    ds = job.datasets[name]()
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
 def rank_streams(job: Job, comm: Comm) -> Tuple[Optional[Replayable], Any]:
     """``(held-out chunks or None, training batches)`` of this rank."""
-    import ray.train
-
-    evaluator = Replayable(ray.train.get_dataset_shard(f"eval_{comm.rank}")) if job.eval_chunks else None
-    stream = ray.train.get_dataset_shard(f"train_{comm.rank}").iter_batches(
+    evaluator = Replayable(stage_dataset(job, f"eval_{comm.rank}")) if job.eval_chunks else None
+    stream = stage_dataset(job, f"train_{comm.rank}").iter_batches(
         batch_size=job.plan.local_sizes[comm.rank], batch_format="numpy", prefetch_batches=4)
     return evaluator, stream
 

@@ -38,10 +38,10 @@ def train_stage(name: str, **kw) -> dict:
     return stage
 
 
-def run(storage: str, *stages: dict, name: str = "t"):
+def run(storage: str, *stages: dict, name: str = "t", max_parallel=None):
     spec = parse_spec({"name": name, "storage": storage, "stages": [POOL, *stages]})
     log = io.StringIO()
-    manifests = run_spec(spec, stream=log)
+    manifests = run_spec(spec, stream=log, max_parallel=max_parallel)
     return manifests, log.getvalue()
 
 
@@ -124,6 +124,29 @@ def test_two_workers_equal_one_process(storage, tmp_path, task):
     for col in ("loss", "alignment", "weight_entropy", "test_loss"):
         np.testing.assert_allclose(m2[col].astype(float), m1[col].astype(float), rtol=1e-4, err_msg=col)
     assert m1.test_loss.notna().sum() == 2 and m1.test_accuracy.notna().sum() == 2  # steps 3 and 6
+
+
+# ------------------------------------------------------------------------------------------------ worker groups
+
+
+def test_stages_of_the_same_resources_share_a_worker_group_and_train_as_on_a_fresh_one(storage, tmp_path):
+    """One after another, three stages asking for the same workers run on one group (no new process: no `process`
+    phase), the third with the first's config reproduces it exactly after another stage ran there; a stage asking
+    for other workers gets its own group."""
+    ref = reference_file(tmp_path / "ref.safetensors", "clip")
+    first = train_stage("g1", mode="mimic", reference={"path": ref}, eval_every=2, seed=5)
+    manifests, _ = run(storage, first, train_stage("g2", mode="grand", seed=3), {**first, "name": "g3"},
+                       train_stage("g4", resources={"num_workers": 2}), max_parallel=1)
+    group = {name: manifests[name]["worker_group"] for name in ("g1", "g2", "g3", "g4")}
+    assert group["g1"] == group["g2"] == group["g3"] != group["g4"] and all(group.values())
+    assert ["process" in manifests[n]["phases"] for n in ("g1", "g2", "g3", "g4")] == [True, False, False, True]
+    one, three = weights(storage, "g1"), weights(storage, "g3")
+    assert one.keys() == three.keys() and all(torch.equal(one[k], three[k]) for k in one)
+    log1, log3 = score_log(storage, "g1"), score_log(storage, "g3")
+    assert_exactly_once(log3, 16, 4)
+    assert log1.equals(log3)
+    assert metrics(storage, "g1")[["loss", "test_loss"]].equals(metrics(storage, "g3")[["loss", "test_loss"]])
+    assert not alive_train_controllers(), "a worker group outlived its run"
 
 
 # ------------------------------------------------------------------------------------------------ modes
