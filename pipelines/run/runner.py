@@ -275,8 +275,11 @@ class _Graph:
     def _start(self, stage: StageSpec, label: str, out: StageDir, read: Dict[str, Any],
                needs: Tuple[float, float]) -> None:
         definition = STAGES[stage.stage]
-        # the CPUs of idle train worker groups this stage cannot use were admitted to it: free them
-        groups.release_idle(keep=definition.reuses(stage.config) if definition.reuses else None)
+        # idle train worker groups hold CPUs the runner counts as free: keep those this stage leaves free (and one it
+        # can take), stop the rest
+        cluster = self._cluster()
+        room = tuple(cluster[k] - sum(r[k] for r in self.running.values()) - needs[k] for k in (0, 1))
+        groups.release_idle(stage.name, keep=definition.reuses(stage.config) if definition.reuses else None, room=room)
         inputs = stage_inputs(stage)
         # an unfinished attempt continues, unless this invocation forced it or rewrote one of its inputs
         resume = definition.resumable and stage.name not in self.force and not self.ran & set(inputs)
@@ -292,6 +295,7 @@ class _Graph:
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, raised there
                 result = exc
             finally:
+                groups.unreserve(stage.name)
                 self.progress.drop(label)
             self.finished.put((stage.name, result))
 

@@ -343,7 +343,7 @@ def _fit(job, cfg: TrainConfig, board, ctx: StageContext) -> Tuple[Dict[str, Any
             run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                                  failure_config=FailureConfig(max_failures=cfg.max_failures))), ended
 
-    group = groups.take(groups.group_key(cfg), trainer)
+    group = groups.take(groups.group_key(cfg), trainer, ctx.name)
     seen: Dict[str, Any] = {}
     try:
         with ctx.watch_steps(lambda: ray.get(board.get.remote(), timeout=5)["state"]):

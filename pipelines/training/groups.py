@@ -10,10 +10,10 @@ it places the workers, sets up DDP and restarts the group when a worker dies (``
 takes the job in flight again and resumes it from the stage's registered checkpoint, as a rerun would.
 
 A group is keyed by what its workers are (:func:`group_key`: workers, CPUs and GPUs each, ``max_failures``) and runs
-one stage at a time; a stage takes an idle group of its key or starts one.  A group that restarted during a stage
+one stage at a time; a stage takes an idle group of its key (reserved for it when it started) or starts one.  A group that restarted during a stage
 is not reused (so a stage gets the restarts it asks for, never fewer).  The runner counts a stage's CPUs only while
-it runs, so before it starts one it releases every idle group but one the stage can take (:func:`release_idle`):
-an idle group never holds CPUs the runner gave to another stage.  :func:`close_all` ends them when the run ends.
+it runs, so before it starts one it releases the idle groups that hold what it gave that stage, keeping one the
+stage can take (:func:`release_idle`).  :func:`close_all` ends them when the run ends.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 _LOCK = threading.Lock()
 _IDLE: Dict[Hashable, List["Group"]] = {}  # idle groups by key
+_RESERVED: Dict[str, "Group"] = {}  # idle groups kept for a stage that has started and not taken it yet, by name
 _BUSY: List["Group"] = []
 
 
@@ -118,12 +119,14 @@ class Group:
             self.thread.join(timeout=wait)
 
 
-def take(key: Hashable, trainer_factory) -> Group:
-    """An idle group of ``key``, or a new one: ``trainer_factory(slot, name)`` gives its ``TorchTrainer`` (``name``:
-    its Ray Train run's) and what to call when that run has ended."""
+def take(key: Hashable, trainer_factory, stage: str = "") -> Group:
+    """The group reserved for ``stage``, an idle group of ``key``, or a new one: ``trainer_factory(slot, name)``
+    gives its ``TorchTrainer`` (``name``: its Ray Train run's) and what to call when that run has ended."""
     with _LOCK:
+        group = _RESERVED.pop(stage, None)
         idle = _IDLE.get(key) or []
-        group = idle.pop() if idle else None
+        if group is None and idle:
+            group = idle.pop()
     if group is None or not group.thread.is_alive():
         group = Group(key, trainer_factory)
     with _LOCK:
@@ -142,24 +145,49 @@ def give_back(group: Group, reusable: bool) -> None:
     group.stop()
 
 
-def release_idle(keep: Optional[Hashable] = None) -> None:
-    """Stop the idle groups but one of key ``keep``, for the stage about to start: the runner admitted it to the
-    CPUs the others hold (after this, the idle groups hold no CPU a running stage was not counted for)."""
+def held(key: Tuple) -> Tuple[float, float]:
+    """The (CPUs, GPUs) a group of ``key`` holds, idle or not: its workers'."""
+    workers, cpus, gpu = key[:3]
+    return workers * cpus, float(workers) if gpu else 0.0
+
+
+def release_idle(stage: str, keep: Optional[Hashable] = None, room: Tuple[float, float] = (0.0, 0.0)) -> None:
+    """Before ``stage`` starts: reserve it an idle group of key ``keep`` (it takes that one: :func:`take`), keep
+    other idle groups, newest first, while what they hold fits in ``room`` (the CPUs and GPUs that neither the
+    running stages nor this one were counted for), and stop the rest.  So idle groups never hold what the runner
+    gave a stage (a reserved one holds what ``stage`` was given)."""
     with _LOCK:
-        kept = _IDLE.get(keep, [])[-1:] if keep is not None else []
-        going = [g for gs in _IDLE.values() for g in gs if g not in kept]
+        idle = [g for gs in _IDLE.values() for g in gs]
+        if keep is not None and _IDLE.get(keep):
+            _RESERVED[stage] = _IDLE[keep][-1]
+        kept, (cpus, gpus) = [], room
+        for group in reversed(idle):
+            c, g = held(group.key)
+            if group is not _RESERVED.get(stage) and c <= cpus + 1e-9 and g <= gpus + 1e-9:
+                kept.append(group)
+                cpus, gpus = cpus - c, gpus - g
         _IDLE.clear()
-        if kept:
-            _IDLE[keep] = kept
-    for group in going:
-        group.stop()
+        for group in reversed(kept):
+            _IDLE.setdefault(group.key, []).append(group)
+    for group in idle:
+        if group not in kept and group is not _RESERVED.get(stage):
+            group.stop()
+
+
+def unreserve(stage: str) -> None:
+    """``stage`` has ended: a group still reserved for it (it failed before taking one) is idle again."""
+    with _LOCK:
+        group = _RESERVED.pop(stage, None)
+        if group is not None:
+            _IDLE.setdefault(group.key, []).append(group)
 
 
 def close_all(wait: float = 60.0) -> None:
     """Stop every group (the run is over) and wait up to ``wait`` seconds each for its Ray Train run to end."""
     with _LOCK:
-        going = [g for gs in _IDLE.values() for g in gs] + list(_BUSY)
+        going = [g for gs in _IDLE.values() for g in gs] + list(_RESERVED.values()) + list(_BUSY)
         _IDLE.clear()
+        _RESERVED.clear()
         _BUSY.clear()
     for group in going:
         group.stop(wait)

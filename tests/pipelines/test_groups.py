@@ -57,31 +57,48 @@ class FakeGroup:
 def registry(monkeypatch):
     monkeypatch.setattr(groups, "_IDLE", {})
     monkeypatch.setattr(groups, "_BUSY", [])
+    monkeypatch.setattr(groups, "_RESERVED", {})
     monkeypatch.setattr(groups, "Group", lambda key, factory: FakeGroup(key))
     return groups
 
 
+ONE, TWO, GPU = (1, 2.0, False, 0), (2, 1.0, False, 0), (1, 1.0, True, 0)  # (workers, CPUs each, GPU, failures)
+
+
 def test_a_stage_takes_an_idle_group_of_its_key_and_a_restarted_group_is_not_kept(registry):
-    a = registry.take("k1", None)
+    a = registry.take(ONE, None)
     registry.give_back(a, reusable=True)
-    assert registry.take("k2", None) is not a  # another key: a new group
-    assert registry.take("k1", None) is a and not a.stopped
+    assert registry.take(TWO, None) is not a  # another key: a new group
+    assert registry.take(ONE, None) is a and not a.stopped
     registry.give_back(a, reusable=False)  # it restarted during the stage
-    assert a.stopped and registry.take("k1", None) is not a
-    dead = FakeGroup("k3", alive=False)
+    assert a.stopped and registry.take(ONE, None) is not a
+    dead = FakeGroup(GPU, alive=False)
     registry.give_back(dead, reusable=True)
     assert dead.stopped and not any(registry._IDLE.values())
 
 
-def test_before_a_stage_starts_every_idle_group_but_one_it_can_take_is_released(registry):
-    made = [registry.take(k, None) for k in ("k1", "k1", "k2", "k3")]
-    busy = registry.take("k1", None)
+def test_before_a_stage_starts_idle_groups_keep_only_what_it_leaves_free(registry):
+    assert registry.held(ONE) == (2.0, 0.0) and registry.held(TWO) == (2.0, 0.0) and registry.held(GPU) == (1.0, 1.0)
+    made = [registry.take(k, None) for k in (ONE, ONE, TWO, GPU)]
+    busy = registry.take(ONE, None)
     for g in made:
         registry.give_back(g, reusable=True)
-    registry.release_idle(keep="k1")
-    assert [g.stopped for g in made] == [True, False, True, True]  # one k1 kept: the stage takes it
-    assert not busy.stopped
-    registry.release_idle(keep=None)  # a stage that takes no group: all of them
-    assert all(g.stopped for g in made) and not busy.stopped
+    registry.release_idle("s1", keep=ONE, room=(2.5, 1.0))  # one ONE for s1; the newest others while they fit
+    assert [g.stopped for g in made] == [True, False, True, False]  # GPU (1 CPU, 1 GPU) fits, then TWO does not
+    registry.release_idle("s2", keep=None, room=(0.5, 1.0))  # a stage that takes no group and leaves half a CPU
+    assert [g.stopped for g in made] == [True, False, True, True]  # s1's reserved group stays
+    assert registry.take(ONE, None, "s3") is not made[1]  # another stage of the key: not s1's
+    assert registry.take(ONE, None, "s1") is made[1]
     registry.close_all(wait=0)
-    assert busy.stopped and not registry._IDLE and not registry._BUSY
+    assert busy.stopped and made[1].stopped and not registry._IDLE and not registry._BUSY
+
+
+def test_a_group_reserved_for_a_stage_that_failed_before_taking_it_is_idle_again(registry):
+    group = registry.take(ONE, None)
+    registry.give_back(group, reusable=True)
+    registry.release_idle("s1", keep=ONE)
+    assert not any(registry._IDLE.values()) and not group.stopped
+    registry.unreserve("s1")
+    assert registry._IDLE[ONE] == [group]
+    registry.release_idle("s2", keep=TWO, room=(1.0, 0.0))  # it holds 2 CPUs: more than s2 leaves free
+    assert group.stopped
