@@ -3,10 +3,12 @@
 The driver indexes the ingest stage's split with Ray tasks (:mod:`pipelines.training.index`: it holds row counts
 and object refs, never rows or images), resolves weights (a previous stage, a local file, an
 open_clip pretrained tag), checks everything it can before any worker starts, builds each rank's Ray Data stream
-(:mod:`pipelines.training.data`) and runs :func:`pipelines.training.loop.train_worker` on a ``TorchTrainer``
-(DDP: NCCL on GPUs, gloo on CPUs).  The checkpoints live in the stage's attempt directory (``checkpoints/``), so
-``FailureConfig(max_failures)`` restarts resume from the last registered one, and so does a ``gradmimic run`` rerun
-after the driver itself died (the runner reopens the uncommitted attempt).  The stage's
+(:mod:`pipelines.training.data`) and hands it all, as a :class:`~pipelines.training.config.Job`, to a worker group
+(:mod:`pipelines.training.groups`: a ``TorchTrainer`` running :func:`pipelines.training.loop.group_worker`; DDP:
+NCCL on GPUs, gloo on CPUs), an idle one of the run's with the same resources or a new one.  The checkpoints live
+in the stage's attempt directory (``checkpoints/``), so ``FailureConfig(max_failures)`` restarts resume from the
+last registered one, and so does a ``gradmimic run`` rerun after the driver itself died (the runner reopens the
+uncommitted attempt).  The stage's
 fields and what each ``mode`` needs are :mod:`pipelines.training.config`; the checks from the spec alone
 :mod:`pipelines.training.checks`.
 
@@ -274,7 +276,7 @@ def progress_board_name(stage_path: str) -> str:
 
 
 class _FirstStep:
-    """Picklable: the step of the stage's registered checkpoint, read when Ray Train (re)starts workers."""
+    """Picklable: the step of the stage's registered checkpoint, read when a worker (re)starts the stage."""
 
     def __init__(self, url: str, storage_options) -> None:
         self.url, self.storage_options = url, storage_options

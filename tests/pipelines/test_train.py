@@ -212,13 +212,15 @@ def test_killed_worker_resumes_exactly(storage, steady):
     done, killed = threading.Event(), []
     killer = threading.Thread(target=kill_rank_when, args=(progress_board_name(f"{root}/t/faulty"), 12, done, killed))
     killer.start()
-    try:
-        manifests, _ = run(storage, {**steady, "name": "faulty"})
+    try:  # then a stage with the same resources: it does not get the group that restarted
+        manifests, _ = run(storage, {**steady, "name": "faulty"}, {**steady, "name": "after", "steps": 2},
+                           max_parallel=1)
     finally:
         done.set()
         killer.join(timeout=10)
     assert killed, "the worker was never killed (the run finished first?)"
-    assert manifests["faulty"]["restarts"] == 1
+    assert manifests["faulty"]["restarts"] == 1 and manifests["after"]["restarts"] == 0
+    assert manifests["after"]["worker_group"] != manifests["faulty"]["worker_group"]
     log, steady = score_log(storage, "faulty"), score_log(storage, "steady")
     assert_exactly_once(log, 16, 40)
     assert (log[["uid_hi", "uid_lo", "step"]].values == steady[["uid_hi", "uid_lo", "step"]].values).all()
@@ -248,6 +250,7 @@ def test_train_on_s3(s3_endpoint, ray_local, tmp_path):
     assert set(weights(storage, "s3run", "s3")) == set(ModelSpec("clip").build().state_dict())
     assert json.loads(fs.cat_file(f"{attempt}/model.json"))["open_clip_config"]["embed_dim"] == 32
     assert not alive_train_controllers(), "the stage's Ray Train controller outlived it"
+    assert not fs.exists("gm-train/runs/s3/_train"), "the worker group's Ray Train run state outlived it"
 
 
 def alive_train_controllers(wait_s: float = 30.0) -> list:
