@@ -10,10 +10,11 @@ it places the workers, sets up DDP and restarts the group when a worker dies (``
 takes the job in flight again and resumes it from the stage's registered checkpoint, as a rerun would.
 
 A group is keyed by what its workers are (:func:`group_key`: workers, CPUs and GPUs each, ``max_failures``) and runs
-one stage at a time; a stage takes an idle group of its key (reserved for it when it started) or starts one.  A group that restarted during a stage
-is not reused (so a stage gets the restarts it asks for, never fewer).  The runner counts a stage's CPUs only while
-it runs, so before it starts one it releases the idle groups that hold what it gave that stage, keeping one the
-stage can take (:func:`release_idle`).  :func:`close_all` ends them when the run ends.
+one stage at a time; a stage takes an idle group of its key (reserved for it when it started) or starts one.  A
+group that restarted during a stage is not reused (so a stage gets the restarts it asks for, never fewer).  The
+runner counts a stage's CPUs only while it runs, so before it starts one it releases the idle groups that hold what
+it gave that stage, keeping one the stage can take (:func:`release_idle`).  :func:`close_all` ends them when the
+run ends.
 """
 
 from __future__ import annotations
@@ -110,7 +111,6 @@ class Group:
         ray.get(done)
 
     def stop(self, wait: float = 0.0) -> None:
-
         try:
             self.slot.stop.remote()
         except Exception:  # noqa: BLE001 - Ray is going down with it
