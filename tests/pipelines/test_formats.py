@@ -112,7 +112,7 @@ MANIFESTS = {
               "steps": 2, "samples_seen": 64, "score_rows": 64, "samples_per_s": 10.5, "train_rows": 40,
               "test_rows": 9, "workers": 2, "resumed_from_step": 0, "final": {"test_loss": 1.0}, "mode": "mimic",
               "task": "clip", "nonfinite_steps": 0, "class_names": [], "restarts": 0, "worker_nodes": 1,
-              "phases": {"fit": 1.5, "first_step": 20.0, "last_step": 30.0, "finished": 32.0}},
+              "worker_group": "0123abcd4567", "phases": {"fit": 1.5, "first_step": 20.0, "last_step": 30.0, "finished": 32.0}},
     "aggregate": {"rows_in": 64, "rows_out": 40, "files": ["utility/bucket=0/part-00000.parquet"], "log": "/x/scores",
                   "log_rows_used": 64, "num_buckets": 4, "samples": 40, "kept_fraction": {"threshold": 0.5},
                   "quality_estimate": 0.5, "quality": {"binariser": "threshold", "min_vote": 0.5},
