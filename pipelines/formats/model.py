@@ -16,7 +16,7 @@
   ``latest.json`` (:data:`CHECKPOINT_LATEST`), which *registers* one: its name and counters (step, samples seen,
   ...), so a checkpoint's cost does not grow with the run.  Rank 0 writes it (atomically) only after every rank
   has flushed the checkpoint's score rows, so the log, the metrics and the checkpoint become durable together;
-  a worker group (re)starting, or a rerun reopening the attempt, resumes from it.  The two latest are kept;
+  a worker group (re)starting, or a rerun reopening the attempt, resumes from it.  The two latest are kept.
 
 A run's train stages share worker groups (:mod:`pipelines.training.groups`), whose Ray Train runs keep their own
 state (a storage marker) under ``_train/`` (:data:`GROUPS_DIR`), removed when the group ends; nothing a stage needs

@@ -42,8 +42,9 @@ class StageDef:
     # None result): the whole cluster (it fans out over every CPU)
     needs: Optional[Callable[[Any], Optional[Tuple[float, float]]]] = None
     needs_field: str = ""  # the config field those come from (named when the cluster is too small for them)
-    # what kind of Ray processes it can reuse from an earlier stage of the run (train: a worker group's key); the
-    # runner releases the idle ones of other kinds before it starts it
+    # what kind of Ray processes it can reuse from an earlier stage of the run (train: a worker group's key); before
+    # it starts the stage, the runner reserves it an idle one of that kind, if any, and releases idle ones holding
+    # CPUs or GPUs it gave the stage
     reuses: Optional[Callable[[Any], Any]] = None
 
 
