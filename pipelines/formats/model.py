@@ -35,6 +35,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.formats.score_log import beside_log
+
 WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 METRICS = "metrics.parquet"
@@ -63,12 +65,12 @@ def read_metrics(stage) -> pa.Table:
 
 def metrics_root(scores_root: str) -> str:
     """The folder of the per-checkpoint metrics segments, next to the score log's folder."""
-    return posixpath.join(posixpath.dirname(scores_root.rstrip("/")), METRICS_DIR)
+    return beside_log(scores_root, METRICS_DIR)
 
 
 def checkpoints_root(scores_root: str) -> str:
     """The folder of the stage's checkpoints, next to the score log's folder."""
-    return posixpath.join(posixpath.dirname(scores_root.rstrip("/")), CHECKPOINTS_DIR)
+    return beside_log(scores_root, CHECKPOINTS_DIR)
 
 
 def checkpoint_name(step: int) -> str:

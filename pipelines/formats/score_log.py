@@ -248,6 +248,12 @@ class ScoreLogWriter(SegmentWriter):
 # ------------------------------------------------------------------------------------------------ the folder
 
 
+def beside_log(scores_root: str, name: str) -> str:
+    """The folder ``name`` next to the score log's folder, in the same train stage's attempt (its metrics segments,
+    skipped samples and checkpoints)."""
+    return posixpath.join(posixpath.dirname(scores_root.rstrip("/")), name)
+
+
 def list_parts(fs, root: str) -> List[str]:
     """The segment files of a flat log folder, in (first step, rank) order: one listing (a log given by path, and
     the train stage once when it finishes)."""

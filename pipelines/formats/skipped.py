@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
 from typing import Dict, Iterable, List
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.formats.score_log import SegmentWriter, segment_of
+from pipelines.formats.score_log import SegmentWriter, beside_log, segment_of
 
 OK = 0
 SHORT_READ = 1
@@ -99,7 +98,7 @@ SCHEMA = pa.schema([
 
 def skipped_root(scores_root: str) -> str:
     """The folder of the skipped-sample segments, next to the score log's folder."""
-    return posixpath.join(posixpath.dirname(scores_root.rstrip("/")), DIR)
+    return beside_log(scores_root, DIR)
 
 
 def reason_names(codes: np.ndarray) -> List[str]:

@@ -158,20 +158,24 @@ def release_idle(stage: str, keep: Optional[Hashable] = None, room: Tuple[float,
     gave a stage (a reserved one holds what ``stage`` was given)."""
     with _LOCK:
         idle = [g for gs in _IDLE.values() for g in gs]
-        if keep is not None and _IDLE.get(keep):
-            _RESERVED[stage] = _IDLE[keep][-1]
-        kept, (cpus, gpus) = [], room
+        reserved = _IDLE[keep][-1] if keep is not None and _IDLE.get(keep) else None
+        if reserved is not None:
+            _RESERVED[stage] = reserved
+        kept, going, (cpus, gpus) = [], [], room
         for group in reversed(idle):
             c, g = held(group.key)
-            if group is not _RESERVED.get(stage) and c <= cpus + 1e-9 and g <= gpus + 1e-9:
+            if group is reserved:
+                continue
+            if c <= cpus + 1e-9 and g <= gpus + 1e-9:
                 kept.append(group)
                 cpus, gpus = cpus - c, gpus - g
+            else:
+                going.append(group)
         _IDLE.clear()
         for group in reversed(kept):
             _IDLE.setdefault(group.key, []).append(group)
-    for group in idle:
-        if group not in kept and group is not _RESERVED.get(stage):
-            group.stop()
+    for group in going:
+        group.stop()
 
 
 def unreserve(stage: str) -> None:
